@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmark scripts: locating CIFAR-10, running recipes, printing tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TARBALL = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+def cifar10_tree(data: str | None) -> Path:
+    """Path of the CIFAR-10 image-folder tree (extracting the shared tarball once if needed)."""
+    src = Path(data) if data else DEFAULT_TARBALL
+    if src.is_dir():
+        return src
+    if not src.is_file():
+        raise SystemExit(f"CIFAR-10 not found at {src}; pass --data <cifar10 tree or cifar10-jpeg.tar.gz>")
+    dest = Path(os.environ.get("BDFRAME_CACHE_DIR") or Path.home() / ".cache" / "bdframe") / "cifar10-jpeg"
+    tree = dest / "cifar10"
+    if not (tree / "test").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(src) as tf:
+            tf.extractall(dest, filter="data")
+    return tree
+
+
+def run_recipe(data: dict, out: Path, progress: bool = False) -> dict:
+    from bdframe import runner
+    from bdframe.plugins import load_registry
+    from bdframe.recipe import loads_dict
+
+    registry = load_registry()
+    recipe = loads_dict(data, registry=registry, source=data.get("name"))
+    t = time.perf_counter()
+    metrics = runner.run(recipe, registry, out=out, overwrite=True, progress=progress, log=lambda m: None)
+    metrics["wall_seconds"] = time.perf_counter() - t
+    return metrics
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """cols: (key, header, format)."""
+    cells = [[h for _, h, _ in cols]] + [[(f.format(r[k]) if r.get(k) is not None else "-") for k, _, f in cols]
+                                         for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for j, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,60 @@
+"""The model wrapper: normalisation inside the model, so attacks work in [0,1] pixel space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Classifier(nn.Module):
+    """``Classifier(net, mean, std)``: ``forward(x)`` takes pixels in [0,1].
+
+    ``features(x)`` returns the penultimate (pooled) feature that scorers such as spectral
+    signatures, activation clustering and FCT use.
+    """
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        c = len(mean)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(self.normalize(x))
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data, *, batch_size: int = 512, device="cpu") -> torch.Tensor:
+    """Logits for every row of an ImageSet, in order (eval mode, no augmentation)."""
+    from bdframe.data import Batches
+
+    was_training = model.training
+    model.eval()
+    out = []
+    for x, _, _ in Batches(data, batch_size, device=device, apply_transform=False):
+        out.append(model(x).float().cpu())
+    model.train(was_training)
+    if not out:
+        return torch.empty(0, 0)
+    return torch.cat(out)

@@ -1,0 +1,284 @@
+"""TOML recipes: parsed with tomllib, structured with cattrs into attrs classes.
+
+A recipe names one component per section as ``{name = "...", ...params}``; params are
+structured into that component's ``Config`` with unknown keys forbidden. All problems are
+collected and reported together, each with its path (``$.attack.poison_rate: ...``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import cattrs
+
+from bdframe.config import validate_all
+from bdframe.errors import RecipeError, UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import toml as tomllib  # type: ignore
+
+converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+
+@attrs.frozen
+class ComponentSpec:
+    kind: str
+    name: str
+    config: Any
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **config_to_dict(self.config)}
+
+
+@attrs.frozen
+class EvalSettings:
+    batch_size: int = attrs.field(default=512, validator=lambda i, a, v: _pos(v))
+
+
+@attrs.frozen
+class PluginSettings:
+    block: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+
+
+def _pos(v):
+    if v <= 0:
+        raise ValueError(f"must be a positive integer, got {v!r}")
+
+
+@attrs.frozen
+class Recipe:
+    name: str
+    seed: int
+    device: str
+    output_dir: str
+    dataset: ComponentSpec
+    model: ComponentSpec
+    attack: Optional[ComponentSpec]
+    train: ComponentSpec
+    defense: ComponentSpec
+    eval: EvalSettings = EvalSettings()
+    plugins: PluginSettings = PluginSettings()
+
+    def to_dict(self) -> dict:
+        """The resolved recipe (every default filled in), loadable again by :func:`loads`."""
+        out: dict[str, Any] = {"name": self.name, "seed": self.seed, "device": self.device,
+                               "output_dir": self.output_dir}
+        for section in SECTIONS:
+            spec = getattr(self, section)
+            if spec is not None:
+                out[section] = spec.to_dict()
+        out["eval"] = config_to_dict(self.eval)
+        plugins = config_to_dict(self.plugins)
+        if any(plugins.values()):
+            out["plugins"] = plugins
+        return out
+
+    def to_toml(self) -> str:
+        import toml
+
+        return toml.dumps(self.to_dict())
+
+
+# section -> (component kind, default component name or None if required / optional)
+SECTIONS = {
+    "dataset": ("dataset", None),
+    "model": ("model", None),
+    "attack": ("attack", None),
+    "train": ("trainer", "standard"),
+    "defense": ("defense", "none"),
+}
+OPTIONAL_SECTIONS = {"attack"}
+TOP_KEYS = {"name": str, "seed": int, "device": str, "output_dir": str}
+
+
+def _clean(v):
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items() if x is not None}
+    return v
+
+
+def config_to_dict(config) -> dict:
+    """Unstructure a Config for TOML: tuples become lists, None (the default) is omitted."""
+    return _clean(converter.unstructure(config))
+
+
+def _closest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def structure_config(cls: type, params: dict, path: str) -> Any:
+    """Structure ``params`` into ``cls.Config``; raise :class:`RecipeError` with every problem."""
+    problems = config_problems(cls, params, path)
+    if problems:
+        raise RecipeError(problems)
+    return _structure(cls.Config, params)
+
+
+def _structure(config_cls, params):
+    with attrs.validators.disabled():
+        return converter.structure(params, config_cls)
+
+
+def config_problems(cls: type, params: dict, path: str) -> list[str]:
+    config_cls = cls.Config
+    allowed = [f.name for f in attrs.fields(config_cls)]
+    problems = []
+    for key in params:
+        if key not in allowed:
+            problems.append(f"{path}.{key}: unknown parameter for {cls.kind} {cls.name!r}{_closest(key, allowed)}; "
+                            f"allowed: {', '.join(allowed) if allowed else '(none)'}")
+    if problems:
+        return problems
+    try:
+        obj = _structure(config_cls, params)
+    except cattrs.BaseValidationError as e:
+        return [_rewrite_cattrs(m, path) for m in cattrs.transform_error(e, path=path)]
+    except (ValueError, TypeError) as e:
+        return [f"{path}: {e}"]
+    return [f"{path}.{field}: {msg}" for field, msg in validate_all(obj)]
+
+
+def _rewrite_cattrs(msg: str, path: str) -> str:
+    # cattrs says "invalid value for type, expected float @ $.attack.poison_rate"
+    if " @ " in msg:
+        text, where = msg.rsplit(" @ ", 1)
+        return f"{where}: {text}"
+    return msg
+
+
+def parse_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe file {str(path)!r} does not exist" if not p.exists()
+                        else f"recipe path {str(path)!r} is not a file")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {str(path)!r} is not UTF-8 text") from None
+    except Exception as e:  # tomllib.TOMLDecodeError carries line and column
+        raise UserError(f"recipe {str(path)!r} is not valid TOML: {e}") from None
+
+
+def load(path: str | Path, registry=None, *, check_dataset: bool = True) -> Recipe:
+    data = parse_toml(path)
+    return loads_dict(data, registry=registry, source=str(path), default_name=Path(path).stem,
+                      check_dataset=check_dataset)
+
+
+def plugin_settings(data: dict) -> tuple[PluginSettings, list[str]]:
+    raw = data.get("plugins", {})
+    if not isinstance(raw, dict):
+        return PluginSettings(), ["$.plugins: must be a table with 'block' and/or 'modules'"]
+    problems = []
+    for k in raw:
+        if k not in ("block", "modules"):
+            problems.append(f"$.plugins.{k}: unknown key; allowed: block, modules")
+    vals = {}
+    for k in ("block", "modules"):
+        v = raw.get(k, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            problems.append(f"$.plugins.{k}: must be a list of strings, got {v!r}")
+        else:
+            vals[k] = tuple(v)
+    return PluginSettings(**vals), problems
+
+
+def loads_dict(data: dict, registry=None, *, source: str | None = None, default_name: str = "run",
+               check_dataset: bool = True) -> Recipe:
+    """Validate a parsed recipe. Collects every problem before raising :class:`RecipeError`."""
+    from bdframe.plugins import load_registry
+
+    problems: list[str] = []
+    plugins, p = plugin_settings(data)
+    problems += p
+    if registry is None:
+        registry = load_registry(block=plugins.block, modules=plugins.modules)
+
+    allowed_top = list(TOP_KEYS) + list(SECTIONS) + ["eval", "plugins"]
+    for key in data:
+        if key not in allowed_top:
+            problems.append(f"$.{key}: unknown key{_closest(key, allowed_top)}; allowed: {', '.join(allowed_top)}")
+    head: dict[str, Any] = {"name": default_name, "seed": 0, "device": "auto", "output_dir": "runs"}
+    for key, typ in TOP_KEYS.items():
+        if key in data:
+            v = data[key]
+            if not isinstance(v, typ) or isinstance(v, bool):
+                problems.append(f"$.{key}: must be {'an integer' if typ is int else 'a string'}, got {v!r}")
+            else:
+                head[key] = v
+    if isinstance(head["seed"], int) and head["seed"] < 0:
+        problems.append(f"$.seed: must be >= 0, got {head['seed']}")
+    dev = head["device"]
+    if not (dev in ("auto", "cpu", "mps") or dev == "cuda" or dev.startswith("cuda:")):
+        problems.append(f"$.device: must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {dev!r}")
+
+    specs: dict[str, Optional[ComponentSpec]] = {}
+    for section, (kind, default) in SECTIONS.items():
+        raw = data.get(section)
+        path = f"$.{section}"
+        if raw is None:
+            if default is not None:
+                raw = {"name": default}
+            elif section in OPTIONAL_SECTIONS:
+                specs[section] = None
+                continue
+            else:
+                problems.append(f"{path}: missing section; give [{section}] with name = one of: "
+                                f"{', '.join(registry.names(kind)) or '(none installed)'}")
+                continue
+        if not isinstance(raw, dict):
+            problems.append(f"{path}: must be a table {{name = \"...\", ...}}, got {raw!r}")
+            continue
+        params = dict(raw)
+        name = params.pop("name", None)
+        if not isinstance(name, str):
+            problems.append(f"{path}.name: missing component name; one of: {', '.join(registry.names(kind))}")
+            continue
+        if not registry.has(kind, name):
+            problems.append(f"{path}.name: {registry.unknown_message(kind, name)}")
+            continue
+        cls = registry.get(kind, name)
+        p = config_problems(cls, params, path)
+        if p:
+            problems += p
+            continue
+        specs[section] = ComponentSpec(kind, name, _structure(cls.Config, params))
+
+    eval_raw = data.get("eval", {})
+    eval_settings = EvalSettings()
+    if isinstance(eval_raw, dict):
+        p = config_problems(type("E", (), {"Config": EvalSettings, "kind": "settings", "name": "eval"}),
+                            eval_raw, "$.eval")
+        problems += p
+        if not p:
+            eval_settings = _structure(EvalSettings, eval_raw)
+    else:
+        problems.append("$.eval: must be a table")
+
+    if check_dataset and specs.get("dataset") is not None:
+        ds = specs["dataset"]
+        info = None
+        try:
+            info = registry.get("dataset", ds.name)(ds.config).describe()
+        except UserError as e:
+            problems += [f"$.dataset: {m}" for m in e.messages]
+        if info is not None and specs.get("attack") is not None:
+            at = specs["attack"]
+            attack = registry.get("attack", at.name)(at.config)
+            problems += [f"$.attack.{f}: {m}" for f, m in attack.check_dataset(info)]
+
+    if problems:
+        raise RecipeError(problems, source=source)
+    return Recipe(dataset=specs["dataset"], model=specs["model"], attack=specs.get("attack"),
+                  train=specs["train"], defense=specs["defense"], eval=eval_settings, plugins=plugins,
+                  **head)

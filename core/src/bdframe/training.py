@@ -1,0 +1,187 @@
+"""Shared machinery for training stages: optimiser settings, schedules, and a resumable
+epoch loop with progress, timing and per-epoch history.
+
+Trainer plugins (standard, unlearning, mixed, relearning, ...) differ only in the loss they
+compute on a batch; they pass that as ``loss_fn`` to :func:`run_epochs`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import attrs
+import torch
+
+from bdframe.config import in_range, increasing, one_of
+from bdframe.data import Augment, Batches, ImageSet
+from bdframe.interfaces import StageContext
+from bdframe.progress import Progress
+from bdframe.seeding import generator
+
+
+@attrs.frozen
+class OptimSettings:
+    """Optimiser, schedule and augmentation fields shared by every training stage."""
+
+    epochs: int = attrs.field(default=30, validator=in_range(0, None))
+    batch_size: int = attrs.field(default=128, validator=in_range(1, None))
+    optimizer: str = attrs.field(default="sgd", validator=one_of("sgd", "adam", "adamw"))
+    lr: float = attrs.field(default=0.1, validator=in_range(0, None, lo_open=True))
+    momentum: float = attrs.field(default=0.9, validator=in_range(0, 1, hi_open=True))
+    nesterov: bool = False
+    weight_decay: float = attrs.field(default=5e-4, validator=in_range(0, None))
+    schedule: str = attrs.field(default="cosine",
+                                validator=one_of("cosine", "multistep", "linear", "onecycle", "constant"))
+    milestones: tuple[int, ...] = attrs.field(default=(), validator=increasing)
+    gamma: float = attrs.field(default=0.1, validator=in_range(0, 1, lo_open=True))
+    warmup_epochs: float = attrs.field(default=0.0, validator=in_range(0, None))
+    label_smoothing: float = attrs.field(default=0.0, validator=in_range(0, 1, hi_open=True))
+    amp: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
+    crop_padding: int = attrs.field(default=4, validator=in_range(0, None))
+    flip: bool = True
+
+    def check(self):
+        if self.milestones and self.epochs and max(self.milestones) > self.epochs:
+            return [("milestones", f"must be <= epochs ({self.epochs}), got {list(self.milestones)}")]
+        return []
+
+
+def make_optimizer(params, s: OptimSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov and s.momentum > 0,
+                               weight_decay=s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def lr_factor(s: OptimSettings, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at a global step (a pure function, so resume is exact)."""
+    total = max(s.epochs * steps_per_epoch, 1)
+    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(total - warm, 1)
+    if s.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+    if s.schedule == "linear":
+        return max(1.0 - t, 0.0)
+    if s.schedule == "onecycle":  # linear up over the first 25%, then linearly down to 0
+        u = step / total
+        return u / 0.25 if u < 0.25 else max((1.0 - u) / 0.75, 0.0)
+    if s.schedule == "multistep":
+        epoch = step // steps_per_epoch
+        return s.gamma ** sum(1 for m in s.milestones if epoch >= m)
+    return 1.0
+
+
+def amp_dtype(s: OptimSettings, device: torch.device):
+    if device.type != "cuda" or s.amp == "off":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings,
+               loss_fn: LossFn, *, desc: Optional[str] = None) -> list[dict]:
+    """Train ``model`` for ``s.epochs`` epochs over ``data``.
+
+    ``loss_fn(model, x, y, ids) -> (loss, logits)``: the stage's objective on one batch.
+    Saves resumable state to ``ctx.state_path`` after each epoch and resumes from it; replays
+    past epochs' history to ``ctx.on_epoch`` on resume. Each history record holds loss,
+    train accuracy, lr, images/s and the share of time spent outside forward+backward+step.
+    """
+    device = torch.device(ctx.device)
+    model.to(device)
+    if len(data) == 0 or s.epochs == 0:
+        return []
+    optimizer = make_optimizer(model.parameters(), s)
+    batches_per_epoch = -(-len(data) // s.batch_size)
+    dtype = amp_dtype(s, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    history: list[dict] = []
+    start_epoch = 0
+    state_path = Path(ctx.state_path) if ctx.state_path else None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        if ctx.on_epoch:
+            for rec in history:
+                ctx.on_epoch(dict(rec, replayed=True))
+    augment = Augment(s.crop_padding, s.flip) if (s.crop_padding or s.flip) else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for epoch in range(start_epoch, s.epochs):
+        model.train()
+        g = generator(ctx.seed, ctx.name, "epoch", epoch)
+        loader = Batches(data, s.batch_size, device=device, shuffle=True, generator=g, augment=augment)
+        t_epoch = time.perf_counter()
+        compute = 0.0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        label = desc or ctx.name
+        with Progress(len(data), f"{label} epoch {epoch + 1}/{s.epochs}", unit="img",
+                      enabled=None if ctx.progress else False) as bar:
+            for i, (x, y, ids) in enumerate(loader):
+                step = epoch * batches_per_epoch + i
+                for group in optimizer.param_groups:
+                    group["lr"] = s.lr * lr_factor(s, step, batches_per_epoch)
+                sync()
+                t0 = time.perf_counter()
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss, logits = loss_fn(model, x, y, ids)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                sync()
+                compute += time.perf_counter() - t0
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if i % 20 == 0:
+                    bar.update(len(y), loss=float(loss.detach()))
+                else:
+                    bar.update(len(y))
+        wall = time.perf_counter() - t_epoch
+        if not math.isfinite(float(loss_sum)):
+            raise FloatingPointError(f"{ctx.name}: training loss became {float(loss_sum)} in epoch {epoch + 1}; "
+                                     f"lower the learning rate")
+        rec = {"stage": ctx.name, "epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
+               "train_acc": float(correct) / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+               "images": seen, "seconds": wall, "images_per_s": seen / wall if wall > 0 else 0.0,
+               "compute_seconds": compute, "non_compute_share": max(0.0, 1.0 - compute / wall) if wall > 0 else 0.0}
+        if ctx.evaluate is not None:
+            rec.update(ctx.evaluate(model))
+            model.train()
+        history.append(rec)
+        if state_path is not None:
+            _save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scaler": scaler.state_dict() if scaler is not None else None, "history": history},
+                         state_path)
+        if ctx.on_epoch:
+            ctx.on_epoch(rec)
+    model.eval()
+    return history

@@ -1,0 +1,70 @@
+"""Trigger helpers shared by attack plugins: user trigger images, masks, mask blending.
+
+Conventions (specs/attacks.md section 1): triggers are float (C,H,W) in [0,1] and masks are
+(1,H,W) in [0,1]. An image file is read as RGB (an alpha channel is dropped, not composited)
+and resized to the data resolution; without a mask file the mask is 1 wherever any channel
+of the trigger is > 0, so pure-black trigger pixels are transparent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from bdframe.errors import UserError
+
+
+def read_image(path: str, field: str, height: int, width: int, channels: int = 3) -> torch.Tensor:
+    """A PNG/JPEG file as float (C,H,W) in [0,1], resized to (height, width)."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{field}: trigger file {str(path)!r} does not exist")
+    try:
+        img = decode_image(read_file(str(p)), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+    except Exception as e:
+        raise UserError(f"{field}: cannot read {str(path)!r} as an image (PNG or JPEG expected): {e}") from None
+    x = img.float() / 255.0
+    if tuple(x.shape[1:]) != (height, width):
+        x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bilinear", antialias=True,
+                                            align_corners=False)[0].clamp(0, 1)
+    return x
+
+
+def image_trigger(path: str, mask_path: Optional[str], field: str, height: int, width: int,
+                  channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pattern, mask)`` from a trigger file and an optional mask file."""
+    pattern = read_image(path, field, height, width, channels)
+    if mask_path:
+        mask = read_image(mask_path, field.replace("trigger_image", "mask_image"), height, width, channels)[:1]
+    else:
+        mask = (pattern > 0).any(dim=0, keepdim=True).float()
+    return pattern, mask
+
+
+def mask_blend(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``x + alpha * mask * (pattern - x)`` on float images (N,C,H,W) in [0,1]."""
+    return x + (alpha * mask) * (pattern - x)
+
+
+def apply_to_rows(images: torch.Tensor, rows: torch.Tensor, fn) -> torch.Tensor:
+    """Return a copy of uint8 ``images`` with ``fn`` (float -> float, in [0,1]) applied to ``rows``,
+    rounded back to uint8. Rows not selected are untouched bit for bit."""
+    from bdframe.data import to_float, to_uint8
+
+    out = images.clone()
+    if len(rows):
+        out[rows] = to_uint8(fn(to_float(images[rows])))
+    return out
+
+
+def trigger_hash(*tensors: torch.Tensor) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""bdframe attack: BadNet patch trigger (dirty-label, all-to-one)."""

@@ -1,0 +1,125 @@
+"""``badnet``: BadNets (Gu et al. 2017), specs/attacks.md section 2.1.
+
+Dirty-label, all-to-one: a random ``int(N * poison_rate)`` training images of any class get
+the trigger and the target label; no cover samples. Default trigger: a solid white 3x3 patch
+in the bottom-right corner (rows/cols 29-31 on 32x32), alpha 1 (the MeCa / BackdoorBench /
+BackdoorBox setting). ``pattern = "x"`` gives the backdoor-toolbox X pattern; a user image
+(``trigger_image``, optional ``mask_image``) replaces the generated patch. Poisoned test set:
+the trigger on every test image whose true label is not the target.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+
+from bdframe import hookimpl
+from bdframe.config import in_range, one_of
+from bdframe.interfaces import Attack, PoisonedSet
+
+
+@attrs.frozen
+class BadNetConfig:
+    poison_rate: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True),
+                                     metadata={"help": "fraction of the training set poisoned"})
+    target: int = attrs.field(default=1, validator=in_range(0, None))
+    patch_size: int = attrs.field(default=3, validator=in_range(1, None))
+    position: str = attrs.field(default="bottom-right",
+                                validator=one_of("bottom-right", "bottom-left", "top-right", "top-left", "center"))
+    pattern: str = attrs.field(default="white", validator=one_of("white", "x"),
+                               metadata={"help": "generated patch: solid white, or the toolbox X pattern (3x3 only)"})
+    alpha: float = attrs.field(default=1.0, validator=in_range(0, 1, lo_open=True))
+    trigger_image: Optional[str] = attrs.field(default=None, metadata={
+        "help": "full-frame trigger image (PNG/JPEG), resized to the data; replaces the generated patch"})
+    mask_image: Optional[str] = attrs.field(default=None, metadata={
+        "help": "mask for trigger_image (first channel; default: its non-black pixels)"})
+
+    def check(self):
+        out = []
+        if self.pattern == "x" and self.patch_size != 3:
+            out.append(("pattern", f"'x' is defined for patch_size = 3, got patch_size = {self.patch_size}"))
+        if self.mask_image and not self.trigger_image:
+            out.append(("mask_image", "needs trigger_image"))
+        return out
+
+
+class BadNet(Attack):
+    name = "badnet"
+    Config = BadNetConfig
+    summary = "BadNets patch trigger, dirty-label, all-to-one"
+
+    def check_dataset(self, info):
+        c = self.config
+        out = []
+        if c.target >= info.num_classes:
+            out.append(("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}"))
+        if c.trigger_image is None and c.patch_size > min(info.height, info.width):
+            out.append(("patch_size", f"must be <= the image size {info.height}x{info.width}, got {c.patch_size}"))
+        from pathlib import Path
+
+        for f in ("trigger_image", "mask_image"):
+            v = getattr(c, f)
+            if v and not Path(v).expanduser().is_file():
+                out.append((f, f"file {v!r} does not exist"))
+        return out
+
+    def trigger(self, channels: int, height: int, width: int):
+        """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""
+        import torch
+
+        from bdframe.triggers import image_trigger
+
+        c = self.config
+        if c.trigger_image:
+            return image_trigger(c.trigger_image, c.mask_image, "$.attack.trigger_image", height, width, channels)
+        k = c.patch_size
+        r0 = {"top": 0, "bottom": height - k, "center": (height - k) // 2}[c.position.split("-")[0]]
+        c0 = {"left": 0, "right": width - k, "center": (width - k) // 2}[c.position.split("-")[-1]]
+        mask = torch.zeros(1, height, width)
+        mask[:, r0:r0 + k, c0:c0 + k] = 1.0
+        pattern = torch.zeros(channels, height, width)
+        if c.pattern == "white":
+            patch = torch.ones(k, k)
+        else:  # backdoor-toolbox X: ones at (0,2), (1,1), (2,0), (2,2) of the 3x3 block
+            patch = torch.zeros(3, 3)
+            for i, j in ((0, 2), (1, 1), (2, 0), (2, 2)):
+                patch[i, j] = 1.0
+        pattern[:, r0:r0 + k, c0:c0 + k] = patch
+        return pattern, mask
+
+    def _apply(self, images, rows):
+        from bdframe.triggers import apply_to_rows, mask_blend
+
+        _, ch, h, w = images.shape
+        pattern, mask = self.trigger(ch, h, w)
+        return apply_to_rows(images, rows, lambda x: mask_blend(x, pattern, mask, self.config.alpha))
+
+    def poison_train(self, train, *, seed):
+        import torch
+
+        n = int(len(train) * self.config.poison_rate)
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(train), generator=g)[:n]
+        labels = train.labels.clone()
+        labels[rows] = self.config.target
+        data = train.with_images(self._apply(train.images, rows)).with_labels(labels)
+        from bdframe.triggers import trigger_hash
+
+        pattern, mask = self.trigger(*train.images.shape[1:])
+        return PoisonedSet(data=data, poison_ids=train.ids[rows].clone(), cover_ids=torch.empty(0, dtype=torch.int64),
+                           meta={"trigger_sha256": trigger_hash(pattern, mask), "target": self.config.target})
+
+    def poison_test(self, test):
+        import torch
+
+        keep = test.labels != self.config.target
+        sub = test.subset(keep)
+        rows = torch.arange(len(sub))
+        return sub.with_images(self._apply(sub.images, rows)).with_labels(
+            torch.full((len(sub),), self.config.target, dtype=torch.int64))
+
+
+@hookimpl
+def bdframe_register_attacks(registry):
+    registry.add(BadNet)

@@ -1,0 +1,1 @@
+"""bdframe dataset: any image folder tree with train/ and test/ splits."""

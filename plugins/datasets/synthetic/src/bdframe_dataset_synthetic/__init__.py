@@ -1,0 +1,1 @@
+"""bdframe dataset: a small deterministic generated image dataset."""

@@ -1,0 +1,1 @@
+"""bdframe defense 'none': plain training on the untrusted data."""

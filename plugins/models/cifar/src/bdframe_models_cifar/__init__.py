@@ -1,0 +1,1 @@
+"""Small-image networks for bdframe (see :mod:`bdframe_models_cifar.plugin`)."""

@@ -1,0 +1,181 @@
+"""Network definitions. Each net exposes ``forward_features`` (pooled penultimate feature)
+and ``forward_head`` (the linear classifier), which the core's Classifier wrapper uses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def conv_bn(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a = conv_bn(c, c)
+        self.b = conv_bn(c, c)
+
+    def forward(self, x):
+        return x + self.b(self.a(x))
+
+
+class SimpleCNNNet(nn.Module):
+    """ResNet-9 layout (Page, 2018) at a configurable width w: stem w, then stages 2w/4w/8w,
+    each conv + max-pool, residual blocks after the first and last stage."""
+
+    def __init__(self, in_ch: int, num_classes: int, w: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(in_ch, w),
+            conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
+            conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+            conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+        )
+        self.fc = nn.Linear(8 * w, num_classes)
+
+    def forward_features(self, x):
+        x = x.contiguous(memory_format=torch.channels_last)
+        return torch.flatten(F.adaptive_max_pool2d(self.body(x), 1), 1)
+
+    def forward_head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        sc = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + sc
+
+
+class ResNet(nn.Module):
+    """ResNet for small images: 3x3 stride-1 stem, no max-pool, four stages."""
+
+    def __init__(self, block, layers, in_ch, num_classes, w=64, preact=False):
+        super().__init__()
+        self.preact = preact
+        self.conv1 = nn.Conv2d(in_ch, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w) if not preact else nn.Identity()
+        cin = w
+        stages = []
+        for i, n in enumerate(layers):
+            cout = w * 2 ** i
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layers = nn.Sequential(*stages)
+        self.final_bn = nn.BatchNorm2d(cin) if preact else nn.Identity()
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward_features(self, x):
+        out = self.conv1(x)
+        if not self.preact:
+            out = F.relu(self.bn1(out))
+        out = self.layers(out)
+        if self.preact:
+            out = F.relu(self.final_bn(out))
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+    def forward_head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(inplace=True), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2Net(nn.Module):
+    # (expansion, channels, repeats, stride); strides of the stem and second stage are 1 for 32x32
+    CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    def __init__(self, in_ch, num_classes, width_mult=1.0):
+        super().__init__()
+
+        def c(v):
+            return max(8, int(round(v * width_mult / 8)) * 8)
+
+        cin = c(32)
+        layers = [nn.Conv2d(in_ch, cin, 3, 1, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=True)]
+        for t, ch, n, s in self.CFG:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c(ch), s if i == 0 else 1, t))
+                cin = c(ch)
+        last = c(1280) if width_mult > 1.0 else 1280
+        layers += [nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(last, num_classes)
+
+    def forward_features(self, x):
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+
+    def forward_head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def build(arch: str, in_ch: int, num_classes: int, w: int = 64) -> nn.Module:
+    if arch == "resnet18":
+        return ResNet(BasicBlock, [2, 2, 2, 2], in_ch, num_classes, w)
+    if arch == "resnet34":
+        return ResNet(BasicBlock, [3, 4, 6, 3], in_ch, num_classes, w)
+    if arch == "preact-resnet18":
+        return ResNet(PreActBlock, [2, 2, 2, 2], in_ch, num_classes, w, preact=True)
+    raise ValueError(f"unknown architecture {arch!r}")

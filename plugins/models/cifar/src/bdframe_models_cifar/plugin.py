@@ -1,0 +1,79 @@
+"""Model factories for small images. Networks are built lazily (torch imported on build)."""
+
+from __future__ import annotations
+
+import attrs
+
+from bdframe import hookimpl
+from bdframe.config import in_range
+from bdframe.interfaces import ModelFactory
+
+
+@attrs.frozen
+class SimpleCNNConfig:
+    width: int = attrs.field(default=16, validator=in_range(4, 512),
+                             metadata={"help": "channels of the first stage; later stages double it"})
+
+
+class SimpleCNN(ModelFactory):
+    """A ResNet-9-style net (conv stem, three pooled stages, two residual blocks) sized for
+    CPUs: about 0.4M parameters at the default width 16."""
+
+    name = "simple-cnn"
+    Config = SimpleCNNConfig
+    summary = "fast CPU-sized residual CNN (ResNet-9 layout, configurable width)"
+
+    def build(self, info):
+        from bdframe_models_cifar.nets import SimpleCNNNet
+
+        import torch
+
+        # channels-last memory layout is markedly faster for these convolutions on CPU
+        return SimpleCNNNet(info.channels, info.num_classes, self.config.width).to(memory_format=torch.channels_last)
+
+
+@attrs.frozen
+class ResNetConfig:
+    width: int = attrs.field(default=64, validator=in_range(4, 512))
+
+
+def _resnet(arch: str, summary_: str):
+    class _F(ModelFactory):
+        name = arch
+        Config = ResNetConfig
+        summary = summary_
+
+        def build(self, info):
+            from bdframe_models_cifar import nets
+
+            return nets.build(arch, info.channels, info.num_classes, self.config.width)
+
+    _F.__name__ = _F.__qualname__ = "".join(p.capitalize() for p in arch.split("-")) + "Factory"
+    return _F
+
+
+PreActResNet18 = _resnet("preact-resnet18", "PreAct-ResNet-18 for 32x32 inputs (3x3 stem, no max-pool)")
+ResNet18 = _resnet("resnet18", "ResNet-18 adapted to 32x32 inputs (3x3 stem, no max-pool)")
+ResNet34 = _resnet("resnet34", "ResNet-34 adapted to 32x32 inputs (3x3 stem, no max-pool)")
+
+
+@attrs.frozen
+class MobileNetConfig:
+    width_mult: float = attrs.field(default=1.0, validator=in_range(0.1, 4.0))
+
+
+class MobileNetV2(ModelFactory):
+    name = "mobilenetv2"
+    Config = MobileNetConfig
+    summary = "MobileNetV2 adapted to 32x32 inputs (stride-1 stem and first stages)"
+
+    def build(self, info):
+        from bdframe_models_cifar.nets import MobileNetV2Net
+
+        return MobileNetV2Net(info.channels, info.num_classes, self.config.width_mult)
+
+
+@hookimpl
+def bdframe_register_models(registry):
+    for cls in (SimpleCNN, PreActResNet18, ResNet18, ResNet34, MobileNetV2):
+        registry.add(cls)

@@ -1,0 +1,1 @@
+"""bdframe training stage: standard supervised training (cross-entropy)."""
