@@ -1,0 +1,175 @@
+"""Shared machinery for :class:`~bdframe.interfaces.SampleScorer` plugins.
+
+- :func:`id_uniform` / :func:`id_normal`: per-sample random numbers keyed by ``(seed, id)``,
+  computed as batched integer hashing on any device. A sample's numbers depend only on the
+  seed parts, its id and the column index, never on the batch it is in, its position or the
+  other samples, so scores that use them are batch-size and order invariant by construction.
+- :func:`id_keys`: a per-id hash used for order-independent selections (auxiliary draws from
+  the inspected set, k-means restarts).
+- :func:`batches`: evaluation batches (no augmentation, no attack transform) with a progress bar.
+- :func:`eval_mode`: run a model in ``eval()`` and restore its previous mode afterwards.
+- :func:`features` / :func:`logits`: batched penultimate features or logits for a whole set.
+- :func:`balanced_draw`: a class-balanced, order-independent draw from an ImageSet (how scorers
+  that need clean auxiliary data take it from the inspected set, as an approximation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from bdframe.data import Batches, ImageSet
+from bdframe.progress import Progress
+from bdframe.seeding import derive_seed
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for int64 tensors holding values < 2**32, without int64 overflow."""
+    lo = x & 0xFFFF
+    hi = x >> 16
+    return ((((hi * c) & 0xFFFF) << 16) + lo * c) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (Wellons' "lowbias32"); a bijection on [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def id_hash(seed_parts: tuple, ids: torch.Tensor, n: int, *, device=None) -> torch.Tensor:
+    """``(len(ids), n)`` int64 hashes in [0, 2**32) keyed by ``derive_seed(*seed_parts)``, the id
+    and the column index."""
+    device = torch.device(device) if device is not None else ids.device
+    base = derive_seed(*seed_parts)
+    k = [(base >> s) & _M32 for s in (0, 32)]
+    ids = torch.as_tensor(ids, dtype=torch.int64).to(device)
+    id_lo = (ids & _M32)[:, None]
+    id_hi = ((ids >> 32) & _M32)[:, None]
+    col = torch.arange(n, dtype=torch.int64, device=device)[None, :]
+    h = _mix32(col ^ k[0])
+    h = _mix32(h ^ id_lo)
+    h = _mix32(h ^ k[1])
+    h = _mix32(h ^ id_hi)
+    h = _mix32((h + 0x9E3779B9) & _M32 ^ k[0])
+    return h
+
+
+def id_uniform(seed_parts: tuple, ids: torch.Tensor, n: int, *, device=None) -> torch.Tensor:
+    """``(len(ids), n)`` float32 uniforms in [0, 1) (24-bit resolution), one row per id."""
+    return (id_hash(seed_parts, ids, n, device=device) >> 8).to(torch.float32) * (1.0 / 2 ** 24)
+
+
+def id_normal(seed_parts: tuple, ids: torch.Tensor, n: int, *, device=None) -> torch.Tensor:
+    """``(len(ids), n)`` float32 standard normals (Box-Muller on per-id uniforms)."""
+    u = id_uniform(seed_parts, ids, 2 * n, device=device)
+    u1 = (u[:, :n] + 1.0 / 2 ** 24).clamp(max=1.0)  # (0, 1]
+    u2 = u[:, n:]
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * torch.pi * u2)
+
+
+def id_keys(seed_parts: tuple, ids: torch.Tensor) -> torch.Tensor:
+    """One int64 hash per id (ties between distinct ids are broken by the id itself in
+    :func:`order_by_key`)."""
+    return id_hash(seed_parts, ids, 1)[:, 0]
+
+
+def order_by_key(seed_parts: tuple, ids: torch.Tensor) -> torch.Tensor:
+    """Positions of ``ids`` sorted by their hash key (then id): an order that does not depend on
+    the row order of the set."""
+    ids = torch.as_tensor(ids, dtype=torch.int64)
+    keys = id_keys(seed_parts, ids)
+    composite = keys * (2 ** 31) + (ids % (2 ** 31))  # keys < 2**32, so this fits in int64
+    return torch.argsort(composite, stable=True)
+
+
+def balanced_draw(data: ImageSet, size: int, seed_parts: tuple, *, num_classes: int | None = None) -> torch.Tensor:
+    """Positions of a class-balanced draw of ``size`` rows (or all rows if ``size >= len``),
+    chosen by per-id hash keys, so the same ids are drawn whatever the row order."""
+    n = len(data)
+    if size >= n:
+        return torch.arange(n)
+    k = num_classes or data.num_classes
+    order = order_by_key(seed_parts, data.ids)
+    labels = data.labels[order]
+    counts = torch.bincount(data.labels, minlength=k)
+    # fill per-class quotas; classes that run short give their quota to the others
+    quota = torch.zeros(k, dtype=torch.int64)
+    remaining = size
+    active = counts > 0
+    while remaining > 0 and bool(active.any()):
+        share = max(remaining // int(active.sum()), 1)
+        add = torch.minimum(counts - quota, torch.full_like(quota, share)) * active
+        if remaining < int(add.sum()):  # last partial round: the lowest active classes get one more
+            add = torch.zeros_like(quota)
+            idx = torch.nonzero(active & (counts > quota)).flatten()[:remaining]
+            add[idx] = 1
+        quota += add
+        remaining -= int(add.sum())
+        active = counts > quota
+    # rank of each row within its class in key order
+    onehot = torch.nn.functional.one_hot(labels, k)
+    rank_in_class = (onehot.cumsum(0) * onehot).sum(1) - 1
+    chosen = rank_in_class < quota[labels]
+    return torch.sort(order[chosen]).values
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put ``model`` in eval mode for the block; restore its previous mode afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def batches(data: ImageSet, ctx, desc: str, *, batch_size: int | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(x, labels, ids)`` evaluation batches on ``ctx.device`` with a progress bar."""
+    bs = int(batch_size or ctx.batch_size)
+    it = Batches(data, bs, device=ctx.device, apply_transform=False)
+    with Progress(len(data), desc, unit="img", enabled=None if ctx.progress else False) as p:
+        for x, y, ids in it:
+            yield x, y, ids
+            p.update(len(ids))
+
+
+@torch.no_grad()
+def features(model, data: ImageSet, ctx, desc: str = "features") -> torch.Tensor:
+    """Penultimate features (``model.features``) for every row, float32 on the CPU."""
+    out = []
+    with eval_mode(model):
+        for x, _, _ in batches(data, ctx, desc):
+            out.append(model.features(x).float().flatten(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def logits(model, data: ImageSet, ctx, desc: str = "logits") -> torch.Tensor:
+    out = []
+    with eval_mode(model):
+        for x, _, _ in batches(data, ctx, desc):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def anomaly_index(a: torch.Tensor) -> torch.Tensor:
+    """``|a - median| / (1.4826 * MAD)``; where the MAD is 0 the mean absolute deviation is used
+    instead, and an all-equal input gives all zeros (never inf or nan)."""
+    a = a.to(torch.float64)
+    med = a.median()
+    b = (a - med).abs()
+    mm = b.median() * 1.4826
+    if mm <= 0:
+        mm = b.mean()
+    if mm <= 0:
+        return torch.zeros_like(a)
+    return b / mm

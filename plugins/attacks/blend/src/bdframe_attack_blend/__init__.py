@@ -1,0 +1,1 @@
+"""bdframe attack: Blend whole-image blended trigger (dirty-label, all-to-one)."""

@@ -1,0 +1,1 @@
+"""bdframe attack: SIG sinusoidal signal (clean-label, all-to-one)."""

@@ -1,0 +1,1 @@
+"""bdframe scorer: Activation Clustering (per-class 2-means on reduced features)."""

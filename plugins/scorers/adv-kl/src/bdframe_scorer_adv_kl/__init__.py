@@ -1,0 +1,1 @@
+"""bdframe scorer: MeCa adversarial-KL consistency (-KL between p(x) and p(x + m*delta))."""

@@ -1,0 +1,1 @@
+"""bdframe scorer: FCT feature consistency towards transformations (D-BR/D-ST)."""

@@ -1,0 +1,1 @@
+"""bdframe scorer: ABL per-sample loss score (-CE)."""

@@ -1,0 +1,1 @@
+"""bdframe scorer: SCALE-UP scaled prediction consistency (SPC)."""

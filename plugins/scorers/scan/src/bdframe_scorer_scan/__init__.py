@@ -1,0 +1,1 @@
+"""bdframe scorer: SCAn statistical contamination analyzer (two-component decomposition)."""

@@ -1,0 +1,1 @@
+"""bdframe scorer: Spectral Signatures (per-class top singular direction)."""

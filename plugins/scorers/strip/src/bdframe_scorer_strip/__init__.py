@@ -1,0 +1,1 @@
+"""bdframe scorer: STRIP superimposition entropy (-H)."""
