@@ -1,0 +1,242 @@
+"""``physicalba``: backdoor attack in the physical world (Li et al., ICLR-W 2021), following
+BackdoorBox ``PhysicalBA``; specs/attacks.md sections 2.5 and 5.
+
+Dirty-label, all-to-one BadNets: a random ``int(N * poison_rate)`` training images of any
+class get a patch trigger by mask blend (``x' = x + alpha * m * (t - x)``) and the target
+label. Default trigger (the MeCa "Firefox trigger"): the built-in 13x13 Firefox-icon
+substitute in the top-right corner (rows 1-13, cols 18-30 on 32x32; mask = its non-black
+pixels), alpha 1. ``pattern = "firefox-icon"`` uses the 8x8 icon at ``position`` instead,
+``"white-square"`` a ``patch_size`` white square; ``trigger_image``/``mask_image`` a user file.
+
+Physical transformations, applied at training time only through the poisoned set's
+``ImageSet.transform`` hook (batched tensor ops, after the trigger, before the trainer's own
+augmentation), in order: horizontal flip (p = ``flip_p``), ColorJitter(brightness, contrast)
+with factors uniform in [1 - b, 1 + b] applied in random order per sample, and
+RandomAffine(``degrees``, translate = ``translate`` of the width/height rounded to whole
+pixels, scale uniform in [``scale_min``, ``scale_max``], nearest interpolation, zero fill).
+``transform_on = "all"`` (BackdoorBox, default) transforms every training sample,
+``"poison"`` only the poisoned ones. Poisoned test set: the plain trigger, without
+transformations, on every non-target test image, labelled with the target.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+
+from bdframe import hookimpl
+from bdframe.config import in_range, one_of
+from bdframe.interfaces import Attack, PoisonedSet
+
+POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
+
+
+@attrs.frozen
+class PhysicalBAConfig:
+    poison_rate: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True),
+                                     metadata={"help": "fraction of the training set poisoned"})
+    target: int = attrs.field(default=1, validator=in_range(0, None), metadata={"help": "target class"})
+    pattern: str = attrs.field(default="firefox-corner", validator=one_of("firefox-corner", "firefox-icon",
+                                                                          "white-square"), metadata={
+        "help": "built-in trigger: 13x13 Firefox icon top-right (MeCa), 8x8 Firefox icon at position, "
+                "or a white square"})
+    position: str = attrs.field(default="bottom-right", validator=one_of(*POSITIONS),
+                                metadata={"help": "corner of the firefox-icon / white-square patterns"})
+    patch_size: int = attrs.field(default=3, validator=in_range(1, None),
+                                  metadata={"help": "side of the white-square pattern"})
+    alpha: float = attrs.field(default=1.0, validator=in_range(0, 1, lo_open=True),
+                               metadata={"help": "opacity of the trigger under its mask"})
+    trigger_image: Optional[str] = attrs.field(default=None, metadata={
+        "help": "full-frame trigger image (PNG/JPEG), resized to the data; replaces the built-in pattern"})
+    mask_image: Optional[str] = attrs.field(default=None, metadata={
+        "help": "mask for trigger_image (first channel; default: its non-black pixels)"})
+    transform_on: str = attrs.field(default="all", validator=one_of("all", "poison"), metadata={
+        "help": "training samples that get the physical transformations: all (BackdoorBox) or poison only"})
+    flip_p: float = attrs.field(default=0.5, validator=in_range(0, 1), metadata={"help": "horizontal flip probability"})
+    brightness: float = attrs.field(default=0.2, validator=in_range(0, 1),
+                                    metadata={"help": "ColorJitter brightness: factor uniform in [1-b, 1+b]"})
+    contrast: float = attrs.field(default=0.2, validator=in_range(0, 1),
+                                  metadata={"help": "ColorJitter contrast: factor uniform in [1-c, 1+c]"})
+    degrees: float = attrs.field(default=10.0, validator=in_range(0, 180),
+                                 metadata={"help": "RandomAffine rotation, uniform in [-degrees, degrees]"})
+    translate: float = attrs.field(default=0.1, validator=in_range(0, 1),
+                                   metadata={"help": "RandomAffine shift, up to this fraction of width/height"})
+    scale_min: float = attrs.field(default=0.8, validator=in_range(0, None, lo_open=True),
+                                   metadata={"help": "RandomAffine scale lower bound"})
+    scale_max: float = attrs.field(default=0.9, validator=in_range(0, None, lo_open=True),
+                                   metadata={"help": "RandomAffine scale upper bound"})
+
+    def check(self):
+        out = []
+        if self.scale_min > self.scale_max:
+            out.append(("scale_min", f"must be <= scale_max ({self.scale_max}), got {self.scale_min}"))
+        if self.mask_image and not self.trigger_image:
+            out.append(("mask_image", "needs trigger_image"))
+        return out
+
+
+def physical(x, g, c: PhysicalBAConfig):
+    """The physical transformations on float images (B,C,H,W) in [0,1]; parameters drawn from
+    the CPU generator ``g`` (a fixed number of draws per call)."""
+    import torch
+
+    b, ch, h, w = x.shape
+    dev = x.device
+    # draw every parameter first, on the CPU
+    flip = torch.rand(b, generator=g) < c.flip_p
+    bf = 1 - c.brightness + 2 * c.brightness * torch.rand(b, generator=g)
+    cf = 1 - c.contrast + 2 * c.contrast * torch.rand(b, generator=g)
+    brightness_first = torch.rand(b, generator=g) < 0.5
+    angle = (torch.rand(b, generator=g, dtype=torch.float64) * 2 - 1) * c.degrees
+    tx = torch.round((torch.rand(b, generator=g, dtype=torch.float64) * 2 - 1) * c.translate * w)
+    ty = torch.round((torch.rand(b, generator=g, dtype=torch.float64) * 2 - 1) * c.translate * h)
+    scale = c.scale_min + (c.scale_max - c.scale_min) * torch.rand(b, generator=g, dtype=torch.float64)
+
+    # 1. horizontal flip
+    x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
+
+    # 2. ColorJitter(brightness, contrast), random order per sample (torchvision semantics)
+    def bright(z):
+        return (z * bf.to(dev, z.dtype)[:, None, None, None]).clamp(0, 1)
+
+    def contr(z):
+        grey = z if ch == 1 else (0.2989 * z[:, 0] + 0.587 * z[:, 1] + 0.114 * z[:, 2])[:, None]
+        mean = grey.mean(dim=(1, 2, 3), keepdim=True)
+        f = cf.to(dev, z.dtype)[:, None, None, None]
+        return (f * z + (1 - f) * mean).clamp(0, 1)
+
+    x = torch.where(brightness_first.to(dev)[:, None, None, None], contr(bright(x)), bright(contr(x)))
+
+    # 3. RandomAffine
+    return affine(x, angle, tx, ty, scale)
+
+
+def affine(x, angle, tx, ty, scale):
+    """Rotate by ``angle`` degrees, scale and shift by (tx, ty) pixels about the image centre,
+    per sample (1-D tensors of length B), nearest interpolation, zero fill (torchvision's
+    ``F.affine`` without shear). Output pixel p samples the input at (1/s) R(-a) (p - t), in
+    grid_sample's normalised coordinates (align_corners=False: pixel centres)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    b, ch, h, w = x.shape
+    rad = angle.to(torch.float64) * math.pi / 180
+    scale = scale.to(torch.float64)
+    cos, sin = torch.cos(rad) / scale, torch.sin(rad) / scale
+    a = torch.stack([torch.stack([cos, sin * h / w], 1), torch.stack([-sin * w / h, cos], 1)], 1)  # (b,2,2)
+    t = torch.stack([2 * tx.to(torch.float64) / w, 2 * ty.to(torch.float64) / h], 1)[:, :, None]  # (b,2,1)
+    theta = torch.cat([a, -(a @ t)], 2).to(x.device, x.dtype)
+    grid = F.affine_grid(theta, [b, ch, h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+@attrs.frozen(eq=False)
+class PhysicalTransform:
+    """The ``ImageSet.transform`` of a PhysicalBA poisoned set: physical transformations on the
+    samples whose id is in ``ids`` (None: every sample), after ``inner`` (an earlier transform)."""
+
+    config: PhysicalBAConfig
+    ids: Any = None
+    inner: Any = None
+
+    def __call__(self, x, ids, g):
+        import torch
+
+        if self.inner is not None:
+            x = self.inner(x, ids, g)
+        if self.ids is None:
+            return physical(x, g, self.config)
+        sel = torch.isin(torch.as_tensor(ids).cpu(), self.ids)
+        if not bool(sel.any()):
+            return x
+        x = x.clone()
+        sel = sel.to(x.device)
+        x[sel] = physical(x[sel], g, self.config)
+        return x
+
+
+class PhysicalBA(Attack):
+    name = "physicalba"
+    Config = PhysicalBAConfig
+    summary = "PhysicalBA: patch trigger (Firefox icon) + train-time physical transformations, all-to-one"
+
+    def check_dataset(self, info):
+        from pathlib import Path
+
+        from bdframe import patterns
+
+        c = self.config
+        out = []
+        if c.target >= info.num_classes:
+            out.append(("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}"))
+        if info.channels not in (1, 3):
+            out.append(("pattern", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
+        if not c.trigger_image:
+            kw = {"size": c.patch_size} if c.pattern == "white-square" else {}
+            problem = patterns.size_problem(c.pattern, info.height, info.width, **kw)
+            if problem:
+                out.append(("patch_size" if c.pattern == "white-square" else "pattern", problem))
+        for f in ("trigger_image", "mask_image"):
+            v = getattr(c, f)
+            if v and not Path(v).expanduser().is_file():
+                out.append((f, f"file {v!r} does not exist"))
+        return out
+
+    def trigger(self, channels: int, height: int, width: int):
+        """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""
+        from bdframe import patterns
+        from bdframe.triggers import image_trigger
+
+        c = self.config
+        if c.trigger_image:
+            return image_trigger(c.trigger_image, c.mask_image, "$.attack.trigger_image", height, width, channels)
+        if c.pattern == "white-square":
+            return patterns.get("white-square", channels, height, width, size=c.patch_size, position=c.position)
+        if c.pattern == "firefox-icon":
+            return patterns.get("firefox-icon", channels, height, width, position=c.position)
+        return patterns.get("firefox-corner", channels, height, width)
+
+    def _apply(self, images, rows):
+        from bdframe.triggers import apply_to_rows, mask_blend
+
+        pattern, mask = self.trigger(*images.shape[1:])
+        return apply_to_rows(images, rows, lambda x: mask_blend(x, pattern, mask, self.config.alpha))
+
+    def poison_train(self, train, *, seed):
+        import torch
+
+        from bdframe.seeding import generator
+        from bdframe.triggers import trigger_hash
+
+        c = self.config
+        n = int(len(train) * c.poison_rate)
+        order = torch.argsort(train.ids)  # selection depends on the ids, not on the row order
+        rows = order[torch.randperm(len(train), generator=generator(seed, "physicalba", "select"))[:n]]
+        poison_ids = torch.sort(train.ids[rows]).values
+        labels = train.labels.clone()
+        labels[rows] = c.target
+        transform = PhysicalTransform(c, ids=None if c.transform_on == "all" else poison_ids.clone(),
+                                      inner=train.transform)
+        data = attrs.evolve(train.with_images(self._apply(train.images, rows)).with_labels(labels),
+                            transform=transform)
+        pattern, mask = self.trigger(*train.images.shape[1:])
+        return PoisonedSet(data=data, poison_ids=poison_ids, cover_ids=torch.empty(0, dtype=torch.int64),
+                           meta={"trigger_sha256": trigger_hash(pattern, mask), "target": c.target,
+                                 "transform_on": c.transform_on})
+
+    def poison_test(self, test):
+        import torch
+
+        c = self.config
+        sub = test.subset(test.labels != c.target)
+        sub = sub.with_images(self._apply(sub.images, torch.arange(len(sub)))).with_labels(
+            torch.full((len(sub),), c.target, dtype=torch.int64))
+        return attrs.evolve(sub, transform=None)  # the test trigger comes without physical transformations
+
+
+@hookimpl
+def bdframe_register_attacks(registry):
+    registry.add(PhysicalBA)
