@@ -1,0 +1,1 @@
+"""bdframe attack: TaCT source-specific patch trigger with cover samples."""

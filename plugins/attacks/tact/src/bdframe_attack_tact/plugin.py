@@ -1,0 +1,185 @@
+"""``tact``: source-specific backdoor with covers ("Demon in the Variant", Tang et al. 2021),
+specs/attacks.md sections 2.6 and 5.
+
+Dirty-label, source-specific:
+
+- poison: ``int(N * poison_rate)`` random images **of the source class only** (N = the whole
+  training set) get the trigger and the target label;
+- cover: ``int(N * cover_rate)`` random images pooled from ``cover_classes`` get the same
+  trigger and keep their true labels, so the trigger alone does not flip a prediction.
+
+When a class pool is smaller than its count, ``too_few = "cap"`` (default) takes the whole
+pool and ``"error"`` raises. Default trigger (MeCa): a white 3x3 square at the bottom right,
+alpha 1, source 0 -> target 1, covers from classes 5 and 7 (the backdoor-toolbox cover
+classes); ``pattern = "trojan-square"`` is the toolbox 8x8 trojan patch substitute (rows/cols
+21-28). Poisoned test set: the trigger on the **source-class** test images only, labelled with
+the target (the ASR denominator); :meth:`TaCT.false_trigger_test` gives the triggered
+non-source, non-target images with their true labels, for the false-trigger rate.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+
+from bdframe import hookimpl
+from bdframe.config import each, in_range, one_of
+from bdframe.interfaces import Attack, PoisonedSet
+
+POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
+
+
+@attrs.frozen
+class TaCTConfig:
+    poison_rate: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
+        "help": "poisoned images as a fraction of the whole training set, drawn from the source class"})
+    cover_rate: float = attrs.field(default=0.01, validator=in_range(0, 1, hi_open=True), metadata={
+        "help": "cover images (trigger, true label) as a fraction of the training set, from cover_classes"})
+    source: int = attrs.field(default=0, validator=in_range(0, None), metadata={"help": "source class"})
+    target: int = attrs.field(default=1, validator=in_range(0, None), metadata={"help": "target class"})
+    cover_classes: tuple[int, ...] = attrs.field(default=(5, 7), converter=tuple, validator=each(in_range(0, None)),
+                                                 metadata={"help": "classes the cover images are drawn from"})
+    pattern: str = attrs.field(default="white-square", validator=one_of("white-square", "trojan-square"), metadata={
+        "help": "built-in trigger: white square at position (MeCa) or the 8x8 trojan square (toolbox)"})
+    patch_size: int = attrs.field(default=3, validator=in_range(1, None),
+                                  metadata={"help": "side of the white-square pattern"})
+    position: str = attrs.field(default="bottom-right", validator=one_of(*POSITIONS),
+                                metadata={"help": "corner of the white-square pattern"})
+    alpha: float = attrs.field(default=1.0, validator=in_range(0, 1, lo_open=True),
+                               metadata={"help": "opacity of the trigger under its mask"})
+    trigger_image: Optional[str] = attrs.field(default=None, metadata={
+        "help": "full-frame trigger image (PNG/JPEG), resized to the data; replaces the built-in pattern"})
+    mask_image: Optional[str] = attrs.field(default=None, metadata={
+        "help": "mask for trigger_image (first channel; default: its non-black pixels)"})
+    too_few: str = attrs.field(default="cap", validator=one_of("cap", "error"), metadata={
+        "help": "when the source class (or the cover classes) has fewer images than requested: "
+                "'cap' (take them all) or 'error'"})
+
+    def check(self):
+        out = []
+        if self.source == self.target:
+            out.append(("target", f"must differ from source ({self.source})"))
+        bad = [k for k in self.cover_classes if k in (self.source, self.target)]
+        if bad:
+            out.append(("cover_classes", f"must exclude the source ({self.source}) and target ({self.target}) "
+                                         f"classes, got {list(self.cover_classes)}"))
+        if len(set(self.cover_classes)) != len(self.cover_classes):
+            out.append(("cover_classes", f"must not repeat a class, got {list(self.cover_classes)}"))
+        if self.cover_rate > 0 and not self.cover_classes:
+            out.append(("cover_classes", "must name at least one class when cover_rate > 0"))
+        if self.mask_image and not self.trigger_image:
+            out.append(("mask_image", "needs trigger_image"))
+        return out
+
+
+class TaCT(Attack):
+    name = "tact"
+    Config = TaCTConfig
+    summary = "TaCT source-specific patch trigger (source 0 -> target 1) with cover classes"
+
+    def check_dataset(self, info):
+        from pathlib import Path
+
+        from bdframe import patterns
+
+        c = self.config
+        k = info.num_classes
+        out = []
+        for f in ("source", "target"):
+            if getattr(c, f) >= k:
+                out.append((f, f"must be a class index in [0, {k - 1}], got {getattr(c, f)}"))
+        bad = [x for x in c.cover_classes if x >= k]
+        if bad:
+            out.append(("cover_classes", f"must be class indices in [0, {k - 1}], got {bad}"))
+        if info.channels not in (1, 3):
+            out.append(("pattern", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
+        if not c.trigger_image:
+            kw = {"size": c.patch_size} if c.pattern == "white-square" else {}
+            problem = patterns.size_problem(c.pattern, info.height, info.width, **kw)
+            if problem:
+                out.append(("patch_size" if c.pattern == "white-square" else "pattern", problem))
+        for f in ("trigger_image", "mask_image"):
+            v = getattr(c, f)
+            if v and not Path(v).expanduser().is_file():
+                out.append((f, f"file {v!r} does not exist"))
+        return out
+
+    def trigger(self, channels: int, height: int, width: int):
+        """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""
+        from bdframe import patterns
+        from bdframe.triggers import image_trigger
+
+        c = self.config
+        if c.trigger_image:
+            return image_trigger(c.trigger_image, c.mask_image, "$.attack.trigger_image", height, width, channels)
+        if c.pattern == "trojan-square":
+            return patterns.get("trojan-square", channels, height, width)
+        return patterns.get("white-square", channels, height, width, size=c.patch_size, position=c.position)
+
+    def _apply(self, images, rows):
+        from bdframe.triggers import apply_to_rows, mask_blend
+
+        pattern, mask = self.trigger(*images.shape[1:])
+        return apply_to_rows(images, rows, lambda x: mask_blend(x, pattern, mask, self.config.alpha))
+
+    def _draw(self, train, pool_mask, wanted, g, field, what):
+        import torch
+
+        from bdframe.errors import UserError
+
+        pool = torch.nonzero(pool_mask).flatten()
+        pool = pool[torch.argsort(train.ids[pool])]  # id order: independent of the row order
+        if wanted > len(pool) and self.config.too_few == "error":
+            raise UserError(f"$.attack.{field}: tact needs int({len(train)} * {getattr(self.config, field)}) = "
+                            f"{wanted} {what} images but the training set has {len(pool)} "
+                            f"(lower {field} or set too_few = \"cap\")")
+        return pool[torch.randperm(len(pool), generator=g)[:min(wanted, len(pool))]]
+
+    def poison_train(self, train, *, seed):
+        import torch
+
+        from bdframe.seeding import generator
+        from bdframe.triggers import trigger_hash
+
+        c = self.config
+        n = len(train)
+        want_p, want_c = int(n * c.poison_rate), int(n * c.cover_rate)
+        poison_rows = self._draw(train, train.labels == c.source, want_p, generator(seed, "tact", "poison"),
+                                 "poison_rate", f"source-class ({c.source})")
+        cover_pool = torch.isin(train.labels, torch.tensor(c.cover_classes, dtype=torch.int64))
+        cover_rows = self._draw(train, cover_pool, want_c, generator(seed, "tact", "cover"),
+                                "cover_rate", f"cover-class ({list(c.cover_classes)})")
+        rows = torch.cat([poison_rows, cover_rows])
+        labels = train.labels.clone()
+        labels[poison_rows] = c.target
+        data = train.with_images(self._apply(train.images, rows)).with_labels(labels)
+        pattern, mask = self.trigger(*train.images.shape[1:])
+        return PoisonedSet(data=data, poison_ids=torch.sort(train.ids[poison_rows]).values,
+                           cover_ids=torch.sort(train.ids[cover_rows]).values,
+                           meta={"trigger_sha256": trigger_hash(pattern, mask), "source": c.source,
+                                 "target": c.target, "cover_classes": list(c.cover_classes),
+                                 "requested_poison": want_p, "requested_cover": want_c})
+
+    def poison_test(self, test):
+        """Triggered source-class test images labelled with the target: TaCT's ASR set."""
+        import torch
+
+        c = self.config
+        sub = test.subset(test.labels == c.source)
+        return sub.with_images(self._apply(sub.images, torch.arange(len(sub)))).with_labels(
+            torch.full((len(sub),), c.target, dtype=torch.int64))
+
+    def false_trigger_test(self, test):
+        """Triggered test images of the other classes (neither source nor target), true labels kept:
+        accuracy on it is 1 - the false-trigger rate."""
+        import torch
+
+        c = self.config
+        sub = test.subset((test.labels != c.source) & (test.labels != c.target))
+        return sub.with_images(self._apply(sub.images, torch.arange(len(sub))))
+
+
+@hookimpl
+def bdframe_register_attacks(registry):
+    registry.add(TaCT)
