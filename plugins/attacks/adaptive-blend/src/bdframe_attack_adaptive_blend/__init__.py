@@ -1,0 +1,1 @@
+"""bdframe attack: Adaptive-Blend partial blended trigger with cover samples (dirty-label, all-to-one)."""
