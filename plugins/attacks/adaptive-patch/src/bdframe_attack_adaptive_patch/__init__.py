@@ -1,0 +1,1 @@
+"""bdframe attack: Adaptive-Patch multiple patch triggers with cover samples (dirty-label, all-to-one)."""
