@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plugins", help="list installed plugins and their components")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from bdframe import scan
+
+    scan.add_parser(sub)
     return p
 
 
@@ -124,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins}[args.command](args)
+        from bdframe import scan
+
+        return {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins,
+                "scan": scan.main}[args.command](args)
     except UserError as e:
         print(f"bdframe: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,375 @@
+"""``bdframe scan``: score the training set of a saved run with one or more SampleScorers.
+
+A run directory (written by ``bdframe run``) holds ``recipe.toml``, ``run.json`` (with the
+attack seed), ``poison.json`` (the ground-truth ``poison_ids`` / ``cover_ids``) and ``model.pt``
+(the state dict of the :class:`~bdframe.nn.Classifier`). The poisoned training set is rebuilt by
+re-running the recipe's dataset and attack with the saved attack seed (and checked against
+``poison.json``); the model is rebuilt from the recipe's model section and loaded.
+
+Output directory (default ``<run>/scan``; written to a temporary sibling and renamed when
+complete, so a failed scan leaves nothing behind):
+
+- ``scores.csv``: ``id, label, truth`` (poison / cover / clean) and, per scorer, its score and
+  rank (1 = most suspicious; ties broken by id);
+- ``hist-<scorer>.png``: a histogram of the scores, clean in blue, poison in red, cover in green,
+  each group scaled to its own tallest bin (so a small poison group stays visible); the x range
+  is written under the axis and in ``metrics.json``;
+- ``metrics.json``: per scorer the AUROC, the TPR at 1/5/10% FPR and, for scorers with a split
+  rule (a ``flag(scores, data)`` method), the precision, recall and FPR of that rule. Poison ids
+  are the positives; cover samples (trigger, true label) count as negatives.
+
+Scorers that use clean auxiliary data (``strip``, ``scan``) draw it from the inspected set by
+default; ``--clean-aux N`` gives them a class-balanced draw of N images from the run's clean
+*test* split instead (held-out data, never the training ground truth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bdframe.errors import UserError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "scan", help="score a run's training set with poisoned-sample scorers (AUROC, TPR@FPR, histograms)",
+        description="Score the poisoned training set of a saved run directory with one or more scorers; "
+                    "write scores.csv, a histogram per scorer and metrics.json.")
+    s.add_argument("run_dir", help="a run directory written by `bdframe run`")
+    s.add_argument("--scorer", action="append", default=[], metavar="NAME",
+                   help="scorer to run (repeatable), e.g. --scorer adv-kl --scorer loss")
+    s.add_argument("--param", action="append", default=[], metavar="SCORER.KEY=VALUE",
+                   help="scorer parameter (repeatable; TOML value), e.g. --param adv-kl.epsilon=0.02")
+    s.add_argument("--out", help="output directory (default: <run_dir>/scan)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    s.add_argument("--batch-size", type=int, default=256, help="scoring batch size (default 256)")
+    s.add_argument("--seed", type=int, help="scorer seed (default: the recipe's seed)")
+    s.add_argument("--limit", type=int, help="score only N samples (a seeded draw by id, for quick looks)")
+    s.add_argument("--clean-aux", type=int, metavar="N",
+                   help="give scorers that accept a clean aux set N class-balanced images of the clean test split")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    return s
+
+
+def parse_value(text: str):
+    """A TOML value (``0.02``, ``true``, ``["rotate"]``, ``"grid"``); a bare word is a string."""
+    import toml
+
+    try:
+        return toml.loads(f"v = {text}")["v"]
+    except Exception:
+        return text
+
+
+def parse_params(items: list[str], scorers: list[str]) -> dict[str, dict]:
+    params: dict[str, dict] = {name: {} for name in scorers}
+    problems = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        name, dot, field = key.strip().partition(".")
+        if not eq or not dot or not name or not field:
+            problems.append(f"--param {item!r}: expected SCORER.KEY=VALUE, e.g. adv-kl.epsilon=0.02")
+            continue
+        if name not in params:
+            problems.append(f"--param {item!r}: scorer {name!r} is not selected with --scorer "
+                            f"(selected: {', '.join(scorers) or 'none'})")
+            continue
+        params[name][field] = parse_value(value.strip())
+    if problems:
+        raise UserError(problems)
+    return params
+
+
+def load_run(run_dir: Path, *, device):
+    """``(recipe, registry, model, train, test, poison_ids, cover_ids)`` of a saved run."""
+    import torch
+
+    from bdframe import recipe as rmod
+    from bdframe.nn import Classifier
+    from bdframe.plugins import load_registry
+    from bdframe.runs import read_json
+
+    for f in ("recipe.toml", "run.json", "model.pt"):
+        if not (run_dir / f).is_file():
+            raise UserError(f"{str(run_dir)!r} is not a complete run directory: {f} is missing")
+    data = rmod.parse_toml(run_dir / "recipe.toml")
+    settings, problems = rmod.plugin_settings(data)
+    if problems:
+        from bdframe.errors import RecipeError
+
+        raise RecipeError(problems, source=str(run_dir / "recipe.toml"))
+    registry = load_registry(block=settings.block, modules=settings.modules)
+    recipe = rmod.loads_dict(data, registry=registry, source=str(run_dir / "recipe.toml"))
+    try:
+        run_info = read_json(run_dir / "run.json")
+        attack_seed = int(run_info["seeds"]["attack"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{str(run_dir / 'run.json')!r} has no usable seeds.attack ({type(e).__name__}: {e})") from None
+
+    dataset = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
+    train, test = dataset.load()
+    info = dataset.describe()
+    poison_ids = torch.empty(0, dtype=torch.int64)
+    cover_ids = torch.empty(0, dtype=torch.int64)
+    if recipe.attack is not None:
+        attack = registry.get("attack", recipe.attack.name)(recipe.attack.config)
+        ps = attack.poison_train(train, seed=attack_seed)
+        train, poison_ids, cover_ids = ps.data, ps.poison_ids, ps.cover_ids
+        pj = run_dir / "poison.json"
+        if pj.is_file():
+            saved = read_json(pj)
+            if sorted(saved.get("poison_ids", [])) != sorted(int(i) for i in poison_ids) or \
+                    sorted(saved.get("cover_ids", [])) != sorted(int(i) for i in cover_ids):
+                raise UserError(f"the rebuilt poisoned set does not match {str(pj)!r} (did the dataset, the "
+                                f"attack plugin or its version change since the run?)")
+    net = registry.get("model", recipe.model.name)(recipe.model.config).build(info)
+    model = Classifier(net, info.mean, info.std)
+    try:
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:
+        raise UserError(f"{str(run_dir / 'model.pt')!r} does not load into the recipe's model "
+                        f"{recipe.model.name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    model = model.to(device).eval()
+    return recipe, registry, model, train, test, poison_ids, cover_ids
+
+
+# -- output helpers ------------------------------------------------------------------------------
+
+_FONT = {  # 3x5 bitmap digits and signs, rows top to bottom
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", "-": "000000111000000", ".": "000000000000010",
+    "e": "000111111100111", "+": "000010111010000", " ": "000000000000000",
+}
+
+
+def _draw_text(img, text: str, x: int, y: int, scale: int = 2, color=(0, 0, 0)):
+    import torch
+
+    for ch in text:
+        bits = _FONT.get(ch, _FONT[" "])
+        glyph = torch.tensor([int(b) for b in bits], dtype=torch.bool).view(5, 3)
+        glyph = glyph.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        h, w = glyph.shape
+        if y < 0 or x < 0 or y + h > img.shape[1] or x + w > img.shape[2]:
+            x += 4 * scale
+            continue
+        for c in range(3):
+            region = img[c, y:y + h, x:x + w]
+            region[glyph] = color[c]
+        x += 4 * scale
+
+
+def histogram_png(scores, groups: dict, path: Path, *, bins: int = 50, width: int = 640, height: int = 360) -> dict:
+    """Draw a histogram of ``scores`` split by ``groups`` (name -> bool mask) with torch and write
+    it with torchvision. Returns the figure's description (range, bin counts per group)."""
+    import torch
+    from torchvision.io import write_png
+
+    colors = {"clean": (31, 119, 180), "poison": (214, 39, 40), "cover": (44, 160, 44), "all": (90, 90, 90)}
+    s = scores.detach().cpu().double()
+    lo, hi = (float(s.min()), float(s.max())) if len(s) else (0.0, 1.0)
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    img = torch.full((3, height, width), 255.0)
+    ml, mr, mt, mb = 40, 20, 20, 50
+    pw, ph = width - ml - mr, height - mt - mb
+    desc = {"range": [lo, hi], "bins": bins, "counts": {}, "colors": {}, "scaling": "each group to its tallest bin"}
+    for name, mask in groups.items():
+        v = s[mask]
+        if len(v) == 0:
+            continue
+        idx = ((v - lo) / (hi - lo) * bins).floor().long().clamp(0, bins - 1)
+        counts = torch.bincount(idx, minlength=bins).double()
+        desc["counts"][name] = [int(c) for c in counts]
+        desc["colors"][name] = list(colors.get(name, (0, 0, 0)))
+        heights = (counts / counts.max() * ph).round().long()
+        col = torch.tensor(colors.get(name, (0, 0, 0)), dtype=torch.float32)[:, None, None]
+        xs = torch.arange(pw)
+        b_of_x = (xs * bins // pw).clamp(max=bins - 1)
+        ys = torch.arange(ph)
+        filled = ys[:, None] >= (ph - heights[b_of_x])[None, :]  # (ph, pw)
+        area = img[:, mt:mt + ph, ml:ml + pw]
+        blended = 0.45 * area + 0.55 * col
+        img[:, mt:mt + ph, ml:ml + pw] = torch.where(filled[None], blended, area)
+    img[:, mt + ph, ml - 1:ml + pw] = 0  # x axis
+    img[:, mt:mt + ph + 1, ml - 1] = 0  # y axis
+    for k in range(5):  # ticks with values at 0, 1/4, ..., 1 of the range
+        x = ml + int(k * (pw - 1) / 4)
+        img[:, mt + ph:mt + ph + 6, x] = 0
+        label = f"{lo + k * (hi - lo) / 4:.3g}"
+        _draw_text(img, label, max(0, min(x - len(label) * 4, width - len(label) * 8)), mt + ph + 10)
+    for i, name in enumerate(desc["colors"]):  # legend squares, top right
+        col = torch.tensor(colors.get(name, (0, 0, 0)), dtype=torch.float32)[:, None, None]
+        img[:, mt + 4 + 14 * i:mt + 14 + 14 * i, width - mr - 12:width - mr - 2] = col
+    write_png(img.round().clamp(0, 255).to(torch.uint8), str(path))
+    return desc
+
+
+def _ranks(scores, ids):
+    """1 = highest score; ties broken by ascending id."""
+    import torch
+
+    by_id = torch.argsort(ids)
+    order = by_id[torch.argsort(scores[by_id], descending=True, stable=True)]
+    ranks = torch.empty(len(scores), dtype=torch.int64)
+    ranks[order] = torch.arange(1, len(scores) + 1)
+    return ranks
+
+
+def _json_safe(obj):
+    import math
+
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def main(args) -> int:
+    import torch
+
+    from bdframe import detection
+    from bdframe.interfaces import ScoreContext
+    from bdframe.nn import resolve_device
+    from bdframe.recipe import config_to_dict
+    from bdframe.scoring import balanced_draw, order_by_key
+
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist" if not run_dir.exists()
+                        else f"{str(run_dir)!r} is not a directory")
+    if not args.scorer:
+        raise UserError("no scorer given; add --scorer NAME (see `bdframe plugins` for the installed scorers)")
+    dup = sorted({s for s in args.scorer if args.scorer.count(s) > 1})
+    if dup:
+        raise UserError(f"--scorer given more than once: {', '.join(dup)}")
+    for opt in ("batch_size", "limit", "clean_aux"):
+        v = getattr(args, opt)
+        if v is not None and v <= 0:
+            raise UserError(f"--{opt.replace('_', '-')} must be a positive integer, got {v}")
+    out = Path(args.out) if args.out else run_dir / "scan"
+    if out.exists() and not args.overwrite:
+        raise UserError(f"output directory {str(out)!r} already exists; pass --overwrite to replace it "
+                        f"or --out to choose another")
+    params = parse_params(args.param, args.scorer)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device!r}: CUDA is not available; use --device auto")
+
+    # validate the scorers before the (slow) rebuild of the run
+    from bdframe import recipe as rmod
+    from bdframe.plugins import load_registry
+
+    settings, _ = rmod.plugin_settings(rmod.parse_toml(run_dir / "recipe.toml")) if (run_dir / "recipe.toml").is_file() \
+        else (rmod.PluginSettings(), [])
+    pre = load_registry(block=settings.block, modules=settings.modules)
+    problems = []
+    for name in args.scorer:
+        if not pre.has("scorer", name):
+            problems.append(pre.unknown_message("scorer", name))
+        else:
+            problems += rmod.config_problems(pre.get("scorer", name), params[name], f"scorer:{name}")
+    if problems:
+        raise UserError(problems)
+
+    recipe, registry, model, train, test, poison_ids, cover_ids = load_run(run_dir, device=device)
+    scorers = {name: registry.create("scorer", name, **params[name]) for name in args.scorer}
+    seed = recipe.seed if args.seed is None else args.seed
+    data = train
+    if args.limit and args.limit < len(train):
+        rows = torch.sort(order_by_key(("scan-limit", seed), train.ids)[: args.limit]).values
+        data = train.subset(rows)
+    aux = None
+    if args.clean_aux:
+        aux = test.subset(balanced_draw(test, args.clean_aux, ("scan-clean-aux", seed)))
+    known = recipe.attack is not None
+    is_poison = data.contains(poison_ids)
+    is_cover = data.contains(cover_ids)
+    log(f"scan {run_dir}: {len(data)} samples ({int(is_poison.sum())} poisoned, {int(is_cover.sum())} cover), "
+        f"device {device}, scorers {', '.join(scorers)}")
+
+    ctx = ScoreContext(seed=seed, device=device, batch_size=args.batch_size, progress=not args.quiet)
+    results: dict[str, dict] = {}
+    columns: dict[str, torch.Tensor] = {}
+    for name, scorer in scorers.items():
+        t0 = time.perf_counter()
+        kwargs = {}
+        if aux is not None and "aux" in inspect.signature(scorer.score).parameters:
+            kwargs["aux"] = aux
+        s = scorer.score(model, data, ctx, **kwargs).detach().cpu().double()
+        secs = time.perf_counter() - t0
+        if s.shape != (len(data),) or not bool(torch.isfinite(s).all()):
+            raise RuntimeError(f"scorer {name!r} returned {tuple(s.shape)} scores for {len(data)} samples "
+                               f"or non-finite values")
+        columns[name] = s
+        res = {"params": config_to_dict(scorer.config), "set_level": bool(getattr(scorer, "set_level", False)),
+               "seconds": secs, "clean_aux": bool(kwargs),
+               "score_stats": {"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean())}}
+        flag_fn = getattr(scorer, "flag", None)
+        flagged = flag_fn(s, data) if flag_fn is not None else None
+        if known:
+            res.update(detection.summary(s, is_poison, flagged=flagged))
+            if flagged is not None:
+                doc = (inspect.getdoc(flag_fn) or "").splitlines()
+                res["split"]["rule"] = doc[0] if doc else f"{name}.flag"
+            log(f"{name}: AUROC {res['auroc']:.4f}, TPR@1% {res['tpr_at_fpr']['0.01']:.3f}, "
+                f"TPR@5% {res['tpr_at_fpr']['0.05']:.3f}, TPR@10% {res['tpr_at_fpr']['0.1']:.3f} ({secs:.1f} s)")
+        elif flagged is not None:
+            res["split"] = {"flagged": int(flagged.sum())}
+        res["_flagged"] = flagged
+        results[name] = res
+
+    # write everything into a temporary sibling, then rename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        truth = ["poison" if p else "cover" if c else "clean" for p, c in zip(is_poison.tolist(), is_cover.tolist())]
+        ranks = {name: _ranks(s, data.ids) for name, s in columns.items()}
+        head = ["id", "label", "truth"] + [c for name in columns for c in (name, f"{name}_rank")]
+        lines = [",".join(head)]
+        ids, labels = data.ids.tolist(), data.labels.tolist()
+        cols = {name: (s.tolist(), ranks[name].tolist()) for name, s in columns.items()}
+        for i in range(len(data)):
+            row = [str(ids[i]), str(labels[i]), truth[i] if known else ""]
+            for name in columns:
+                row += [f"{cols[name][0][i]:.9g}", str(cols[name][1][i])]
+            lines.append(",".join(row))
+        (tmp / "scores.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for name, s in columns.items():
+            groups = {"clean": ~is_poison & ~is_cover, "poison": is_poison, "cover": is_cover} if known \
+                else {"all": torch.ones(len(s), dtype=torch.bool)}
+            results[name]["histogram"] = {"file": f"hist-{name}.png",
+                                          **histogram_png(s, groups, tmp / f"hist-{name}.png")}
+        for r in results.values():
+            r.pop("_flagged", None)
+        metrics = {"run_dir": str(run_dir), "recipe": recipe.name, "attack": recipe.attack.name if known else None,
+                   "n": len(data), "num_poison": int(is_poison.sum()), "num_cover": int(is_cover.sum()),
+                   "positives": "poison ids (cover samples count as negatives)", "seed": seed,
+                   "device": str(device), "batch_size": args.batch_size, "limit": args.limit,
+                   "clean_aux": args.clean_aux, "scorers": results}
+        (tmp / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"scan complete: {out}")
+    return 0

@@ -1,0 +1,45 @@
+"""The SampleScorer contract (specs/defenses.md sections 0 and 17) for every registered scorer,
+through bdframe.testing.check_scorer_contract (which third-party scorer plugins can call too)."""
+
+import pytest
+import torch
+
+from bdframe.plugins import load_registry
+from bdframe.testing import check_scorer_contract, score_ctx, tiny_classifier
+from scorers.scorer_helpers import make
+
+SCORERS = load_registry().names("scorer")
+EXPECTED = {"adv-kl", "fct", "loss", "scale-up", "spectral", "activation-clustering", "strip", "scan"}
+SET_LEVEL = {"spectral", "activation-clustering", "scan"}
+
+
+def test_all_scorers_registered(registry):
+    assert EXPECTED <= set(SCORERS)
+    for name in EXPECTED:
+        e = registry.entry("scorer", name)
+        assert e.provider.distribution == f"bdframe-scorer-{name}"
+        assert e.cls.set_level == (name in SET_LEVEL)
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_contract(name, registry, tiny_scorer_data, tiny_scorer_model):
+    scorer = registry.create("scorer", name)
+    check_scorer_contract(scorer, tiny_scorer_model, tiny_scorer_data)
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_contract_model_in_train_mode_and_ids_not_positions(name, registry):
+    """A model handed over in train mode is scored in eval mode and handed back in train mode;
+    scores follow ids (other id offsets, 16x16 images, 3 classes)."""
+    data, _ = make(25, k=3, size=16, id_offset=7_000_000_000)
+    model = tiny_classifier(data, seed=3).train()
+    check_scorer_contract(registry.create("scorer", name), model, data, seed=5, batch_sizes=(7,))
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_constant_model_scores_depend_on_the_label_at_most(name, registry):
+    data, model = make(24, constant=True)
+    s = registry.create("scorer", name).score(model, data, score_ctx(0))
+    for c in range(4):
+        sel = s[data.labels == c]
+        assert torch.allclose(sel, sel[0].expand_as(sel), atol=1e-6), f"{name}: class {c}: {sel}"
