@@ -43,3 +43,20 @@ def test_constant_model_scores_depend_on_the_label_at_most(name, registry):
     for c in range(4):
         sel = s[data.labels == c]
         assert torch.allclose(sel, sel[0].expand_as(sel), atol=1e-6), f"{name}: class {c}: {sel}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", SCORERS)
+def test_cuda_matches_cpu(name, registry):
+    """Per-id randomness is integer hashing, so devices draw the same masks/transforms/pools."""
+    data, model = make(40)
+    scorer = registry.create("scorer", name)
+    cpu = scorer.score(model, data, score_ctx(0, 16, "cpu")).double()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 like the CPU
+    try:
+        gpu = scorer.score(model.to("cuda"), data, score_ctx(0, 16, "cuda")).double().cpu()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert gpu.shape == cpu.shape and bool(torch.isfinite(gpu).all())
+    assert torch.allclose(gpu, cpu, atol=1e-3, rtol=1e-3), (gpu - cpu).abs().max()

@@ -8,19 +8,19 @@ from bdframe_scorer_scan.plugin import Scan, ScanConfig
 from scorers.scorer_helpers import make
 
 
-def planted(n=400, d=8, k=5, n_poison=25, seed=0):
+def planted(n=600, d=8, k=10, n_poison=30, seed=0):
     g = torch.Generator().manual_seed(seed)
     means = 3 * torch.randn(k, d, generator=g, dtype=torch.float64)
     y = torch.arange(n) % k
     x = means[y] + torch.randn(n, d, generator=g, dtype=torch.float64)
     poison = torch.zeros(n, dtype=torch.bool)
-    src = torch.nonzero(y != 2).flatten()[:n_poison]
-    poison[src] = True
+    poison[torch.nonzero(y != 2).flatten()[:n_poison]] = True
     y = y.clone()
-    y[poison] = 2  # relabelled to the target; features keep their source class identity
-    x[poison] += 4.0  # plus a shared trigger direction
-    aux_y = torch.arange(200) % k
-    aux_x = means[aux_y] + torch.randn(200, d, generator=g, dtype=torch.float64)
+    y[poison] = 2  # relabelled to the target class; the trigger dominates their features
+    trigger = means[2] + 6.0 * torch.randn(d, generator=g, dtype=torch.float64).sign()
+    x[poison] = trigger + torch.randn(n_poison, d, generator=g, dtype=torch.float64)
+    aux_y = torch.arange(300) % k
+    aux_x = means[aux_y] + torch.randn(300, d, generator=g, dtype=torch.float64)
     return x, y, torch.arange(n), poison, aux_x, aux_y
 
 
@@ -28,13 +28,13 @@ def planted(n=400, d=8, k=5, n_poison=25, seed=0):
 @given(st.integers(0, 1000))
 def test_planted_target_class_is_flagged(seed):
     x, y, ids, poison, ax, ay = planted(seed=seed)
-    sc = Scan(ScanConfig(upper_only=True))
+    sc = Scan(ScanConfig(upper_only=True, statistic="posterior"))
     r = sc.analyse(x, y, ids, seed, aux_feats=ax, aux_labels=ay)
     j = dict(zip(r["classes"], r["j_star"]))
     assert all(v >= 0 for v in j.values())
-    assert j[2] > sc.config.threshold and max(v for c, v in j.items() if c != 2) <= sc.config.threshold
+    assert j[2] > sc.config.threshold and j[2] == max(j.values())
     f = r["flagged"]
-    assert float(f[poison].float().mean()) > 0.9 and int(f[~poison].sum()) <= 3
+    assert bool(f[poison].all()) and int(f[~poison & (y == 2)].sum()) <= 2
     assert torch.equal(sc.flag(r["scores"]), f)
     perm = torch.randperm(len(x))
     r2 = sc.analyse(x[perm], y[perm], ids[perm], seed, aux_feats=ax, aux_labels=ay)
@@ -66,3 +66,13 @@ def test_constant_model_gives_finite_constant_scores():
     data, model = make(30, constant=True)
     s = Scan().score(model, data, score_ctx(0))
     assert bool(torch.isfinite(s).all()) and bool((s == s[0]).all())
+
+
+def test_reference_statistic_runs_and_is_equivariant():
+    x, y, ids, poison, ax, ay = planted()
+    sc = Scan(ScanConfig(statistic="reference"))
+    r = sc.analyse(x, y, ids, 0, aux_feats=ax, aux_labels=ay)
+    assert all(v >= 0 for v in r["j_star"]) and bool(torch.isfinite(r["scores"]).all())
+    perm = torch.randperm(len(x))
+    r2 = sc.analyse(x[perm], y[perm], ids[perm], 0, aux_feats=ax, aux_labels=ay)
+    assert torch.allclose(r2["scores"], r["scores"][perm], atol=1e-6, rtol=1e-6)

@@ -46,7 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--scorer", action="append", default=[], metavar="NAME",
                    help="scorer to run (repeatable), e.g. --scorer adv-kl --scorer loss")
     s.add_argument("--param", action="append", default=[], metavar="SCORER.KEY=VALUE",
-                   help="scorer parameter (repeatable; TOML value), e.g. --param adv-kl.epsilon=0.02")
+                   help="scorer parameter (repeatable; a TOML value or a fraction such as 8/255), "
+                        "e.g. --param adv-kl.epsilon=0.02")
     s.add_argument("--out", help="output directory (default: <run_dir>/scan)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -60,9 +61,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def parse_value(text: str):
-    """A TOML value (``0.02``, ``true``, ``["rotate"]``, ``"grid"``); a bare word is a string."""
+    """A TOML value (``0.02``, ``true``, ``["rotate"]``, ``"grid"``) or a fraction of two numbers
+    (``8/255``); a bare word is a string."""
+    import re
+
     import toml
 
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)\s*", text)
+    if m and float(m.group(2)) != 0:
+        return float(m.group(1)) / float(m.group(2))
     try:
         return toml.loads(f"v = {text}")["v"]
     except Exception:

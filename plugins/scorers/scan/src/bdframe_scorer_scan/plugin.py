@@ -8,6 +8,12 @@ Features are the model's penultimate features (optionally reduced by PCA to ``ma
 2. Local model, per class of the inspected set: a two-group split by the reference 2-means-like
    EM in the ``F = pinv(S_e)`` metric (random start, at most 100 steps), and the reference
    log-likelihood-ratio statistic of two identities against one.
+   ``statistic = "reference"`` (default) reproduces the reference code, whose one-identity
+   estimate is ``mu = S_e (N S_u + S_e)^-1 sum x``; the global model's own identity estimate
+   (and the posterior mean under the model) is ``S_u (N S_u + S_e)^-1 sum x``, which
+   ``statistic = "posterior"`` uses. On synthetic Gaussian classes the posterior form gives
+   clean classes a statistic near 1 and separates a planted poison cluster far more reliably;
+   the reference form is kept as default for parity with the published baselines.
 3. ``J* = anomaly index of the statistics = |a - median| / (1.4826 MAD)`` over classes
    (``upper_only = true`` zeroes the classes below the median). A class is flagged if
    ``J* > threshold`` (e, backdoor-toolbox; BackdoorBench uses e^2). In a flagged class, the
@@ -58,6 +64,9 @@ class ScanConfig:
                                    metadata={"help": "J* = 0 for classes whose statistic is below the median"})
     max_dim: int = attrs.field(default=128, validator=in_range(0, None),
                                metadata={"help": "PCA to this many dimensions if the feature is larger (0: never)"})
+    statistic: str = attrs.field(default="reference", validator=one_of("reference", "posterior"),
+                                 metadata={"help": "one-identity estimate mu in the test: reference code "
+                                                   "(Se (N Su + Se)^-1 sum x) or the posterior mean (Su (N Su + Se)^-1 sum x)"})
 
 
 def _cov(x):
@@ -136,11 +145,11 @@ class Scan(SampleScorer):
         return zf >= 0.5, u1, u2
 
     @staticmethod
-    def statistic(x, su, se, f, group1, u1, u2):
-        """The reference log-likelihood-ratio statistic of one class."""
+    def statistic(x, su, se, f, group1, u1, u2, *, mu_from: str = "reference"):
+        """The reference log-likelihood-ratio statistic of one class (``mu_from``: see Config)."""
         n = len(x)
         g = -_pinv(n * su + se)
-        mu = -(se @ g @ x.sum(0))
+        mu = -((se if mu_from == "reference" else su) @ g @ x.sum(0))
         n1 = int(group1.sum())
         n2 = n - n1
         sc = n1 * (mu @ f @ mu - u1 @ f @ u1) + n2 * (mu @ f @ mu - u2 @ f @ u2)
@@ -205,7 +214,7 @@ class Scan(SampleScorer):
                 aux_pos = rows[~insp] - n
                 init[~insp] = id_uniform(("scan", int(seed), "split-aux", int(cls)), aux_pos, 1)[:, 0]
             g1, u1, u2 = self.find_split(x[rows], f, init)
-            stats[cls] = float(self.statistic(x[rows], su, se, f, g1, u1, u2))
+            stats[cls] = float(self.statistic(x[rows], su, se, f, g1, u1, u2, mu_from=c.statistic))
             groups[cls] = (rows, g1)
         stat_vec = torch.tensor([stats[k] for k in classes], dtype=torch.float64)
         j = anomaly_index(stat_vec) if len(classes) > 1 else torch.zeros(len(classes), dtype=torch.float64)
