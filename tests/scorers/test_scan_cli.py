@@ -137,3 +137,10 @@ def test_run_dir_that_does_not_match_its_recipe(run_dir, tmp_path, capsys):
     assert main(["scan", str(bad), "--scorer", "loss", "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "does not load into the recipe's model" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_param_values():
+    from bdframe.scan import parse_value
+
+    assert parse_value("8/255") == 8 / 255 and parse_value("0.02") == 0.02 and parse_value("true") is True
+    assert parse_value("single") == "single" and parse_value('["rotate", "flip"]') == ["rotate", "flip"]
