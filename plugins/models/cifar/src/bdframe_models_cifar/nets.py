@@ -26,8 +26,10 @@ class SimpleCNNNet(nn.Module):
     """ResNet-9 layout (Page, 2018) at a configurable width w: stem w, then stages 2w/4w/8w,
     each conv + max-pool, residual blocks after the first and last stage."""
 
-    def __init__(self, in_ch: int, num_classes: int, w: int = 32):
+    def __init__(self, in_ch: int, num_classes: int, w: int = 32, pool: str = "max", logit_scale: float = 0.125):
         super().__init__()
+        self.pool = pool
+        self.logit_scale = logit_scale
         self.body = nn.Sequential(
             conv_bn(in_ch, w),
             conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
@@ -38,10 +40,11 @@ class SimpleCNNNet(nn.Module):
 
     def forward_features(self, x):
         x = x.contiguous(memory_format=torch.channels_last)
-        return torch.flatten(F.adaptive_max_pool2d(self.body(x), 1), 1)
+        pool = F.adaptive_max_pool2d if self.pool == "max" else F.adaptive_avg_pool2d
+        return torch.flatten(pool(self.body(x), 1), 1)
 
     def forward_head(self, f):
-        return self.fc(f)
+        return self.fc(f) * self.logit_scale
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

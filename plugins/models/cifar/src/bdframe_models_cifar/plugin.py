@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 
 from bdframe import hookimpl
-from bdframe.config import in_range
+from bdframe.config import in_range, one_of
 from bdframe.interfaces import ModelFactory
 
 
@@ -13,6 +13,9 @@ from bdframe.interfaces import ModelFactory
 class SimpleCNNConfig:
     width: int = attrs.field(default=16, validator=in_range(4, 512),
                              metadata={"help": "channels of the first stage; later stages double it"})
+    pool: str = attrs.field(default="max", validator=one_of("max", "avg"), metadata={"help": "global pooling"})
+    logit_scale: float = attrs.field(default=0.125, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "multiplier on the logits (ResNet-9's 0.125 keeps early training stable with max pooling)"})
 
 
 class SimpleCNN(ModelFactory):
@@ -29,7 +32,8 @@ class SimpleCNN(ModelFactory):
         import torch
 
         # channels-last memory layout is markedly faster for these convolutions on CPU
-        return SimpleCNNNet(info.channels, info.num_classes, self.config.width).to(memory_format=torch.channels_last)
+        return SimpleCNNNet(info.channels, info.num_classes, self.config.width, self.config.pool,
+                            self.config.logit_scale).to(memory_format=torch.channels_last)
 
 
 @attrs.frozen

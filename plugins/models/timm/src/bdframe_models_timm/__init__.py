@@ -1,0 +1,1 @@
+"""bdframe model plugin: any timm architecture by name."""
