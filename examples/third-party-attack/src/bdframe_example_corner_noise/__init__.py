@@ -1,0 +1,1 @@
+"""Example third-party bdframe attack ``corner-noise`` (see :mod:`.plugin`)."""
