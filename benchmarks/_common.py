@@ -57,3 +57,15 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)
+
+
+def cpu_recipe(root: Path, *, train_size: int, epochs: int, width: int, device: str, seed: int) -> dict:
+    """The CPU-sized CIFAR-10 configuration every CIFAR-10 benchmark here uses."""
+    return {
+        "seed": seed, "device": device,
+        "dataset": {"name": "imagefolder", "root": str(root), "train_size": train_size},
+        "model": {"name": "simple-cnn", "width": width},
+        "train": {"name": "standard", "epochs": epochs, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+                  "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.1},
+        "defense": {"name": "none", "evaluate_each_epoch": False},
+    }

@@ -68,3 +68,30 @@ def test_existing_run_dir_refused(tmp_path):
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
     assert main(["run", str(f), "--quiet"]) == 2
     assert not (tmp_path / "runs" / "tiny.partial").exists()
+
+
+def test_unavailable_device_leaves_nothing(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    f = tmp_path / "r.toml"
+    f.write_text(TINY.format(out=tmp_path / "runs", epochs=1).replace('device = "cpu"', 'device = "cuda"'))
+    p = run_cli("run", str(f))
+    assert p.returncode == 2 and "CUDA is not available" in p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dataset_error_during_run_leaves_no_partial_dir(tmp_path, monkeypatch):
+    from bdframe.errors import UserError
+    from bdframe_dataset_synthetic.plugin import Synthetic
+
+    def broken(self):
+        raise UserError("root: simulated unreadable dataset")
+
+    monkeypatch.setattr(Synthetic, "load", broken)
+    f = tmp_path / "r.toml"
+    f.write_text(TINY.format(out=tmp_path / "runs", epochs=1))
+    assert main(["run", str(f), "--quiet"]) == 2
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -90,10 +90,19 @@ def validate_all(obj) -> list[tuple[str, str]]:
     return problems
 
 
+def _type_name(t) -> str:
+    """``Optional[int]`` whether the annotation is still a string or already resolved."""
+    if isinstance(t, str):
+        return t
+    if isinstance(t, type):
+        return t.__name__
+    return str(t).replace("typing.", "").replace("NoneType", "None")
+
+
 def describe_fields(cls) -> Iterable[tuple[str, str, Any, str]]:
     """``(name, type, default, help)`` for docs and ``bdframe plugins``."""
     for f in attrs.fields(cls):
-        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        t = _type_name(f.type)
         default = f.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
             default = default.factory()

@@ -103,11 +103,23 @@ def run(recipe: Recipe, registry: Registry, *, out: Optional[Path] = None, resum
     """Run a validated recipe and return its metrics. The run directory is ``out`` or
     ``<output_dir>/<name>``; it appears only when the run completes."""
     t_start = time.perf_counter()
-    final = Path(out) if out else Path(recipe.output_dir) / recipe.name
-    rd = RunDir(final, resume=resume, overwrite=overwrite, recipe_toml=recipe.to_toml())
     device = resolve_device(recipe.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"$.device: {recipe.device!r} requested but CUDA is not available; use device = \"auto\"")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"$.device: 'mps' requested but MPS is not available; use device = \"auto\"")
+    final = Path(out) if out else Path(recipe.output_dir) / recipe.name
+    rd = RunDir(final, resume=resume, overwrite=overwrite, recipe_toml=recipe.to_toml())
+    try:
+        return _run(recipe, registry, rd, device, resume=resume, progress=progress, log=log, t_start=t_start)
+    except UserError:
+        if not resume:  # a user error leaves no half-written run directory behind
+            rd.discard()
+        raise
+
+
+def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool, progress: bool, log,
+         t_start: float) -> dict:
     seeds = {"run": recipe.seed, "attack": derive_seed(recipe.seed, "attack")}
     run_info = {"name": recipe.name, "seeds": seeds, "plugins": provenance(registry, recipe),
                 "environment": environment(device), "status": "running", "resumed": resume}

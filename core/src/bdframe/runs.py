@@ -65,6 +65,9 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def finish(self) -> Path:
         state = self.path / "state"
         if state.exists():

@@ -1,0 +1,78 @@
+"""The eight attacks at 5% poison, no defense, on real CIFAR-10 (issue: the attack suite).
+
+Each row trains the CPU-sized configuration of ``badnet_cifar10.py`` (simple-cnn, a
+class-balanced subset of the training images, the full 10,000-image test set) on the
+poisoned data and reports clean ACC, ASR (on the attack's own poisoned test set) and wall
+time. Rows already in the JSON are kept; ``--recompute`` redoes them, ``--only`` picks rows.
+
+    python benchmarks/attacks_cifar10.py                    # all rows, about 8 minutes each on 2 CPU cores
+    python benchmarks/attacks_cifar10.py --only wanet tact  # single rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, cifar10_tree, cpu_recipe, print_table, run_recipe, write_json  # noqa: E402
+
+ROWS = ["none", "badnet", "blend", "sig", "wanet", "physicalba", "tact", "adaptive-blend", "adaptive-patch"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="CIFAR-10 image-folder tree or cifar10-jpeg.tar.gz (default: ../shared)")
+    ap.add_argument("--train-size", type=int, default=20000)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--poison-rate", type=float, default=0.05)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: all)")
+    ap.add_argument("--recompute", action="store_true", help="redo rows already in the JSON")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "attacks_cifar10.json"))
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    config = {k: getattr(args, k) for k in ("train_size", "epochs", "width", "poison_rate", "seed")}
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    rows = saved.get("rows", {}) if saved.get("config") == config else {}
+    root = cifar10_tree(args.data)
+    for name in args.only or ROWS:
+        if name in rows and not args.recompute:
+            print(f"{name}: kept from {out.name} (use --recompute to redo)", file=sys.stderr)
+            continue
+        recipe = cpu_recipe(root, train_size=args.train_size, epochs=args.epochs, width=args.width,
+                            device=args.device, seed=args.seed)
+        recipe["name"] = f"attack-bench-{name}"
+        if name != "none":
+            recipe["attack"] = {"name": name, "poison_rate": args.poison_rate}
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        m = run_recipe(recipe, out.parent / "runs" / recipe["name"], progress=True)
+        rows[name] = {"attack": name, "clean_acc": 100 * m["clean_acc"], "asr": 100 * m["asr"] if "asr" in m else None,
+                      "asr_set_size": m.get("asr_set_size"), "num_poison": m["num_poison"], "num_cover": m["num_cover"],
+                      "wall_s": m["wall_seconds"], "images_per_s": m["train_images_per_s"],
+                      "non_compute_pct": 100 * m["train_non_compute_share"], "train_size": m["train_size"],
+                      "test_size": m["test_size"], "run_dir": m["run_dir"]}
+        write_json(out, {"benchmark": "attacks_cifar10", "config": config, "rows": rows})
+    base = rows.get("none", {}).get("clean_acc")
+    table = []
+    for name in ROWS:
+        if name in rows:
+            r = dict(rows[name])
+            r["acc_drop"] = (base - r["clean_acc"]) if base is not None else None
+            table.append(r)
+    print(f"\nAttacks at {100 * args.poison_rate:g}% on CIFAR-10 (train {args.train_size}, test 10,000), no defense, "
+          f"simple-cnn width {args.width}, {args.epochs} epochs")
+    print_table(table, [("attack", "attack", "{}"), ("clean_acc", "clean ACC %", "{:.2f}"),
+                        ("acc_drop", "drop vs none", "{:+.2f}"), ("asr", "ASR %", "{:.2f}"),
+                        ("asr_set_size", "ASR set", "{}"), ("num_poison", "poison", "{}"), ("num_cover", "cover", "{}"),
+                        ("wall_s", "wall s", "{:.0f}")])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
