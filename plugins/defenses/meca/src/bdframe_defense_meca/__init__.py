@@ -1,0 +1,1 @@
+"""bdframe defense 'meca': MeCa iterative backdoor enhancement, detection and clean retraining."""

@@ -1,0 +1,443 @@
+"""``meca``: MeCa (Mellivora Capensis), backdoor defense by iterative backdoor enhancement,
+detection and clean training from scratch (specs/defenses.md section 2).
+
+Pipeline, every piece taken from the registry through the defense context:
+
+1. **Warm-up** ([R]): the ``standard`` stage on all of D for ``warmup_epochs`` (10) epochs, so
+   the backdoor is learned.
+2. **Backdoor enhancement** (Algorithms 1 and 2), for k = 1..K (``iterations`` = 10 [R]):
+   score D with the ``adv-kl`` scorer (``iteration = k``: fresh masks each iteration), take
+   ``D_c`` = the ``ceil(alpha_k N)`` least consistent samples (highest KL), with
+   ``alpha_k = min(alpha_step * k, alpha_max)`` (0.05 k, capped at 0.5 [R]), and train one epoch
+   of the ``mixed`` stage learning ``D_u`` = D \\ D_c and unlearning ``D_c`` (Eq. 11, lambda =
+   0.05; SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, constant lr [R]). D_c is
+   recomputed every iteration, never accumulated.
+3. **Detection**: the enhanced model in eval mode without augmentation; ``argmax != label`` ->
+   clean, otherwise poisoned (the enhanced-model score ``p_e(y|x)`` is saved too).
+4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
+   clean set with the recipe's ``[train]`` stage.
+5. **Relabel and relearn** (optional, ``relearn = true``; off by default as in the paper's main
+   tables): detected poisoned samples get the clean model's argmax as label (Eq. 12) and the
+   clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01 [R]).
+
+The defense sees only the untrusted ImageSet (images, labels, ids): no poison ids, poison
+ratio, trigger or target class. Ground truth is used only by the runner, after the defense.
+
+Resume: each stage has its own ``ctx.stage(name)`` (per-epoch resume inside a stage) and its
+result is persisted in ``<run_dir>/state/meca/`` (warm-up model, enhanced model after each
+iteration with the iteration records, detected split, clean model, relearned model); on resume
+finished stages are loaded instead of redone and their history records are replayed.
+
+Files written to the run directory: ``meca_trend.png`` (ACC/ASR of the model after warm-up and
+after each iteration), ``meca_scores.pt`` (ids, per-iteration consistency scores and forget
+sets, enhanced-model probabilities, detected flags; for offline ROC analysis), and with
+``save_models``: ``meca_enhanced_model.pt`` and ``meca_clean_model.pt`` (before relearning).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import attrs
+
+from bdframe import hookimpl
+from bdframe.config import in_range, one_of
+from bdframe.interfaces import Defense, DefenseResult
+
+STATE_DIR = ("state", "meca")
+
+
+@attrs.frozen
+class MeCaConfig:
+    # -- warm-up ---------------------------------------------------------------------------------
+    warmup_epochs: int = attrs.field(default=10, validator=in_range(0, None), metadata={
+        "help": "[R] epochs of standard training on all of D before the enhancement"})
+    warmup_lr: float = attrs.field(default=0.1, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "[R] warm-up learning rate (SGD, cosine schedule over the warm-up)"})
+    # -- enhancement (Algorithm 2) ---------------------------------------------------------------
+    iterations: int = attrs.field(default=10, validator=in_range(0, None), metadata={
+        "help": "[R] K, number of score/partition/mixed-step iterations"})
+    alpha_step: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True), metadata={
+        "help": "[R] partition rate growth: alpha_k = min(alpha_step * k, alpha_max)"})
+    alpha_max: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True), metadata={
+        "help": "[R] cap of the partition rate (more than half of D is assumed clean)"})
+    lam: float = attrs.field(default=0.05, validator=in_range(0, None), metadata={
+        "help": "[S] lambda, weight of the unlearning term of the mixed step (Eq. 11)"})
+    epochs_per_iteration: int = attrs.field(default=1, validator=in_range(1, None), metadata={
+        "help": "[R] mixed-step epochs per iteration"})
+    enhance_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "[R] learning rate of the mixed step"})
+    enhance_schedule: str = attrs.field(
+        default="constant", validator=one_of("cosine", "multistep", "linear", "onecycle", "constant"),
+        metadata={"help": "[R] lr schedule within each iteration's mixed step"})
+    momentum: float = attrs.field(default=0.9, validator=in_range(0, 1, hi_open=True), metadata={
+        "help": "[R] SGD momentum of MeCa's own stages (warm-up, mixed step, relearning)"})
+    weight_decay: float = attrs.field(default=5e-4, validator=in_range(0, None), metadata={
+        "help": "[R] weight decay of MeCa's own stages"})
+    batch_size: int = attrs.field(default=128, validator=in_range(1, None), metadata={
+        "help": "[R] batch size of MeCa's own stages"})
+    augment: bool = attrs.field(default=True, metadata={
+        "help": "[R] crop(4)+flip augmentation in MeCa's own training stages (scoring never augments)"})
+    # -- consistency scorer (Algorithm 1, Eq. 3) --------------------------------------------------
+    epsilon: float = attrs.field(default=8 / 255, validator=in_range(0, 1), metadata={
+        "help": "[R] L-inf bound of the single-step perturbation, [0,1] pixel units"})
+    patch_size: int = attrs.field(default=2, validator=in_range(1, None), metadata={
+        "help": "[S] mask patch size"})
+    mask_mode: str = attrs.field(default="grid", validator=one_of("grid", "single"), metadata={
+        "help": "[R] grid: random cells with keep_prob; single: one random patch"})
+    keep_prob: float = attrs.field(default=0.5, validator=in_range(0, 1), metadata={
+        "help": "[R] grid mask: probability that a cell is perturbed"})
+    grad_loss: str = attrs.field(default="ce_label", validator=one_of("ce_label", "ce_pred", "kl_random_start"),
+                                 metadata={"help": "[R] loss whose input-gradient sign gives the perturbation"})
+    score_batch_size: int = attrs.field(default=256, validator=in_range(1, None), metadata={
+        "help": "batch size of scoring and detection passes"})
+    # -- relabel and relearn ------------------------------------------------------------------
+    relearn: bool = attrs.field(default=False, metadata={
+        "help": "[S, optional] relabel detected poisoned samples with the clean model and fine-tune on all"})
+    relearn_epochs: int = attrs.field(default=20, validator=in_range(0, None), metadata={
+        "help": "[R] relearning epochs"})
+    relearn_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "[R] relearning learning rate (cosine schedule)"})
+    # -- reporting ---------------------------------------------------------------------------
+    evaluate_each_epoch: bool = attrs.field(default=True, metadata={
+        "help": "log clean ACC and ASR after every epoch of warm-up, clean training and relearning"})
+    save_models: bool = attrs.field(default=True, metadata={
+        "help": "save the enhanced model and the clean model (before relearning) in the run directory"})
+
+
+# -------------------------------------------------------------------------------------------------
+# Algorithm 1 helpers (pure functions, unit-tested)
+# -------------------------------------------------------------------------------------------------
+
+def alpha_at(k: int, step: float, cap: float) -> float:
+    """Partition rate of iteration k (1-based): ``min(step * k, cap)``."""
+    return min(step * k, cap)
+
+
+def forget_count(alpha: float, n: int) -> int:
+    """``ceil(alpha * n)`` (robust to float noise such as 0.05 * 3 = 0.15000000000000002)."""
+    return min(n, max(0, math.ceil(alpha * n * (1 - 1e-12))))
+
+
+def partition(scores, ids, alpha: float):
+    """Algorithm 1's split: ``(forget_pos, learn_pos)`` row positions, each sorted.
+
+    ``scores`` are consistency scores (higher = more consistent = more likely poisoned, i.e.
+    ``-KL``); D_c (forget) is the ``ceil(alpha N)`` rows with the *lowest* scores (highest KL),
+    ties broken by id so the split depends on the samples, not on the row order.
+    """
+    import torch
+
+    scores = torch.as_tensor(scores, dtype=torch.float64).cpu()
+    ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
+    if scores.shape != ids.shape:
+        raise ValueError("scores and ids must have the same length")
+    if not bool(torch.isfinite(scores).all()):
+        raise FloatingPointError("consistency scores contain nan or inf")
+    k = forget_count(alpha, len(scores))
+    by_id = torch.argsort(ids, stable=True)
+    order = by_id[torch.argsort(scores[by_id], stable=True)]
+    return torch.sort(order[:k]).values, torch.sort(order[k:]).values
+
+
+def detect(logits, labels):
+    """Detection rule: ``argmax != label`` -> clean (False), otherwise poisoned (True); and the
+    enhanced-model score ``p_e(y|x)`` in [0,1]."""
+    import torch
+
+    logits = logits.float()
+    poisoned = logits.argmax(1) == labels
+    prob = torch.softmax(logits, 1).gather(1, labels.view(-1, 1)).squeeze(1)
+    return poisoned, prob
+
+
+# -------------------------------------------------------------------------------------------------
+# persistence of finished stages
+# -------------------------------------------------------------------------------------------------
+
+class _State:
+    """Finished-stage results under ``<run_dir>/state/meca/<name>.pt`` (nothing without a run dir)."""
+
+    def __init__(self, run_dir):
+        self.dir = Path(run_dir).joinpath(*STATE_DIR) if run_dir else None
+
+    def load(self, name: str):
+        import torch
+
+        if self.dir is None or not (self.dir / f"{name}.pt").exists():
+            return None
+        return torch.load(self.dir / f"{name}.pt", map_location="cpu", weights_only=False)
+
+    def save(self, name: str, obj) -> None:
+        import torch
+
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{name}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _drop(path) -> None:
+    """Remove a stage's per-epoch resume file once the stage's result is persisted."""
+    if path is not None:
+        try:
+            Path(path).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _save_file(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class MeCa(Defense):
+    name = "meca"
+    Config = MeCaConfig
+    summary = "MeCa: iterative backdoor enhancement (adv-KL consistency + mixed step), detection, clean retraining"
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _stage(self, ctx, name: str, logs: list, *, evaluate_each_epoch: bool = False):
+        """``ctx.stage(name)`` whose per-epoch records are also kept in ``logs`` (for replay)."""
+        st = ctx.stage(name, evaluate_each_epoch=evaluate_each_epoch)
+        inner = st.on_epoch
+
+        def on_epoch(rec):
+            logs.append({k: v for k, v in rec.items() if k != "replayed"})
+            if inner is not None:
+                inner(rec)
+
+        st.on_epoch = on_epoch
+        return st
+
+    @staticmethod
+    def _replay(ctx, logs) -> None:
+        for rec in logs:
+            ctx.log(dict(rec, replayed=True))
+
+    def _log(self, ctx, logs: list, rec: dict) -> None:
+        logs.append(rec)
+        ctx.log(rec)
+
+    def _optim(self) -> dict:
+        c = self.config
+        return {"batch_size": c.batch_size, "momentum": c.momentum, "weight_decay": c.weight_decay,
+                "crop_padding": 4 if c.augment else 0, "flip": c.augment}
+
+    def _score_ctx(self, ctx, what: str):
+        from bdframe.interfaces import ScoreContext
+        from bdframe.seeding import derive_seed
+
+        return ScoreContext(seed=derive_seed(ctx.seed, "meca", what), device=ctx.device,
+                            batch_size=self.config.score_batch_size, progress=getattr(ctx, "progress", True))
+
+    # -- the pipeline -----------------------------------------------------------------------------
+    def run(self, data, ctx):
+        import torch
+
+        from bdframe import scoring
+        from bdframe.data import ImageSet
+
+        c = self.config
+        t_run = time.perf_counter()
+        state = _State(getattr(ctx, "run_dir", None))
+        run_dir = Path(ctx.run_dir) if getattr(ctx, "run_dir", None) else None
+        n = len(data)
+        if n == 0:
+            raise ValueError("meca: the training set is empty")
+        seconds: dict = {}
+        resumed: list[str] = []
+        # every component up front, so a missing plugin or a rejected parameter fails before training
+        warmup_trainer = ctx.component("trainer", "standard", epochs=c.warmup_epochs, lr=c.warmup_lr,
+                                       **self._optim())
+        mixed = ctx.component("trainer", "mixed", epochs=c.epochs_per_iteration, lr=c.enhance_lr,
+                              schedule=c.enhance_schedule, lam=c.lam, **self._optim())
+        scorer_params = {"epsilon": c.epsilon, "patch_size": c.patch_size, "mask_mode": c.mask_mode,
+                         "keep_prob": c.keep_prob, "grad_loss": c.grad_loss}
+        ctx.component("scorer", "adv-kl", **scorer_params)
+        relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs, lr=c.relearn_lr, **self._optim())
+                     if c.relearn else None)
+
+        # 1. warm-up ------------------------------------------------------------------------
+        model = ctx.new_model()
+        done = state.load("warmup")
+        if done is not None:
+            model.load_state_dict(done["model"])
+            self._replay(ctx, done["logs"])
+            resumed.append("warmup")
+        else:
+            t0 = time.perf_counter()
+            logs: list = []
+            st = self._stage(ctx, "meca-warmup", logs, evaluate_each_epoch=c.evaluate_each_epoch)
+            warmup_trainer.fit(model, data, st)
+            ev = ctx.evaluate(model)
+            self._log(ctx, logs, {"stage": "meca-warmup", "meca_iteration": 0, "alpha": 0.0, "forget_size": 0,
+                                  "learn_size": n, **ev})
+            done = {"model": _cpu_state(model), "logs": logs, "eval": ev, "seconds": time.perf_counter() - t0}
+            state.save("warmup", done)
+            _drop(st.state_path)
+        seconds["warmup"] = done["seconds"]
+        trend = [{"iteration": 0, "alpha": 0.0, "forget_size": 0, "learn_size": n,
+                  "clean_acc": done["eval"].get("clean_acc"), "asr": done["eval"].get("asr")}]
+
+        # 2. iterative backdoor enhancement ------------------------------------------------------
+        enh = state.load("enhance") or {"k": 0, "model": None, "records": []}
+        if enh["model"] is not None:
+            model.load_state_dict(enh["model"])
+            resumed.extend(f"iteration-{r['iteration']}" for r in enh["records"])
+        for r in enh["records"]:
+            self._replay(ctx, r["logs"])
+        records = list(enh["records"])
+        sctx = self._score_ctx(ctx, "consistency")
+        for k in range(enh["k"] + 1, c.iterations + 1):
+            t0 = time.perf_counter()
+            scorer = ctx.component("scorer", "adv-kl", **scorer_params, iteration=k)
+            scores = scorer.score(model, data, sctx).double().cpu()
+            t_score = time.perf_counter() - t0
+            alpha = alpha_at(k, c.alpha_step, c.alpha_max)
+            forget_pos, learn_pos = partition(scores, data.ids, alpha)
+            forget, learn = data.subset(forget_pos), data.subset(learn_pos)
+            logs = []
+            name = f"meca-iter-{k:02d}"
+            st = self._stage(ctx, name, logs)
+            mixed.fit(model, learn, st, forget=forget)
+            ev = ctx.evaluate(model)
+            kl = -scores
+            rec = {"stage": name, "meca_iteration": k, "alpha": alpha, "forget_size": len(forget),
+                   "learn_size": len(learn), "kl_mean": float(kl.mean()), "kl_median": float(kl.median()),
+                   "kl_forget_min": float(kl[forget_pos].min()) if len(forget_pos) else None, **ev,
+                   "score_seconds": t_score, "seconds": time.perf_counter() - t0}
+            self._log(ctx, logs, rec)
+            records.append({"iteration": k, "rec": rec, "logs": logs, "scores": scores.float(),
+                            "forget_ids": forget.ids.clone()})
+            state.save("enhance", {"k": k, "model": _cpu_state(model), "records": records})
+            _drop(st.state_path)
+        for r in records:
+            rec = r["rec"]
+            trend.append({"iteration": r["iteration"], "alpha": rec["alpha"], "forget_size": rec["forget_size"],
+                          "learn_size": rec["learn_size"], "clean_acc": rec.get("clean_acc"), "asr": rec.get("asr"),
+                          "kl_mean": rec["kl_mean"], "seconds": rec["seconds"]})
+        seconds["enhance"] = sum(r["rec"]["seconds"] for r in records)
+        seconds["iterations"] = [r["rec"]["seconds"] for r in records]
+
+        # 3. detection with the enhanced model -------------------------------------------------
+        det = state.load("detect")
+        if det is not None:
+            self._replay(ctx, det["logs"])
+            resumed.append("detect")
+        else:
+            t0 = time.perf_counter()
+            logits = scoring.logits(model, data, self._score_ctx(ctx, "detect"), desc="meca detect")
+            poisoned, prob = detect(logits, data.labels)
+            rec = {"stage": "meca-detect", "detected_clean": int((~poisoned).sum()),
+                   "detected_poison": int(poisoned.sum())}
+            ctx.log(rec)
+            det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
+                   "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "logs": [rec],
+                   "seconds": time.perf_counter() - t0}
+            state.save("detect", det)
+        seconds["detect"] = det["seconds"]
+        if run_dir is not None:
+            if c.save_models:
+                _save_file(_cpu_state(model), run_dir / "meca_enhanced_model.pt")
+            _save_file({"ids": data.ids.clone(),
+                        "iterations": [r["iteration"] for r in records],
+                        "consistency_scores": [r["scores"] for r in records],
+                        "forget_ids": [r["forget_ids"] for r in records],
+                        "enhanced_prob": det["prob"], "detected_poison": det["poisoned"]},
+                       run_dir / "meca_scores.pt")
+        clean_set = data.subset(data.contains(det["kept_ids"]))
+        poison_set = data.subset(data.contains(det["flagged_ids"]))
+        del model
+
+        # 4. clean training from scratch on the detected clean set --------------------------------------
+        clean_model = ctx.new_model()
+        done = state.load("clean")
+        if done is not None:
+            clean_model.load_state_dict(done["model"])
+            self._replay(ctx, done["logs"])
+            resumed.append("clean")
+        else:
+            t0 = time.perf_counter()
+            logs = []
+            st = self._stage(ctx, "meca-clean", logs, evaluate_each_epoch=c.evaluate_each_epoch)
+            ctx.trainer.fit(clean_model, clean_set, st)
+            ev = ctx.evaluate(clean_model)
+            self._log(ctx, logs, {"stage": "meca-clean", "train_size": len(clean_set), **ev})
+            done = {"model": _cpu_state(clean_model), "logs": logs, "eval": ev, "seconds": time.perf_counter() - t0}
+            state.save("clean", done)
+            _drop(st.state_path)
+        seconds["clean_train"] = done["seconds"]
+        clean_eval = done["eval"]
+        if run_dir is not None and c.save_models:
+            _save_file(_cpu_state(clean_model), run_dir / "meca_clean_model.pt")
+
+        # 5. optional relabel and relearn ------------------------------------------------------
+        relearn_metrics = None
+        if c.relearn:
+            done = state.load("relearn")
+            if done is not None:
+                clean_model.load_state_dict(done["model"])
+                self._replay(ctx, done["logs"])
+                resumed.append("relearn")
+            else:
+                t0 = time.perf_counter()
+                if len(poison_set):
+                    new = scoring.logits(clean_model, poison_set, self._score_ctx(ctx, "relabel"),
+                                         desc="meca relabel").argmax(1)
+                else:
+                    new = torch.empty(0, dtype=torch.int64)
+                changed = int((new != poison_set.labels).sum())
+                merged = ImageSet.concat(clean_set, poison_set.with_labels(new))
+                logs = []
+                st = self._stage(ctx, "meca-relearn", logs, evaluate_each_epoch=c.evaluate_each_epoch)
+                relearner.fit(clean_model, merged, st)
+                ev = ctx.evaluate(clean_model)
+                self._log(ctx, logs, {"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
+                                      "label_changed": changed, **ev})
+                done = {"model": _cpu_state(clean_model), "logs": logs, "eval": ev, "relabelled": len(new),
+                        "label_changed": changed, "seconds": time.perf_counter() - t0}
+                state.save("relearn", done)
+                _drop(st.state_path)
+            seconds["relearn"] = done["seconds"]
+            relearn_metrics = {"relabelled": done["relabelled"], "label_changed": done["label_changed"],
+                               **done["eval"]}
+
+        # report ---------------------------------------------------------------------------
+        plot = None
+        if run_dir is not None:
+            from bdframe_defense_meca.plot import render_trend, write_png_atomic
+
+            write_png_atomic(render_trend([t["clean_acc"] for t in trend], [t["asr"] for t in trend]),
+                             run_dir / "meca_trend.png")
+            plot = "meca_trend.png"
+        seconds["total_this_session"] = time.perf_counter() - t_run
+        n_p = len(det["flagged_ids"])
+        metrics = {
+            "trend": trend,
+            "split": {"clean": n - n_p, "poison": n_p, "poison_share": n_p / n},
+            "clean_model": dict(clean_eval),
+            "relearn": relearn_metrics,
+            "stage_seconds": seconds,
+            "resumed_stages": resumed,
+            "plot": plot,
+        }
+        return DefenseResult(model=clean_model, suspected_ids=det["flagged_ids"].clone(), metrics=metrics)
+
+
+@hookimpl
+def bdframe_register_defenses(registry):
+    registry.add(MeCa)

@@ -1,0 +1,84 @@
+"""``mixed``: learn one set while unlearning another (specs/defenses.md sections 0 and 16, "Mixed").
+
+The objective on a batch drawn from the union ``learn ∪ forget`` is
+
+    mean_{learn rows} CE  -  lam * mean_{forget rows} CE
+
+computed within the batch; a term is 0 when the batch holds no row of its subset. With
+``lam = 0`` this is standard cross-entropy on the learn set (the forget rows then only add
+zero-gradient terms). MeCa's backdoor enhancement (Eq. 11) is this stage with ``lam = 0.05``;
+D-ST uses ``lam = 0.001``.
+
+``fit(model, learn, ctx, forget=forget)``: ``data`` is the learn set, ``forget`` the set to
+unlearn (None or empty: plain CE on ``data``). A sample id may not be in both sets.
+``label_smoothing`` applies to the learn term only; the forget term is plain CE.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from bdframe import hookimpl
+from bdframe.config import in_range
+from bdframe.interfaces import Trainer
+from bdframe.training import OptimSettings
+
+
+@attrs.frozen
+class MixedConfig(OptimSettings):
+    lam: float = attrs.field(default=0.05, validator=in_range(0, None),
+                             metadata={"help": "weight of the unlearning term (lambda); MeCa: 0.05"})
+
+
+def mixed_loss(logits, y, forget_mask, lam: float, label_smoothing: float = 0.0):
+    """``mean CE(learn rows) - lam * mean CE(forget rows)``; an empty subset contributes 0.
+
+    ``forget_mask`` is a boolean tensor over the batch rows (True: the row is to be unlearned).
+    Both terms stay connected to the graph, so ``backward()`` works for any mask.
+    """
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    f = forget_mask.to(device=logits.device, dtype=logits.dtype)
+    l = 1.0 - f
+    ce_learn = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    learn = (ce_learn * l).sum() / l.sum().clamp(min=1.0)
+    if lam == 0:
+        return learn
+    ce_forget = F.cross_entropy(logits, y, reduction="none") if label_smoothing else ce_learn
+    forget = (ce_forget * f).sum() / f.sum().clamp(min=1.0)
+    return learn - lam * forget
+
+
+class Mixed(Trainer):
+    name = "mixed"
+    Config = MixedConfig
+    summary = "learn one set while unlearning another: mean CE(learn) - lambda * mean CE(forget)"
+
+    def fit(self, model, data, ctx, *, forget=None):
+        import torch
+
+        from bdframe.data import ImageSet
+        from bdframe.training import run_epochs
+
+        c = self.config
+        if forget is not None and len(forget):
+            if bool(torch.isin(forget.ids, data.ids).any()):
+                raise ValueError("the mixed stage's learn and forget sets share sample ids")
+            union = ImageSet.concat(data, forget) if len(data) else forget
+            forget_ids = forget.ids.clone()
+        else:
+            union = data
+            forget_ids = torch.empty(0, dtype=torch.int64)
+
+        def loss_fn(model, x, y, ids):
+            logits = model(x)
+            mask = torch.isin(ids, forget_ids).to(x.device)
+            return mixed_loss(logits, y, mask, c.lam, c.label_smoothing), logits
+
+        return run_epochs(model, union, ctx, c, loss_fn)
+
+
+@hookimpl
+def bdframe_register_trainers(registry):
+    registry.add(Mixed)

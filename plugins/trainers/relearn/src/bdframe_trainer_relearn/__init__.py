@@ -1,0 +1,1 @@
+"""bdframe training stage: relearning (cross-entropy fine-tuning on a relabelled set)."""

@@ -1,0 +1,49 @@
+"""``relearn``: cross-entropy fine-tuning of an existing model on a (relabelled) set
+(specs/defenses.md section 2, "Relabel and relearn"; section 16).
+
+The loss is the standard stage's; what differs are the fine-tuning defaults (20 epochs at lr
+0.01, SGD momentum 0.9, weight decay 5e-4, cosine schedule, crop+flip) and the intent: the
+model passed to ``fit`` is already trained (MeCa's clean model) and ``data`` is the merged set
+``D̂ = D̂_c ∪ relabelled D̂_p`` (Eq. 12). It has no forget set.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from bdframe import hookimpl
+from bdframe.config import in_range
+from bdframe.interfaces import Trainer
+from bdframe.training import OptimSettings
+
+
+@attrs.frozen
+class RelearnConfig(OptimSettings):
+    epochs: int = attrs.field(default=20, validator=in_range(0, None))
+    lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True))
+
+
+class Relearn(Trainer):
+    name = "relearn"
+    Config = RelearnConfig
+    summary = "cross-entropy fine-tuning on a relabelled set (MeCa relabel-and-relearn)"
+
+    def fit(self, model, data, ctx, *, forget=None):
+        import torch.nn.functional as F
+
+        from bdframe.training import run_epochs
+
+        if forget is not None and len(forget):
+            raise ValueError("the relearn stage has no forget set; use an unlearning or mixed stage")
+        ls = self.config.label_smoothing
+
+        def loss_fn(model, x, y, ids):
+            logits = model(x)
+            return F.cross_entropy(logits, y, label_smoothing=ls), logits
+
+        return run_epochs(model, data, ctx, self.config, loss_fn)
+
+
+@hookimpl
+def bdframe_register_trainers(registry):
+    registry.add(Relearn)

@@ -1,0 +1,1 @@
+"""bdframe training stage: unlearning (gradient ascent on the forget set, optional flooding or LGA)."""

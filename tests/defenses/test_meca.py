@@ -1,0 +1,325 @@
+"""MeCa (specs/defenses.md section 2): partition, schedule and detection rules, composition
+through the registry without ground truth, and an end-to-end `bdframe run` with resume."""
+
+import json
+import math
+import sys
+import tomllib
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from bdframe import runner
+from bdframe.cli import main
+from bdframe.data import ImageSet
+from bdframe_defense_meca.plot import render_trend
+from bdframe_defense_meca.plugin import MeCa, MeCaConfig, alpha_at, detect, forget_count, partition
+
+SET = settings(max_examples=30, deadline=None)
+
+RECIPE = """
+name = "tiny-meca"
+seed = 3
+device = "cpu"
+output_dir = "{out}"
+
+[dataset]
+name = "synthetic"
+train_size = {train_size}
+test_size = 60
+image_size = 16
+
+[model]
+name = "simple-cnn"
+width = 4
+{attack}
+[train]
+name = "standard"
+epochs = 2
+batch_size = 64
+lr = 0.05
+
+[defense]
+name = "meca"
+warmup_epochs = 1
+iterations = 2
+batch_size = 64
+relearn = {relearn}
+relearn_epochs = 1
+"""
+
+ATTACK = """
+[attack]
+name = "badnet"
+poison_rate = 0.1
+target = 1
+"""
+
+
+def recipe_text(out, *, train_size=300, attack=True, relearn=True):
+    return RECIPE.format(out=out, train_size=train_size, attack=ATTACK if attack else "",
+                         relearn="true" if relearn else "false")
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+# -- Algorithm 1: the partition ------------------------------------------------------------------
+
+@SET
+@given(st.integers(1, 400), st.integers(1, 20), st.integers(0, 10 ** 6))
+def test_partition_sizes_are_exact_disjoint_and_cover(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(10 * n, generator=g)[:n] + 7
+    scores = -torch.rand(n, generator=g, dtype=torch.float64).round(decimals=2)  # -KL, with ties
+    alpha = alpha_at(k, 0.05, 0.5)
+    f, l = partition(scores, ids, alpha)
+    exact = math.ceil(min(Fraction(5 * k, 100), Fraction(1, 2)) * n)
+    assert len(f) == exact == forget_count(alpha, n)
+    assert len(f) + len(l) == n and not set(f.tolist()) & set(l.tolist())
+    assert sorted(f.tolist() + l.tolist()) == list(range(n))
+    if len(f) and len(l):  # D_c holds the least consistent samples (highest KL)
+        assert float(scores[f].max()) <= float(scores[l].min())
+    # set-level, permutation-equivariant: the same ids whatever the row order
+    perm = torch.randperm(n, generator=g)
+    fp, _ = partition(scores[perm], ids[perm], alpha)
+    assert set(ids[perm][fp].tolist()) == set(ids[f].tolist())
+
+
+def test_alpha_schedule_and_float_noise():
+    assert [alpha_at(k, 0.05, 0.5) for k in (1, 2, 10, 11, 30)] == [0.05, 0.1, 0.5, 0.5, 0.5]
+    assert 0.05 * 3 > 0.15 and forget_count(0.05 * 3, 100) == 15  # 0.15000000000000002
+    assert forget_count(0.05, 1) == 1 and forget_count(0.5, 7) == 4 and forget_count(1e-9, 10) == 1
+    with pytest.raises(FloatingPointError):
+        partition(torch.tensor([0.0, float("nan")]), torch.tensor([1, 2]), 0.5)
+
+
+def test_detection_rule_and_enhanced_score():
+    logits = torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 1.0], [-2.0, 2.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    poisoned, prob = detect(logits, labels)
+    assert poisoned.tolist() == [True, False, False, True]  # argmax != label -> clean (ties -> first)
+    assert bool(((prob >= 0) & (prob <= 1)).all())
+    assert torch.allclose(prob, torch.softmax(logits, 1)[torch.arange(4), labels])
+
+
+def test_defaults_match_the_spec():
+    c = MeCaConfig()
+    assert (c.warmup_epochs, c.iterations, c.alpha_step, c.alpha_max, c.lam) == (10, 10, 0.05, 0.5, 0.05)
+    assert (c.epochs_per_iteration, c.enhance_lr, c.momentum, c.weight_decay, c.batch_size) == (1, 0.01, 0.9, 5e-4,
+                                                                                              128)
+    assert (c.epsilon, c.patch_size, c.mask_mode, c.keep_prob, c.grad_loss) == (8 / 255, 2, "grid", 0.5, "ce_label")
+    assert (c.relearn, c.relearn_epochs, c.relearn_lr) == (False, 20, 0.01)
+
+
+def test_trend_plot_shape_and_colours():
+    img = render_trend([0.9, 0.5, 0.2], [0.0, float("nan"), 1.0])
+    assert img.dtype == torch.uint8 and img.shape == (3, 270, 420)
+    blue = (img[0] == 31) & (img[1] == 119) & (img[2] == 180)
+    red = (img[0] == 214) & (img[1] == 39) & (img[2] == 40)
+    assert int(blue.sum()) > 100 and int(red.sum()) > 50
+    assert render_trend([], []).shape == (3, 270, 420)
+
+
+class Forbidden:
+    """A component stand-in whose every use fails the test."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __getattr__(self, attr):
+        pytest.fail(f"{self.what}.{attr} used: a finished stage was redone")
+
+
+# -- composition without ground truth ------------------------------------------------------------
+
+def make_ctx(tmp_path, registry, *, train_size=120):
+    from bdframe.recipe import loads_dict
+
+    recipe = loads_dict(tomllib.loads(recipe_text(tmp_path, train_size=train_size, attack=False, relearn=False)),
+                        registry)
+    ds = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
+    train, test = ds.load()
+    ctx = runner.RunContext(registry, recipe, ds.describe(), torch.device("cpu"), tmp_path, test, None,
+                            progress=False)
+    return recipe, ctx, train
+
+
+def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(tmp_path, bdframe_registry):
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry)
+    # nothing but images, labels and ids (and class names): no poison information exists anywhere
+    plain = ImageSet(train.images.clone(), train.labels.clone(), train.ids.clone())
+    asked = []
+    real = ctx.component
+
+    def component(kind, name, **params):
+        asked.append((kind, name, params.get("iteration")))
+        return real(kind, name, **params)
+
+    ctx.component = component
+    defense = MeCa(recipe.defense.config)
+    res = defense.run(plain, ctx)
+    assert asked == [("trainer", "standard", None), ("trainer", "mixed", None), ("scorer", "adv-kl", None),
+                     ("scorer", "adv-kl", 1), ("scorer", "adv-kl", 2)]
+    n = len(plain)
+    sus = set(res.suspected_ids.tolist())
+    assert sus <= set(plain.ids.tolist())
+    m = res.metrics
+    assert m["split"]["poison"] == len(sus) and m["split"]["clean"] + m["split"]["poison"] == n
+    assert [t["iteration"] for t in m["trend"]] == [0, 1, 2]
+    assert [t["forget_size"] for t in m["trend"]] == [0, math.ceil(0.05 * n), math.ceil(0.1 * n)]
+    assert all(t["forget_size"] + t["learn_size"] == n for t in m["trend"])
+    assert all(t["asr"] is None and 0 <= t["clean_acc"] <= 1 for t in m["trend"])  # no attack: no ASR
+    assert m["relearn"] is None and m["resumed_stages"] == []
+    assert (tmp_path / "meca_trend.png").exists() and (tmp_path / "meca_clean_model.pt").exists()
+    saved = torch.load(tmp_path / "meca_scores.pt")
+    assert len(saved["consistency_scores"]) == 2 and bool((saved["consistency_scores"][0] <= 0).all())
+    assert {p.name for p in (tmp_path / "state" / "meca").iterdir()} == {"warmup.pt", "enhance.pt", "detect.pt",
+                                                                         "clean.pt"}
+    # a second run over the same run directory reuses every finished stage: no training, no scoring
+    _, ctx2, _ = make_ctx(tmp_path, bdframe_registry)
+    ctx2.component = lambda kind, name, **params: Forbidden(f"{kind} {name}")
+    res2 = defense.run(plain, ctx2)
+    assert res2.metrics["resumed_stages"] == ["warmup", "iteration-1", "iteration-2", "detect", "clean"]
+    assert torch.equal(res2.suspected_ids, res.suspected_ids)
+    assert all(torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), res2.model.state_dict().values()))
+    assert all(r.get("replayed") for r in ctx2.history)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+_OPENED: list = []
+_WATCH = {"on": False, "installed": False}
+
+
+def _audit(event, args):
+    if _WATCH["on"] and event == "open" and args:
+        _OPENED.append(str(args[0]))
+
+
+def _watch_files_opened_by_the_defense(monkeypatch):
+    if not _WATCH["installed"]:
+        sys.addaudithook(_audit)
+        _WATCH["installed"] = True
+    _OPENED.clear()
+    real_run = MeCa.run
+
+    def run(self, data, ctx):
+        _WATCH["on"] = True
+        try:
+            return real_run(self, data, ctx)
+        finally:
+            _WATCH["on"] = False
+
+    monkeypatch.setattr(MeCa, "run", run)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("meca-ref")
+    f = tmp / "r.toml"
+    f.write_text(recipe_text(tmp / "runs"))
+    mp = pytest.MonkeyPatch()
+    try:
+        _watch_files_opened_by_the_defense(mp)
+        assert main(["run", str(f), "--quiet", "--out", str(tmp / "ref")]) == 0
+        opened = list(_OPENED)
+    finally:
+        mp.undo()
+    return f, tmp / "ref", opened
+
+
+def test_end_to_end_run_reports_detection_trend_plot_and_suspects(reference_run):
+    _, d, opened = reference_run
+    names = {p.name for p in d.iterdir()}
+    assert {"metrics.json", "suspected.json", "poison.json", "model.pt", "meca_trend.png", "meca_scores.pt",
+            "meca_clean_model.pt", "meca_enhanced_model.pt", "history.jsonl"} <= names
+    assert "state" not in names
+    assert not any(p.endswith("poison.json") for p in opened), "the defense read the ground truth"
+    assert any("history.jsonl" in p for p in opened)  # the watch sees files opened during the defense
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["defense"] == "meca" and set(m["detection"]) >= {"recall", "precision", "fpr"}
+    dm = m["defense_metrics"]
+    assert [t["iteration"] for t in dm["trend"]] == [0, 1, 2]
+    for t in dm["trend"]:
+        assert 0 <= t["clean_acc"] <= 1 and 0 <= t["asr"] <= 1 and t["forget_size"] + t["learn_size"] == 300
+    assert [t["forget_size"] for t in dm["trend"]] == [0, 15, 30]
+    sus = json.loads((d / "suspected.json").read_text())["suspected_ids"]
+    assert len(sus) == dm["split"]["poison"] == m["detection"]["flagged"]
+    assert dm["split"]["clean"] + dm["split"]["poison"] == 300
+    # relearning is on: the clean model before it is reported too
+    assert set(dm["clean_model"]) == {"clean_acc", "asr"} and dm["relearn"]["relabelled"] == len(sus)
+    assert m["clean_acc"] == dm["relearn"]["clean_acc"] and m["asr"] == dm["relearn"]["asr"]
+    assert set(dm["stage_seconds"]) >= {"warmup", "enhance", "iterations", "detect", "clean_train", "relearn"}
+    assert len(dm["stage_seconds"]["iterations"]) == 2
+    from torchvision.io import decode_png, read_file
+
+    img = decode_png(read_file(str(d / "meca_trend.png")))
+    assert img.shape[0] == 3 and img.shape[1] > 100
+    stages = [json.loads(line)["stage"] for line in (d / "history.jsonl").read_text().splitlines()]
+    for s in ("meca-warmup", "meca-iter-01", "meca-iter-02", "meca-detect", "meca-clean", "meca-relearn"):
+        assert s in stages
+
+
+def test_interrupted_run_resumes_without_redoing_finished_stages(reference_run, tmp_path, monkeypatch):
+    from bdframe_scorer_adv_kl.plugin import AdvKL
+
+    f, ref, _ = reference_run
+    stages = [json.loads(line)["stage"] for line in (ref / "history.jsonl").read_text().splitlines()]
+    cut_in_iter2 = stages.index("meca-iter-02") + 1  # after iteration 2's (only) epoch
+    cut_in_clean = stages.index("meca-clean") + 1  # after the first clean-training epoch
+    out = tmp_path / "cut"
+    real_log = runner.RunContext.log
+    real_score = AdvKL.score
+    seen: list = []
+    scored = {"n": 0}
+
+    def score(self, *a, **k):
+        scored["n"] += 1
+        return real_score(self, *a, **k)
+
+    def interrupt_at(n):
+        def log(self, record):
+            seen.append((record.get("stage"), bool(record.get("replayed"))))
+            real_log(self, record)
+            if len(seen) == n:
+                raise KeyboardInterrupt
+        return log
+
+    monkeypatch.setattr(AdvKL, "score", score)
+    monkeypatch.setattr(runner.RunContext, "log", interrupt_at(cut_in_iter2))
+    assert main(["run", str(f), "--quiet", "--out", str(out)]) == 130
+    assert (tmp_path / "cut.partial" / "state" / "meca" / "enhance.pt").exists() and scored["n"] == 2
+
+    seen.clear()
+    scored["n"] = 0
+    monkeypatch.setattr(runner.RunContext, "log", interrupt_at(cut_in_clean))
+    assert main(["run", str(f), "--quiet", "--out", str(out), "--resume"]) == 130
+    assert scored["n"] == 1  # only iteration 2 is scored again; warm-up and iteration 1 are loaded
+    assert seen[:cut_in_iter2] == [(s, True) for s in stages[:cut_in_iter2]]
+
+    seen.clear()
+    scored["n"] = 0
+    monkeypatch.setattr(runner.RunContext, "log", interrupt_at(-1))
+    assert main(["run", str(f), "--quiet", "--out", str(out), "--resume"]) == 0
+    assert scored["n"] == 0
+    assert seen == [(s, i < cut_in_clean) for i, s in enumerate(stages)]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, out))
+    assert b["defense_metrics"]["resumed_stages"] == ["warmup", "iteration-1", "iteration-2", "detect"]
+    for key in ("clean_acc", "asr", "detection"):
+        assert a[key] == b[key]
+    for key in ("split", "clean_model", "relearn"):
+        assert a["defense_metrics"][key] == b["defense_metrics"][key]
+    strip = [{k: v for k, v in t.items() if k != "seconds"} for t in a["defense_metrics"]["trend"]]
+    assert strip == [{k: v for k, v in t.items() if k != "seconds"} for t in b["defense_metrics"]["trend"]]
+    assert (ref / "suspected.json").read_text() == (out / "suspected.json").read_text()
+    sa, sb = torch.load(ref / "model.pt"), torch.load(out / "model.pt")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (ref / "history.jsonl").read_text().count("\n") == (out / "history.jsonl").read_text().count("\n")

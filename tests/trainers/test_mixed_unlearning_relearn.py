@@ -1,0 +1,193 @@
+"""The mixed, unlearning and relearn training stages (specs/defenses.md sections 0, 16, 17)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from bdframe.interfaces import StageContext
+from bdframe.testing import state_snapshot, tiny_classifier, tiny_imageset
+from bdframe_trainer_mixed.plugin import Mixed, MixedConfig, mixed_loss
+from bdframe_trainer_relearn.plugin import Relearn, RelearnConfig
+from bdframe_trainer_unlearning.plugin import Unlearning, UnlearningConfig, unlearning_loss
+
+SET = settings(max_examples=10, deadline=None)
+PLAIN = dict(momentum=0.0, weight_decay=0.0, crop_padding=0, flip=False, schedule="constant", amp="off")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def stage(name="s", seed=0):
+    return StageContext(seed=seed, name=name, progress=False)
+
+
+def grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def batch(n=16, seed=0):
+    data = tiny_imageset(n, num_classes=4, size=8, seed=seed)
+    return data, data.images.float() / 255
+
+
+# -- mixed -------------------------------------------------------------------------------------
+
+@SET
+@given(st.integers(0, 10 ** 6), st.lists(st.booleans(), min_size=16, max_size=16))
+def test_mixed_with_lambda_zero_has_the_gradient_of_standard_ce_on_the_learn_rows(seed, flags):
+    data, x = batch(16, seed % 11)
+    model = tiny_classifier(data, seed=seed % 7)  # eval mode: rows do not interact through BatchNorm
+    mask = torch.tensor(flags)
+    g_mixed = grads(model, mixed_loss(model(x), data.labels, mask, 0.0))
+    learn = ~mask
+    if bool(learn.any()):
+        g_ref = grads(model, F.cross_entropy(model(x[learn]), data.labels[learn]))
+    else:  # no learn row: the standard loss over an empty set is 0, with zero gradient
+        g_ref = [torch.zeros_like(p) for p in model.parameters()]
+    for a, b in zip(g_mixed, g_ref):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@SET
+@given(st.integers(0, 10 ** 6), st.floats(0.0, 2.0), st.lists(st.booleans(), min_size=12, max_size=12))
+def test_mixed_loss_is_learn_mean_minus_lambda_forget_mean(seed, lam, flags):
+    data, x = batch(12, seed % 5)
+    logits = torch.randn(12, 4, generator=torch.Generator().manual_seed(seed))
+    mask = torch.tensor(flags)
+    ce = F.cross_entropy(logits, data.labels, reduction="none")
+    learn = ce[~mask].mean() if bool((~mask).any()) else torch.tensor(0.0)
+    forget = ce[mask].mean() if bool(mask.any()) else torch.tensor(0.0)
+    assert torch.allclose(mixed_loss(logits, data.labels, mask, lam), learn - lam * forget, atol=1e-6)
+
+
+def test_empty_subset_terms_are_zero():
+    data, x = batch(10)
+    logits = torch.randn(10, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ce = F.cross_entropy(logits, data.labels, reduction="none")
+    none = torch.zeros(10, dtype=torch.bool)
+    every = torch.ones(10, dtype=torch.bool)
+    assert torch.allclose(mixed_loss(logits, data.labels, none, 0.3), ce.mean())  # no forget rows
+    assert torch.allclose(mixed_loss(logits, data.labels, every, 0.3), -0.3 * ce.mean())  # no learn rows
+    for m in (none, every):
+        for lam in (0.0, 0.3):
+            loss = mixed_loss(logits, data.labels, m, lam)
+            assert torch.isfinite(loss)
+            loss.backward()  # always connected to the graph
+            assert torch.isfinite(logits.grad).all()
+            logits.grad = None
+    assert float(mixed_loss(logits, data.labels, every, 0.0).detach()) == 0.0
+
+
+def test_mixed_with_lambda_zero_and_no_forget_set_trains_like_standard(bdframe_registry):
+    data = tiny_imageset(40, num_classes=4, size=8, seed=3)
+    kw = dict(epochs=2, batch_size=8, lr=0.05, amp="off")
+    a, b = tiny_classifier(data, seed=1), tiny_classifier(data, seed=1)
+    bdframe_registry.create("trainer", "standard", **kw).fit(a, data, stage("x"))
+    Mixed(MixedConfig(lam=0.0, **kw)).fit(b, data, stage("x"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+
+
+def test_mixed_unlearning_only_step_raises_the_forget_loss():
+    data = tiny_imageset(24, num_classes=4, size=8, seed=2)
+    empty = data.subset(torch.zeros(len(data), dtype=torch.bool))
+    model = tiny_classifier(data, seed=2).train()
+    x = data.images.float() / 255
+    with torch.no_grad():
+        before = float(F.cross_entropy(model(x), data.labels))
+    Mixed(MixedConfig(lam=1.0, epochs=1, batch_size=len(data), lr=1e-3, **PLAIN)).fit(model, empty, stage(),
+                                                                                       forget=data)
+    model.train()
+    with torch.no_grad():
+        after = float(F.cross_entropy(model(x), data.labels))
+    assert after > before
+
+
+def test_mixed_rejects_overlapping_sets_and_records_history():
+    data = tiny_imageset(20, num_classes=4, size=8)
+    model = tiny_classifier(data)
+    with pytest.raises(ValueError, match="share"):
+        Mixed(MixedConfig(epochs=1)).fit(model, data, stage(), forget=data.subset(torch.arange(3)))
+    hist = Mixed(MixedConfig(epochs=2, batch_size=8, amp="off")).fit(
+        model, data.subset(torch.arange(5, 20)), stage(), forget=data.subset(torch.arange(5)))
+    assert [h["epoch"] for h in hist] == [1, 2] and all(h["images"] == 20 for h in hist)
+
+
+# -- unlearning --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["ascent", "flooding", "lga"])
+def test_one_unlearning_step_with_small_lr_raises_the_forget_loss(objective):
+    data = tiny_imageset(24, num_classes=4, size=8, seed=5)
+    model = tiny_classifier(data, seed=3).train()
+    x = data.images.float() / 255
+    with torch.no_grad():
+        before = float(F.cross_entropy(model(x), data.labels))
+    # flooding/LGA ascend only below their level: put the level above the current loss
+    cfg = UnlearningConfig(epochs=1, batch_size=len(data), lr=1e-3, objective=objective,
+                           flood_level=before + 1, lga_gamma=before + 1, **PLAIN)
+    empty = data.subset(torch.zeros(len(data), dtype=torch.bool))
+    Unlearning(cfg).fit(model, empty, stage(), forget=data)
+    model.train()
+    with torch.no_grad():
+        after = float(F.cross_entropy(model(x), data.labels))
+    assert after > before
+
+
+def test_unlearning_objectives():
+    y = torch.tensor([0, 1, 2])
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, -3.0]], requires_grad=True)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    assert torch.allclose(unlearning_loss(logits, y, "ascent"), -ce.mean())
+    b = 0.5
+    assert torch.allclose(unlearning_loss(logits, y, "flooding", flood_level=b), (ce.mean() - b).abs() + b)
+    assert torch.allclose(unlearning_loss(logits, y, "flooding", flood_level=b, per_sample=True),
+                          ((ce - b).abs() + b).mean())
+    assert torch.allclose(unlearning_loss(logits, y, "lga", lga_gamma=b, per_sample=True),
+                          (torch.sign(ce - b) * ce).mean())
+    # above the level, flooding/LGA give plain CE gradients (descent)
+    g_ce = torch.autograd.grad(ce.mean(), logits, retain_graph=True)[0]
+    low = float(ce.mean().detach()) - 0.1
+    for obj in ("flooding", "lga"):
+        g = torch.autograd.grad(unlearning_loss(logits, y, obj, flood_level=low, lga_gamma=low), logits)[0]
+        assert torch.allclose(g, g_ce)
+
+
+def test_unlearning_uses_data_when_no_forget_set_and_rejects_two_sets():
+    data = tiny_imageset(16, num_classes=4, size=8)
+    model = tiny_classifier(data)
+    hist = Unlearning(UnlearningConfig(epochs=1, batch_size=8, amp="off")).fit(model, data, stage())
+    assert hist[0]["images"] == 16 and hist[0]["loss"] < 0
+    with pytest.raises(ValueError, match="unlearns one set"):
+        Unlearning(UnlearningConfig(epochs=1)).fit(model, data, stage(), forget=data)
+
+
+# -- relearn -----------------------------------------------------------------------------------
+
+def test_relearn_defaults_and_loss(bdframe_registry):
+    c = RelearnConfig()
+    assert (c.epochs, c.lr, c.momentum, c.weight_decay) == (20, 0.01, 0.9, 5e-4)
+    data = tiny_imageset(32, num_classes=4, size=8, seed=4)
+    kw = dict(epochs=1, batch_size=8, lr=0.01, amp="off")
+    a, b = tiny_classifier(data, seed=5), tiny_classifier(data, seed=5)
+    bdframe_registry.create("trainer", "standard", **kw).fit(a, data, stage("ft"))
+    Relearn(RelearnConfig(**kw)).fit(b, data, stage("ft"))
+    sa, sb = state_snapshot(a), state_snapshot(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="no forget set"):
+        Relearn(c).fit(b, data, stage(), forget=data)
+
+
+def test_stages_are_registered_by_their_distributions(bdframe_registry):
+    for name in ("mixed", "unlearning", "relearn"):
+        e = bdframe_registry.entry("trainer", name)
+        assert e.provider.distribution == f"bdframe-trainer-{name}"
+    m = bdframe_registry.create("trainer", "mixed")
+    assert m.config.lam == 0.05
