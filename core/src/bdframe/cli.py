@@ -37,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list installed plugins and their components")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
 
-    from bdframe import scan
+    from bdframe import poison, scan
 
+    poison.add_parser(sub)
     scan.add_parser(sub)
     return p
 
@@ -128,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from bdframe import scan
+        from bdframe import poison, scan
 
         return {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins,
-                "scan": scan.main}[args.command](args)
+                "scan": scan.main, "poison": poison.main}[args.command](args)
     except UserError as e:
         print(f"bdframe: error: {e}", file=sys.stderr)
         return 2
