@@ -68,3 +68,23 @@ def trigger_hash(*tensors: torch.Tensor) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def class_problems(config, num_classes: int, fields=("target",)) -> list[tuple[str, str]]:
+    """``(field, message)`` for each class-index field of ``config`` outside ``[0, num_classes)``."""
+    out = []
+    for f in fields:
+        v = getattr(config, f)
+        if not 0 <= v < num_classes:
+            out.append((f, f"must be a class index in [0, {num_classes - 1}], got {v}"))
+    return out
+
+
+def file_problems(config, fields=("trigger_image", "mask_image")) -> list[tuple[str, str]]:
+    """``(field, message)`` for each given trigger/mask path that is not an existing file."""
+    out = []
+    for f in fields:
+        v = getattr(config, f)
+        if v and not Path(v).expanduser().is_file():
+            out.append((f, f"file {v!r} does not exist"))
+    return out

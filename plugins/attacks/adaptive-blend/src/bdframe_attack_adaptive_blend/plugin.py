@@ -91,22 +91,16 @@ class AdaptiveBlend(Attack):
     summary = "Adaptive-Blend: per-sample partial blend (8 of 16 pieces) with covers, all-to-one"
 
     def check_dataset(self, info):
-        from pathlib import Path
+        from bdframe.triggers import class_problems, file_problems
 
         c = self.config
-        out = []
-        if c.target >= info.num_classes:
-            out.append(("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}"))
+        out = class_problems(c, info.num_classes)
         s = c.grid
         if s * s == c.pieces and (info.height % s or info.width % s):
             out.append(("pieces", f"sqrt(pieces) = {s} must divide the image size {info.height}x{info.width}"))
         if info.channels not in (1, 3):
             out.append(("trigger_image", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
-        for f in ("trigger_image", "mask_image"):
-            v = getattr(c, f)
-            if v and not Path(v).expanduser().is_file():
-                out.append((f, f"file {v!r} does not exist"))
-        return out
+        return out + file_problems(c)
 
     def trigger(self, channels: int, height: int, width: int):
         """``(pattern, mask)`` of the full trigger, float (C,H,W) and (1,H,W)."""

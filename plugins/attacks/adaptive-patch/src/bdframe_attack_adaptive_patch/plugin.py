@@ -113,10 +113,10 @@ class AdaptivePatch(Attack):
 
         from bdframe import patterns
 
+        from bdframe.triggers import class_problems
+
         c = self.config
-        out = []
-        if c.target >= info.num_classes:
-            out.append(("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}"))
+        out = class_problems(c, info.num_classes)
         if info.channels not in (1, 3):
             out.append(("preset", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
         train, test, _ = PRESETS[c.preset]

@@ -50,43 +50,25 @@ class BadNet(Attack):
     summary = "BadNets patch trigger, dirty-label, all-to-one"
 
     def check_dataset(self, info):
+        from bdframe.triggers import class_problems, file_problems
+
         c = self.config
-        out = []
-        if c.target >= info.num_classes:
-            out.append(("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}"))
+        out = class_problems(c, info.num_classes)
         if c.trigger_image is None and c.patch_size > min(info.height, info.width):
             out.append(("patch_size", f"must be <= the image size {info.height}x{info.width}, got {c.patch_size}"))
-        from pathlib import Path
-
-        for f in ("trigger_image", "mask_image"):
-            v = getattr(c, f)
-            if v and not Path(v).expanduser().is_file():
-                out.append((f, f"file {v!r} does not exist"))
-        return out
+        return out + file_problems(c)
 
     def trigger(self, channels: int, height: int, width: int):
         """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""
-        import torch
-
+        from bdframe import patterns
         from bdframe.triggers import image_trigger
 
         c = self.config
         if c.trigger_image:
             return image_trigger(c.trigger_image, c.mask_image, "$.attack.trigger_image", height, width, channels)
-        k = c.patch_size
-        r0 = {"top": 0, "bottom": height - k, "center": (height - k) // 2}[c.position.split("-")[0]]
-        c0 = {"left": 0, "right": width - k, "center": (width - k) // 2}[c.position.split("-")[-1]]
-        mask = torch.zeros(1, height, width)
-        mask[:, r0:r0 + k, c0:c0 + k] = 1.0
-        pattern = torch.zeros(channels, height, width)
-        if c.pattern == "white":
-            patch = torch.ones(k, k)
-        else:  # backdoor-toolbox X: ones at (0,2), (1,1), (2,0), (2,2) of the 3x3 block
-            patch = torch.zeros(3, 3)
-            for i, j in ((0, 2), (1, 1), (2, 0), (2, 2)):
-                patch[i, j] = 1.0
-        pattern[:, r0:r0 + k, c0:c0 + k] = patch
-        return pattern, mask
+        if c.pattern == "x":  # backdoor-toolbox X: ones at (0,2), (1,1), (2,0), (2,2) of the 3x3 block
+            return patterns.badnet_x(channels, height, width, position=c.position)
+        return patterns.white_square(channels, height, width, size=c.patch_size, position=c.position)
 
     def _apply(self, images, rows):
         from bdframe.triggers import apply_to_rows, mask_blend

@@ -42,30 +42,19 @@ class BlendConfig:
         return []
 
 
-def _check_files(config, fields) -> list[tuple[str, str]]:
-    from pathlib import Path
-
-    out = []
-    for f in fields:
-        v = getattr(config, f)
-        if v and not Path(v).expanduser().is_file():
-            out.append((f, f"file {v!r} does not exist"))
-    return out
-
-
 class Blend(Attack):
     name = "blend"
     Config = BlendConfig
     summary = "Blended full-image trigger (Hello-Kitty substitute, alpha 0.2), dirty-label, all-to-one"
 
     def check_dataset(self, info):
+        from bdframe.triggers import class_problems, file_problems
+
         c = self.config
-        out = []
-        if c.target >= info.num_classes:
-            out.append(("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}"))
+        out = class_problems(c, info.num_classes)
         if info.channels not in (1, 3):
             out.append(("trigger_image", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
-        return out + _check_files(c, ("trigger_image", "mask_image"))
+        return out + file_problems(c)
 
     def trigger(self, channels: int, height: int, width: int):
         """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""

@@ -164,14 +164,11 @@ class PhysicalBA(Attack):
     summary = "PhysicalBA: patch trigger (Firefox icon) + train-time physical transformations, all-to-one"
 
     def check_dataset(self, info):
-        from pathlib import Path
-
         from bdframe import patterns
+        from bdframe.triggers import class_problems, file_problems
 
         c = self.config
-        out = []
-        if c.target >= info.num_classes:
-            out.append(("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}"))
+        out = class_problems(c, info.num_classes)
         if info.channels not in (1, 3):
             out.append(("pattern", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
         if not c.trigger_image:
@@ -179,11 +176,7 @@ class PhysicalBA(Attack):
             problem = patterns.size_problem(c.pattern, info.height, info.width, **kw)
             if problem:
                 out.append(("patch_size" if c.pattern == "white-square" else "pattern", problem))
-        for f in ("trigger_image", "mask_image"):
-            v = getattr(c, f)
-            if v and not Path(v).expanduser().is_file():
-                out.append((f, f"file {v!r} does not exist"))
-        return out
+        return out + file_problems(c)
 
     def trigger(self, channels: int, height: int, width: int):
         """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""

@@ -51,10 +51,9 @@ class SIG(Attack):
     summary = "SIG sinusoidal signal, clean-label (target-class images only), all-to-one"
 
     def check_dataset(self, info):
-        c = self.config
-        if c.target >= info.num_classes:
-            return [("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}")]
-        return []
+        from bdframe.triggers import class_problems
+
+        return class_problems(self.config, info.num_classes)
 
     def signal(self, channels: int, height: int, width: int):
         return signal(channels, height, width, self.config.delta, self.config.frequency)

@@ -79,16 +79,12 @@ class TaCT(Attack):
     summary = "TaCT source-specific patch trigger (source 0 -> target 1) with cover classes"
 
     def check_dataset(self, info):
-        from pathlib import Path
-
         from bdframe import patterns
+        from bdframe.triggers import class_problems, file_problems
 
         c = self.config
         k = info.num_classes
-        out = []
-        for f in ("source", "target"):
-            if getattr(c, f) >= k:
-                out.append((f, f"must be a class index in [0, {k - 1}], got {getattr(c, f)}"))
+        out = class_problems(c, k, ("source", "target"))
         bad = [x for x in c.cover_classes if x >= k]
         if bad:
             out.append(("cover_classes", f"must be class indices in [0, {k - 1}], got {bad}"))
@@ -99,11 +95,7 @@ class TaCT(Attack):
             problem = patterns.size_problem(c.pattern, info.height, info.width, **kw)
             if problem:
                 out.append(("patch_size" if c.pattern == "white-square" else "pattern", problem))
-        for f in ("trigger_image", "mask_image"):
-            v = getattr(c, f)
-            if v and not Path(v).expanduser().is_file():
-                out.append((f, f"file {v!r} does not exist"))
-        return out
+        return out + file_problems(c)
 
     def trigger(self, channels: int, height: int, width: int):
         """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""

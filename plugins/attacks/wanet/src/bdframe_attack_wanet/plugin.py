@@ -93,10 +93,10 @@ class WaNet(Attack):
         self._field_seed: Optional[int] = self.config.grid_seed
 
     def check_dataset(self, info):
+        from bdframe.triggers import class_problems
+
         c = self.config
-        out = []
-        if c.target >= info.num_classes:
-            out.append(("target", f"must be a class index in [0, {info.num_classes - 1}], got {c.target}"))
+        out = class_problems(c, info.num_classes)
         if c.k > min(info.height, info.width):
             out.append(("k", f"must be <= the image size {info.height}x{info.width}, got {c.k}"))
         return out
