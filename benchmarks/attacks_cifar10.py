@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: all)")
     ap.add_argument("--recompute", action="store_true", help="redo rows already in the JSON")
+    ap.add_argument("--variant", action="append", default=[], metavar="ATTACK:KEY=VALUE[,KEY=VALUE]",
+                    help="an extra row with changed attack parameters, e.g. wanet:s=1.0 (diagnostics)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "attacks_cifar10.json"))
     args = ap.parse_args(argv)
 
@@ -41,15 +43,20 @@ def main(argv=None) -> int:
     saved = json.loads(out.read_text()) if out.exists() else {}
     rows = saved.get("rows", {}) if saved.get("config") == config else {}
     root = cifar10_tree(args.data)
-    for name in args.only or ROWS:
+    todo = [(n, n, {}) for n in (args.only or ROWS)]
+    for v in args.variant:
+        attack, _, kv = v.partition(":")
+        params = {k: json.loads(x) for k, _, x in (p.partition("=") for p in kv.split(",") if p)}
+        todo.append((f"{attack} {kv}", attack, params))
+    for name, attack_name, params in todo:
         if name in rows and not args.recompute:
             print(f"{name}: kept from {out.name} (use --recompute to redo)", file=sys.stderr)
             continue
         recipe = cpu_recipe(root, train_size=args.train_size, epochs=args.epochs, width=args.width,
                             device=args.device, seed=args.seed)
-        recipe["name"] = f"attack-bench-{name}"
-        if name != "none":
-            recipe["attack"] = {"name": name, "poison_rate": args.poison_rate}
+        recipe["name"] = "attack-bench-" + name.replace(" ", "-").replace(",", "-").replace("=", "")
+        if attack_name != "none":
+            recipe["attack"] = {"name": attack_name, "poison_rate": args.poison_rate, **params}
         print(f"running {name} ...", file=sys.stderr, flush=True)
         m = run_recipe(recipe, out.parent / "runs" / recipe["name"], progress=True)
         rows[name] = {"attack": name, "clean_acc": 100 * m["clean_acc"], "asr": 100 * m["asr"] if "asr" in m else None,
@@ -60,7 +67,7 @@ def main(argv=None) -> int:
         write_json(out, {"benchmark": "attacks_cifar10", "config": config, "rows": rows})
     base = rows.get("none", {}).get("clean_acc")
     table = []
-    for name in ROWS:
+    for name in ROWS + sorted(k for k in rows if k not in ROWS):
         if name in rows:
             r = dict(rows[name])
             r["acc_drop"] = (base - r["clean_acc"]) if base is not None else None
