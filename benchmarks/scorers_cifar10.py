@@ -45,19 +45,15 @@ def variants(names: list[str]) -> list[tuple[str, str, dict]]:
 
 def train_throughput(model, data, device, batches: int = 40) -> float:
     """Images/s of the standard training step on a copy of the model (same data, same device)."""
+    import torch
+
     from bdframe.interfaces import StageContext
-    from bdframe.training import OptimSettings, run_epochs
-    import torch.nn.functional as F
+    from bdframe.training import OptimSettings, fit_cross_entropy
 
     m = copy.deepcopy(model)
-    sub = data.subset(__import__("torch").arange(min(len(data), 128 * batches)))
-
-    def loss_fn(model, x, y, ids):
-        logits = model(x)
-        return F.cross_entropy(logits, y), logits
-
-    hist = run_epochs(m, sub, StageContext(seed=0, device=device, name="throughput", progress=False),
-                      OptimSettings(epochs=1, lr=0.01), loss_fn)
+    sub = data.subset(torch.arange(min(len(data), 128 * batches)))
+    hist = fit_cross_entropy(m, sub, StageContext(seed=0, device=device, name="throughput", progress=False),
+                             OptimSettings(epochs=1, lr=0.01))
     return hist[0]["images_per_s"]
 
 

@@ -185,3 +185,18 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
             ctx.on_epoch(rec)
     model.eval()
     return history
+
+
+def fit_cross_entropy(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings, *,
+                      forget: Optional[ImageSet] = None, stage: str = "this") -> list[dict]:
+    """Plain (label-smoothed) cross-entropy training: the loss of the standard and relearn stages."""
+    import torch.nn.functional as F
+
+    if forget is not None and len(forget):
+        raise ValueError(f"{stage} stage has no forget set; use an unlearning or mixed stage")
+
+    def loss_fn(model, x, y, ids):
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=s.label_smoothing), logits
+
+    return run_epochs(model, data, ctx, s, loss_fn)

@@ -22,19 +22,9 @@ class Standard(Trainer):
     summary = "supervised cross-entropy training"
 
     def fit(self, model, data, ctx, *, forget=None):
-        import torch.nn.functional as F
+        from bdframe.training import fit_cross_entropy
 
-        from bdframe.training import run_epochs
-
-        if forget is not None and len(forget):
-            raise ValueError("the standard stage has no forget set; use an unlearning or mixed stage")
-        ls = self.config.label_smoothing
-
-        def loss_fn(model, x, y, ids):
-            logits = model(x)
-            return F.cross_entropy(logits, y, label_smoothing=ls), logits
-
-        return run_epochs(model, data, ctx, self.config, loss_fn)
+        return fit_cross_entropy(model, data, ctx, self.config, forget=forget, stage="the standard")
 
 
 @hookimpl
