@@ -9,32 +9,10 @@ import pytest
 import torch
 
 from bdframe.cli import main
+from helpers import TINY
 
-RECIPE = """
-name = "scan-test"
-seed = 3
-device = "cpu"
-output_dir = "{out}"
-
-[dataset]
-name = "synthetic"
-train_size = 300
-test_size = 100
-image_size = 16
-
-[model]
-name = "simple-cnn"
-width = 4
-
-[attack]
-name = "badnet"
-poison_rate = 0.1
-target = 1
-
-[train]
-name = "standard"
-epochs = 0
-"""
+# the shared tiny recipe, renamed, with no training epochs (scan only needs a saved model)
+RECIPE = TINY.replace('name = "tiny"', 'name = "scan-test"')
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +20,7 @@ def run_dir(tmp_path_factory):
     """A real (untrained: 0 epochs) badnet run on the synthetic dataset, made by the runner."""
     d = tmp_path_factory.mktemp("scan")
     recipe = d / "r.toml"
-    recipe.write_text(RECIPE.format(out=d / "runs"))
+    recipe.write_text(RECIPE.format(out=d / "runs", epochs=0))
     assert main(["run", str(recipe), "--out", str(d / "run"), "--quiet"]) == 0
     return d / "run"
 
