@@ -88,3 +88,20 @@ def file_problems(config, fields=("trigger_image", "mask_image")) -> list[tuple[
         if v and not Path(v).expanduser().is_file():
             out.append((f, f"file {v!r} does not exist"))
     return out
+
+
+def patch_trigger_problems(config, info) -> list[tuple[str, str]]:
+    """Checks shared by patch attacks with a ``pattern`` (generated) or a ``trigger_image`` (file):
+    supported channel count, pattern size against the image, and trigger/mask files."""
+    from bdframe import patterns
+
+    out = []
+    if info.channels not in (1, 3):
+        out.append(("pattern", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
+    if not config.trigger_image:
+        square = config.pattern == "white-square"
+        kw = {"size": config.patch_size} if square else {}
+        problem = patterns.size_problem(config.pattern, info.height, info.width, **kw)
+        if problem:
+            out.append(("patch_size" if square else "pattern", problem))
+    return out + file_problems(config)

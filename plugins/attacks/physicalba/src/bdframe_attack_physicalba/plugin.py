@@ -126,10 +126,16 @@ def affine(x, angle, tx, ty, scale):
     rad = angle.to(torch.float64) * math.pi / 180
     scale = scale.to(torch.float64)
     cos, sin = torch.cos(rad) / scale, torch.sin(rad) / scale
-    a = torch.stack([torch.stack([cos, sin * h / w], 1), torch.stack([-sin * w / h, cos], 1)], 1)  # (b,2,2)
-    t = torch.stack([2 * tx.to(torch.float64) / w, 2 * ty.to(torch.float64) / h], 1)[:, :, None]  # (b,2,1)
-    theta = torch.cat([a, -(a @ t)], 2).to(x.device, x.dtype)
-    grid = F.affine_grid(theta, [b, ch, h, w], align_corners=False)
+    tx, ty = tx.to(torch.float64), ty.to(torch.float64)
+    # inverse map in centred pixel coordinates, rows [cos, sin, .] and [-sin, cos, .]
+    theta = torch.stack([torch.stack([cos, sin, -(cos * tx + sin * ty)], 1),
+                         torch.stack([-sin, cos, -(-sin * tx + cos * ty)], 1)], 1).to(torch.float32)  # (b,2,3)
+    # the same float32 operation order as torchvision's grid, so nearest-neighbour ties break alike
+    xs = torch.arange(w, dtype=torch.float32) - w * 0.5 + 0.5
+    ys = torch.arange(h, dtype=torch.float32) - h * 0.5 + 0.5
+    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w)], -1).view(1, h * w, 3)
+    rescaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32)
+    grid = base.expand(b, h * w, 3).bmm(rescaled).view(b, h, w, 2).to(x.device, x.dtype)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
@@ -164,19 +170,11 @@ class PhysicalBA(Attack):
     summary = "PhysicalBA: patch trigger (Firefox icon) + train-time physical transformations, all-to-one"
 
     def check_dataset(self, info):
-        from bdframe import patterns
-        from bdframe.triggers import class_problems, file_problems
+        from bdframe.triggers import class_problems, patch_trigger_problems
 
         c = self.config
         out = class_problems(c, info.num_classes)
-        if info.channels not in (1, 3):
-            out.append(("pattern", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
-        if not c.trigger_image:
-            kw = {"size": c.patch_size} if c.pattern == "white-square" else {}
-            problem = patterns.size_problem(c.pattern, info.height, info.width, **kw)
-            if problem:
-                out.append(("patch_size" if c.pattern == "white-square" else "pattern", problem))
-        return out + file_problems(c)
+        return out + patch_trigger_problems(c, info)
 
     def trigger(self, channels: int, height: int, width: int):
         """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""

@@ -79,8 +79,7 @@ class TaCT(Attack):
     summary = "TaCT source-specific patch trigger (source 0 -> target 1) with cover classes"
 
     def check_dataset(self, info):
-        from bdframe import patterns
-        from bdframe.triggers import class_problems, file_problems
+        from bdframe.triggers import class_problems, patch_trigger_problems
 
         c = self.config
         k = info.num_classes
@@ -88,14 +87,7 @@ class TaCT(Attack):
         bad = [x for x in c.cover_classes if x >= k]
         if bad:
             out.append(("cover_classes", f"must be class indices in [0, {k - 1}], got {bad}"))
-        if info.channels not in (1, 3):
-            out.append(("pattern", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
-        if not c.trigger_image:
-            kw = {"size": c.patch_size} if c.pattern == "white-square" else {}
-            problem = patterns.size_problem(c.pattern, info.height, info.width, **kw)
-            if problem:
-                out.append(("patch_size" if c.pattern == "white-square" else "pattern", problem))
-        return out + file_problems(c)
+        return out + patch_trigger_problems(c, info)
 
     def trigger(self, channels: int, height: int, width: int):
         """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""
