@@ -78,6 +78,8 @@ def cmd_run(args) -> int:
         d = metrics["detection"]
         print(f"detection: flagged {d['flagged']}, recall {100 * d['recall']:.2f}%, "
               f"precision {100 * d['precision']:.2f}%")
+    for line in metrics.get("defense_summary", []):
+        print(line)
     return 0
 
 

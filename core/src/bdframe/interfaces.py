@@ -155,6 +155,9 @@ class DefenseResult:
     suspected_ids: Any = None
     #: extra figures for metrics.json (per-iteration trends, split sizes, stage times).
     metrics: dict = attrs.field(factory=dict)
+    #: short human-readable lines that ``bdframe run`` prints after the final figures
+    #: (e.g. the intermediate models' ACC/ASR); also stored as ``defense_summary`` in metrics.json.
+    summary: list = attrs.field(factory=list)
 
 
 class Defense(Component):

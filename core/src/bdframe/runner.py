@@ -174,6 +174,8 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
         if recipe.attack is not None:
             metrics["detection"] = detection(sus, poison_ids, poisoned_train.ids)
     metrics["defense_metrics"] = result.metrics
+    if result.summary:
+        metrics["defense_summary"] = [str(line) for line in result.summary]
     timings["total"] = time.perf_counter() - t_start
     metrics["seconds"] = timings
     torch.save(result.model.state_dict(), rd.file("model.pt.tmp"))
