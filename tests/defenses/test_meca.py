@@ -240,7 +240,7 @@ def test_end_to_end_run_reports_detection_trend_plot_and_suspects(reference_run)
     _, d, opened = reference_run
     names = {p.name for p in d.iterdir()}
     assert {"metrics.json", "suspected.json", "poison.json", "model.pt", "meca_trend.png", "meca_scores.pt",
-            "meca_clean_model.pt", "meca_enhanced_model.pt", "history.jsonl"} <= names
+            "meca_clean_model.pt", "meca_enhanced_model.pt", "meca_warmup_model.pt", "history.jsonl"} <= names
     assert "state" not in names
     assert not any(p.endswith("poison.json") for p in opened), "the defense read the ground truth"
     assert any("history.jsonl" in p for p in opened)  # the watch sees files opened during the defense

@@ -68,6 +68,19 @@ def test_mixed_loss_is_learn_mean_minus_lambda_forget_mean(seed, lam, flags):
     assert torch.allclose(mixed_loss(logits, data.labels, mask, lam), learn - lam * forget, atol=1e-6)
 
 
+@SET
+@given(st.integers(0, 10 ** 6), st.floats(0.0, 2.0), st.lists(st.booleans(), min_size=12, max_size=12))
+def test_mixed_loss_batch_normalisation_weighs_every_forget_row_lambda_times_a_learn_row(seed, lam, flags):
+    data, x = batch(12, seed % 5)
+    logits = torch.randn(12, 4, generator=torch.Generator().manual_seed(seed))
+    mask = torch.tensor(flags)
+    ce = F.cross_entropy(logits, data.labels, reduction="none")
+    expected = (ce[~mask].sum() - lam * ce[mask].sum()) / 12
+    assert torch.allclose(mixed_loss(logits, data.labels, mask, lam, normalize="batch"), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="normalize"):
+        mixed_loss(logits, data.labels, mask, lam, normalize="mean")
+
+
 def test_empty_subset_terms_are_zero():
     data, x = batch(10)
     logits = torch.randn(10, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)

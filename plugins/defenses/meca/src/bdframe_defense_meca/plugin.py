@@ -31,7 +31,8 @@ finished stages are loaded instead of redone and their history records are repla
 Files written to the run directory: ``meca_trend.png`` (ACC/ASR of the model after warm-up and
 after each iteration), ``meca_scores.pt`` (ids, per-iteration consistency scores and forget
 sets, enhanced-model probabilities, detected flags; for offline ROC analysis), and with
-``save_models``: ``meca_enhanced_model.pt`` and ``meca_clean_model.pt`` (before relearning).
+``save_models``: ``meca_warmup_model.pt``, ``meca_enhanced_model.pt`` and ``meca_clean_model.pt``
+(before relearning), as state dicts.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class MeCaConfig:
         "help": "[R] cap of the partition rate (more than half of D is assumed clean)"})
     lam: float = attrs.field(default=0.05, validator=in_range(0, None), metadata={
         "help": "[S] lambda, weight of the unlearning term of the mixed step (Eq. 11)"})
+    unlearn_norm: str = attrs.field(default="subset", validator=one_of("subset", "batch"), metadata={
+        "help": "[R] mixed step normalisation: subset (mean per subset, spec) or batch (per-sample weights)"})
     epochs_per_iteration: int = attrs.field(default=1, validator=in_range(1, None), metadata={
         "help": "[R] mixed-step epochs per iteration"})
     enhance_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
@@ -105,7 +108,7 @@ class MeCaConfig:
     evaluate_each_epoch: bool = attrs.field(default=True, metadata={
         "help": "log clean ACC and ASR after every epoch of warm-up, clean training and relearning"})
     save_models: bool = attrs.field(default=True, metadata={
-        "help": "save the enhanced model and the clean model (before relearning) in the run directory"})
+        "help": "save the warm-up, enhanced and clean (before relearning) models in the run directory"})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -264,7 +267,7 @@ class MeCa(Defense):
         warmup_trainer = ctx.component("trainer", "standard", epochs=c.warmup_epochs, lr=c.warmup_lr,
                                        **self._optim())
         mixed = ctx.component("trainer", "mixed", epochs=c.epochs_per_iteration, lr=c.enhance_lr,
-                              schedule=c.enhance_schedule, lam=c.lam, **self._optim())
+                              schedule=c.enhance_schedule, lam=c.lam, normalize=c.unlearn_norm, **self._optim())
         scorer_params = {"epsilon": c.epsilon, "patch_size": c.patch_size, "mask_mode": c.mask_mode,
                          "keep_prob": c.keep_prob, "grad_loss": c.grad_loss}
         ctx.component("scorer", "adv-kl", **scorer_params)
@@ -290,6 +293,8 @@ class MeCa(Defense):
             state.save("warmup", done)
             _drop(st.state_path)
         seconds["warmup"] = done["seconds"]
+        if run_dir is not None and c.save_models:
+            _save_file(done["model"], run_dir / "meca_warmup_model.pt")
         trend = [{"iteration": 0, "alpha": 0.0, "forget_size": 0, "learn_size": n,
                   "clean_acc": done["eval"].get("clean_acc"), "asr": done["eval"].get("asr")}]
 
@@ -435,7 +440,19 @@ class MeCa(Defense):
             "resumed_stages": resumed,
             "plot": plot,
         }
-        return DefenseResult(model=clean_model, suspected_ids=det["flagged_ids"].clone(), metrics=metrics)
+        def fig(ev) -> str:
+            line = f"ACC {100 * ev['clean_acc']:.2f}%"
+            return line + (f", ASR {100 * ev['asr']:.2f}%" if ev.get("asr") is not None else "")
+
+        summary = [f"meca: warm-up model (all data, no defense yet): {fig(trend[0])}"]
+        if len(trend) > 1:
+            summary.append(f"meca: enhanced model after {len(trend) - 1} iterations: {fig(trend[-1])}")
+        summary.append(f"meca: detected {n_p} of {n} samples as poisoned ({100 * n_p / n:.1f}%)")
+        summary.append(f"meca: clean model trained on the {n - n_p} kept samples: {fig(clean_eval)}"
+                       + ("" if relearn_metrics is None else
+                          f"; after relabel-and-relearn: {fig(relearn_metrics)}"))
+        return DefenseResult(model=clean_model, suspected_ids=det["flagged_ids"].clone(), metrics=metrics,
+                             summary=summary)
 
 
 @hookimpl

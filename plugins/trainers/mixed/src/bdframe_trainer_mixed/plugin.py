@@ -4,7 +4,12 @@ The objective on a batch drawn from the union ``learn ∪ forget`` is
 
     mean_{learn rows} CE  -  lam * mean_{forget rows} CE
 
-computed within the batch; a term is 0 when the batch holds no row of its subset. With
+computed within the batch; a term is 0 when the batch holds no row of its subset
+(``normalize = "subset"``, the spec's definition). With ``normalize = "batch"`` both sums are
+divided by the batch size instead, ``(sum_learn CE - lam * sum_forget CE) / B``, so every
+forget row weighs ``lam`` times a learn row whatever the two subsets' sizes (with subset means
+that ratio is ``lam * |learn| / |forget|``, which swings by 19x as MeCa's forget share grows
+from 5% to 50%). With
 ``lam = 0`` this is standard cross-entropy on the learn set (the forget rows then only add
 zero-gradient terms). MeCa's backdoor enhancement (Eq. 11) is this stage with ``lam = 0.05``;
 D-ST uses ``lam = 0.001``.
@@ -19,7 +24,7 @@ from __future__ import annotations
 import attrs
 
 from bdframe import hookimpl
-from bdframe.config import in_range
+from bdframe.config import in_range, one_of
 from bdframe.interfaces import Trainer
 from bdframe.training import OptimSettings
 
@@ -28,10 +33,13 @@ from bdframe.training import OptimSettings
 class MixedConfig(OptimSettings):
     lam: float = attrs.field(default=0.05, validator=in_range(0, None),
                              metadata={"help": "weight of the unlearning term (lambda); MeCa: 0.05"})
+    normalize: str = attrs.field(default="subset", validator=one_of("subset", "batch"), metadata={
+        "help": "subset: mean CE per subset (spec); batch: both sums divided by the batch size"})
 
 
-def mixed_loss(logits, y, forget_mask, lam: float, label_smoothing: float = 0.0):
+def mixed_loss(logits, y, forget_mask, lam: float, label_smoothing: float = 0.0, normalize: str = "subset"):
     """``mean CE(learn rows) - lam * mean CE(forget rows)``; an empty subset contributes 0.
+    ``normalize="batch"``: ``(sum CE(learn rows) - lam * sum CE(forget rows)) / batch size``.
 
     ``forget_mask`` is a boolean tensor over the batch rows (True: the row is to be unlearned).
     Both terms stay connected to the graph, so ``backward()`` works for any mask.
@@ -42,11 +50,17 @@ def mixed_loss(logits, y, forget_mask, lam: float, label_smoothing: float = 0.0)
     f = forget_mask.to(device=logits.device, dtype=logits.dtype)
     l = 1.0 - f
     ce_learn = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
-    learn = (ce_learn * l).sum() / l.sum().clamp(min=1.0)
+    if normalize == "batch":
+        n_learn = n_forget = float(max(len(y), 1))
+    elif normalize == "subset":
+        n_learn, n_forget = l.sum().clamp(min=1.0), f.sum().clamp(min=1.0)
+    else:
+        raise ValueError(f"normalize must be 'subset' or 'batch', got {normalize!r}")
+    learn = (ce_learn * l).sum() / n_learn
     if lam == 0:
         return learn
     ce_forget = F.cross_entropy(logits, y, reduction="none") if label_smoothing else ce_learn
-    forget = (ce_forget * f).sum() / f.sum().clamp(min=1.0)
+    forget = (ce_forget * f).sum() / n_forget
     return learn - lam * forget
 
 
@@ -74,7 +88,7 @@ class Mixed(Trainer):
         def loss_fn(model, x, y, ids):
             logits = model(x)
             mask = torch.isin(ids, forget_ids).to(x.device)
-            return mixed_loss(logits, y, mask, c.lam, c.label_smoothing), logits
+            return mixed_loss(logits, y, mask, c.lam, c.label_smoothing, c.normalize), logits
 
         return run_epochs(model, union, ctx, c, loss_fn)
 
