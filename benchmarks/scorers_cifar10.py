@@ -31,11 +31,12 @@ OVERRIDES = {"strip": {"n_overlays": 16}}
 
 
 def variants(names: list[str]) -> list[tuple[str, str, dict]]:
-    """(label, scorer name, params); adv-kl is measured in both mask modes."""
+    """(label, scorer name, params); adv-kl is measured in both mask modes and at smaller epsilons."""
     out = []
     for n in names:
         if n == "adv-kl":
             out += [("adv-kl (grid)", n, {"mask_mode": "grid"}), ("adv-kl (single)", n, {"mask_mode": "single"})]
+            out += [(f"adv-kl (grid, eps {e}/255)", n, {"mask_mode": "grid", "epsilon": e / 255}) for e in (2, 4)]
         elif n in OVERRIDES:
             out.append((n + " " + ",".join(f"{k}={v}" for k, v in OVERRIDES[n].items()), n, OVERRIDES[n]))
         else:

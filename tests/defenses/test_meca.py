@@ -258,6 +258,10 @@ def test_end_to_end_run_reports_detection_trend_plot_and_suspects(reference_run)
     assert set(dm["clean_model"]) == {"clean_acc", "asr"} and dm["relearn"]["relabelled"] == len(sus)
     assert m["clean_acc"] == dm["relearn"]["clean_acc"] and m["asr"] == dm["relearn"]["asr"]
     assert set(dm["stage_seconds"]) >= {"warmup", "enhance", "iterations", "detect", "clean_train", "relearn"}
+    # the lines bdframe run prints: warm-up (undefended) and final figures, matching metrics.json
+    summ = m["defense_summary"]
+    assert summ[0].startswith("meca: warm-up model") and f"ASR {100 * dm['trend'][0]['asr']:.2f}%" in summ[0]
+    assert f"after relabel-and-relearn: ACC {100 * m['clean_acc']:.2f}%, ASR {100 * m['asr']:.2f}%" in summ[-1]
     assert len(dm["stage_seconds"]["iterations"]) == 2
     from torchvision.io import decode_png, read_file
 

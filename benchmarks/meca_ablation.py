@@ -1,0 +1,195 @@
+"""Ablations of MeCa's reconstructed [R] choices, starting from a finished MeCa run's warm-up model.
+
+Every variant starts from the same warm-up model (MeCa's 10 warm-up epochs on the run's poisoned
+set): ``meca_warmup_model.pt`` in the run directory (MeCa saves it with ``save_models``), or else
+it is trained once here with the run's recipe and cached beside the run as
+``<run_dir>.warmup.pt``. A variant then costs only what it changes:
+
+- ``adv-kl``: AUROC and TPR at 5% FPR of the adv-kl consistency score on the warm-up model (the
+  score MeCa's first partition uses) for a set of scorer settings (epsilon, mask, gradient loss).
+- ``enhance``: MeCa's backdoor enhancement and detection with changed options (e.g. ``lam=0.3``):
+  the enhanced model's ACC/ASR per iteration, the detected split's recall, precision and flagged
+  share against the ground truth, and the AUROC of each iteration's consistency score. The clean
+  retraining is cut to one epoch (it is not what is measured here).
+
+Ground truth (poison ids) is read only to compute the metrics. Results are appended to
+``results/meca_ablation.json`` keyed by run and variant; existing keys are kept unless
+``--recompute``.
+
+    python benchmarks/meca_ablation.py adv-kl  benchmarks/results/runs/meca-bench-badnet-meca-n10000
+    python benchmarks/meca_ablation.py enhance benchmarks/results/runs/meca-bench-badnet-meca-n10000 lam=0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, print_table, write_json  # noqa: E402
+
+E = 1 / 255
+ADV_KL_GRID = [("grid eps 1/255", {"epsilon": 1 * E}), ("grid eps 2/255", {"epsilon": 2 * E}),
+               ("grid eps 4/255", {"epsilon": 4 * E}), ("grid eps 8/255 (default)", {"epsilon": 8 * E}),
+               ("grid eps 16/255", {"epsilon": 16 * E}), ("grid eps 32/255", {"epsilon": 32 * E}),
+               ("grid keep 0.25 eps 4/255", {"epsilon": 4 * E, "keep_prob": 0.25}),
+               ("grid keep 1.0 eps 8/255", {"epsilon": 8 * E, "keep_prob": 1.0}),
+               ("grid ce_pred eps 8/255", {"epsilon": 8 * E, "grad_loss": "ce_pred"}),
+               ("single eps 8/255", {"epsilon": 8 * E, "mask_mode": "single"}),
+               ("single eps 32/255", {"epsilon": 32 * E, "mask_mode": "single"})]
+
+
+def _meca_recipe(run_dir: Path, registry, **params):
+    """The run's recipe with MeCa's options changed (clean retraining cut to one epoch)."""
+    from bdframe import recipe as rmod
+
+    data = rmod.parse_toml(run_dir / "recipe.toml")
+    if data.get("defense", {}).get("name") != "meca":
+        raise SystemExit(f"{run_dir}: not a MeCa run (its recipe's defense is not meca)")
+    data["defense"] = {**data["defense"], "relearn": False, "evaluate_each_epoch": False, "save_models": False,
+                       **params}
+    data["train"] = {**data["train"], "epochs": 1}
+    return rmod.loads_dict(data, registry=registry, source="ablation")
+
+
+def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None):
+    """Run the MeCa defense on the run's poisoned set in a scratch directory, starting from the
+    warm-up state ``warmup`` if given; returns (result, scores file contents, seconds, warm-up state)."""
+    import torch
+
+    from bdframe.runner import RunContext
+    from bdframe.scan import load_run
+
+    _, registry, _, train, test, _, _ = load_run(run_dir, device=device)
+    recipe = _meca_recipe(run_dir, registry, **params)
+    dataset = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
+    dataset.load()
+    asr_set = registry.get("attack", recipe.attack.name)(recipe.attack.config).poison_test(test)
+    with tempfile.TemporaryDirectory(prefix="meca-ablation-") as tmp:
+        rd = Path(tmp)
+        (rd / "state" / "meca").mkdir(parents=True)
+        if warmup is not None:
+            torch.save(torch.load(warmup, weights_only=False), rd / "state" / "meca" / "warmup.pt")
+        ctx = RunContext(registry, recipe, dataset.describe(), device, rd, test, asr_set, progress=True)
+        t = time.perf_counter()
+        res = registry.get("defense", "meca")(recipe.defense.config).run(train, ctx)
+        secs = time.perf_counter() - t
+        scores = torch.load(rd / "meca_scores.pt", weights_only=False)
+        warm = torch.load(rd / "state" / "meca" / "warmup.pt", weights_only=False)
+    return res, scores, secs, warm
+
+
+def warmup_path(run_dir: Path, device) -> Path:
+    """The warm-up model of ``run_dir`` as a MeCa state file (trained once and cached if needed)."""
+    import torch
+
+    cached = run_dir.parent / (run_dir.name + ".warmup.pt")
+    if cached.is_file():
+        return cached
+    saved = run_dir / "meca_warmup_model.pt"
+    if saved.is_file():
+        torch.save({"model": torch.load(saved, weights_only=False), "logs": [], "eval": {}, "seconds": 0.0}, cached)
+        return cached
+    print(f"{run_dir.name}: training the warm-up model once (cached as {cached.name}) ...", file=sys.stderr)
+    _, _, _, warm = _run_meca(run_dir, device, {"iterations": 0}, None)
+    torch.save(warm, cached)
+    return cached
+
+
+def _load(run_dir: Path, device):
+    """The run's registry, warm-up model, poisoned training set and poison ids."""
+    import torch
+
+    from bdframe.scan import load_run
+
+    warm = warmup_path(run_dir, device)
+    _, registry, model, train, _, poison_ids, _ = load_run(run_dir, device=device)
+    model.load_state_dict(torch.load(warm, weights_only=False)["model"])
+    return registry, model, train, poison_ids
+
+
+def adv_kl(run_dir: Path, device, seed: int) -> dict:
+    from bdframe.detection import auroc, tpr_at_fpr
+    from bdframe.interfaces import ScoreContext
+
+    registry, model, train, poison_ids = _load(run_dir, device)
+    truth = train.contains(poison_ids)
+    out = {}
+    for label, params in ADV_KL_GRID:
+        t = time.perf_counter()
+        s = registry.create("scorer", "adv-kl", **params).score(
+            model, train, ScoreContext(seed=seed, device=device, batch_size=256, progress=True))
+        out[label] = {"params": params, "auroc": auroc(s, truth), "tpr_at_5pct_fpr": tpr_at_fpr(s, truth)["0.05"],
+                      "seconds": time.perf_counter() - t}
+        print(f"{label}: AUROC {out[label]['auroc']:.3f}", file=sys.stderr, flush=True)
+    return out
+
+
+def enhance(run_dir: Path, device, params: dict) -> dict:
+    from bdframe.detection import auroc
+    from bdframe.metrics import detection
+    from bdframe.scan import load_run
+
+    warm = warmup_path(run_dir, device)
+    res, s, secs, _ = _run_meca(run_dir, device, params, warm)
+    _, _, _, train, _, poison_ids, _ = load_run(run_dir, device=device)
+    truth = train.contains(poison_ids)
+    return {"params": params, "seconds": secs,
+            "detection": detection(res.suspected_ids, poison_ids, train.ids),
+            "flagged_share": res.metrics["split"]["poison_share"],
+            "trend": [{"iteration": r["iteration"], "clean_acc": r["clean_acc"], "asr": r.get("asr")}
+                      for r in res.metrics["trend"]],
+            "adv_kl_auroc": [auroc(x, truth) for x in s["consistency_scores"]],
+            "enhanced_auroc": auroc(s["enhanced_prob"], truth)}
+
+
+def main(argv=None) -> dict:
+    from bdframe.nn import resolve_device
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["adv-kl", "enhance"])
+    ap.add_argument("run_dir", help="a MeCa run directory from meca_cifar10.py")
+    ap.add_argument("params", nargs="*", metavar="KEY=VALUE", help="enhance: MeCa options (JSON values)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "meca_ablation.json"))
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    run_dir = Path(args.run_dir)
+    params = {}
+    for kv in args.params:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"{kv!r}: expected KEY=VALUE")
+        params[k] = json.loads(v)
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.exists() else {"benchmark": "meca_ablation", "rows": {}}
+    key = f"{run_dir.name}|{args.what}|" + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    if key not in saved["rows"] or args.recompute:
+        saved["rows"][key] = adv_kl(run_dir, device, args.seed) if args.what == "adv-kl" else enhance(run_dir, device,
+                                                                                                      params)
+        write_json(out, saved)
+    row = saved["rows"][key]
+    print(f"\n{key}")
+    if args.what == "adv-kl":
+        print_table([{"variant": k, **v} for k, v in row.items()],
+                    [("variant", "adv-kl variant", "{}"), ("auroc", "AUROC", "{:.3f}"),
+                     ("tpr_at_5pct_fpr", "TPR@5%FPR", "{:.3f}")])
+    else:
+        d = row["detection"]
+        print(f"recall {100 * d['recall']:.1f}%  precision {100 * d['precision']:.1f}%  "
+              f"flagged {100 * row['flagged_share']:.1f}%  enhanced-model AUROC {row['enhanced_auroc']:.3f}")
+        print_table([dict(t, auroc=(row["adv_kl_auroc"][t["iteration"] - 1] if t["iteration"] else None))
+                     for t in row["trend"]],
+                    [("iteration", "iteration", "{}"), ("clean_acc", "ACC", "{:.4f}"), ("asr", "ASR", "{:.4f}"),
+                     ("auroc", "adv-kl AUROC", "{:.3f}")])
+    return row
+
+
+if __name__ == "__main__":
+    main()
