@@ -59,6 +59,17 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def add_cpu_recipe_args(ap, *, train_size: int) -> None:
+    """The command-line options of the CPU-sized configuration (see :func:`cpu_recipe`)."""
+    ap.add_argument("--data", help="CIFAR-10 image-folder tree or cifar10-jpeg.tar.gz (default: ../shared)")
+    ap.add_argument("--train-size", type=int, default=train_size)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--poison-rate", type=float, default=0.05)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def cpu_recipe(root: Path, *, train_size: int, epochs: int, width: int, device: str, seed: int) -> dict:
     """The CPU-sized CIFAR-10 configuration every CIFAR-10 benchmark here uses."""
     return {

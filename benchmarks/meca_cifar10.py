@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, cifar10_tree, cpu_recipe, print_table, run_recipe, write_json  # noqa: E402
+from _common import REPO, add_cpu_recipe_args, cifar10_tree, cpu_recipe, print_table, run_recipe, write_json  # noqa: E402
 
 ROWS = ["none", "badnet", "blend", "sig", "wanet", "physicalba", "tact", "adaptive-blend", "adaptive-patch"]
 
@@ -71,16 +71,10 @@ def _run(recipe: dict, run_dir: Path, reuse: bool, what: str) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", help="CIFAR-10 image-folder tree or cifar10-jpeg.tar.gz (default: ../shared)")
-    ap.add_argument("--train-size", type=int, default=10000)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--poison-rate", type=float, default=0.05)
+    add_cpu_recipe_args(ap, train_size=10000)
     ap.add_argument("--relearn-epochs", type=int, default=5)
     ap.add_argument("--meca", action="append", default=[], metavar="KEY=VALUE",
                     help="a MeCa option (JSON value), e.g. lam=0.2; part of the configuration key")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: all)")
     ap.add_argument("--recompute", action="store_true", help="redo rows already in the JSON")
     ap.add_argument("--reuse-runs", action="store_true",
