@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -56,15 +57,16 @@ def _meca_recipe(run_dir: Path, registry, **params):
     return rmod.loads_dict(data, registry=registry, source="ablation")
 
 
-def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None):
+def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None) -> dict:
     """Run the MeCa defense on the run's poisoned set in a scratch directory, starting from the
-    warm-up state ``warmup`` if given; returns (result, scores file contents, seconds, warm-up state)."""
+    warm-up state ``warmup`` if given. Returns the defense result, the ``meca_scores.pt``
+    contents, the seconds, the warm-up state, and the poisoned set with its poison ids."""
     import torch
 
     from bdframe.runner import RunContext
     from bdframe.scan import load_run
 
-    _, registry, _, train, test, _, _ = load_run(run_dir, device=device)
+    _, registry, _, train, test, poison_ids, _ = load_run(run_dir, device=device)
     recipe = _meca_recipe(run_dir, registry, **params)
     dataset = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
     dataset.load()
@@ -73,14 +75,15 @@ def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None):
         rd = Path(tmp)
         (rd / "state" / "meca").mkdir(parents=True)
         if warmup is not None:
-            torch.save(torch.load(warmup, weights_only=False), rd / "state" / "meca" / "warmup.pt")
+            shutil.copyfile(warmup, rd / "state" / "meca" / "warmup.pt")
         ctx = RunContext(registry, recipe, dataset.describe(), device, rd, test, asr_set, progress=True)
         t = time.perf_counter()
         res = registry.get("defense", "meca")(recipe.defense.config).run(train, ctx)
         secs = time.perf_counter() - t
         scores = torch.load(rd / "meca_scores.pt", weights_only=False)
         warm = torch.load(rd / "state" / "meca" / "warmup.pt", weights_only=False)
-    return res, scores, secs, warm
+    return {"result": res, "scores": scores, "seconds": secs, "warmup": warm, "train": train,
+            "poison_ids": poison_ids}
 
 
 def warmup_path(run_dir: Path, device) -> Path:
@@ -95,8 +98,7 @@ def warmup_path(run_dir: Path, device) -> Path:
         torch.save({"model": torch.load(saved, weights_only=False), "logs": [], "eval": {}, "seconds": 0.0}, cached)
         return cached
     print(f"{run_dir.name}: training the warm-up model once (cached as {cached.name}) ...", file=sys.stderr)
-    _, _, _, warm = _run_meca(run_dir, device, {"iterations": 0}, None)
-    torch.save(warm, cached)
+    torch.save(_run_meca(run_dir, device, {"iterations": 0}, None)["warmup"], cached)
     return cached
 
 
@@ -132,13 +134,11 @@ def adv_kl(run_dir: Path, device, seed: int) -> dict:
 def enhance(run_dir: Path, device, params: dict) -> dict:
     from bdframe.detection import auroc
     from bdframe.metrics import detection
-    from bdframe.scan import load_run
 
-    warm = warmup_path(run_dir, device)
-    res, s, secs, _ = _run_meca(run_dir, device, params, warm)
-    _, _, _, train, _, poison_ids, _ = load_run(run_dir, device=device)
+    out = _run_meca(run_dir, device, params, warmup_path(run_dir, device))
+    res, s, train, poison_ids = out["result"], out["scores"], out["train"], out["poison_ids"]
     truth = train.contains(poison_ids)
-    return {"params": params, "seconds": secs,
+    return {"params": params, "seconds": out["seconds"],
             "detection": detection(res.suspected_ids, poison_ids, train.ids),
             "flagged_share": res.metrics["split"]["poison_share"],
             "trend": [{"iteration": r["iteration"], "clean_acc": r["clean_acc"], "asr": r.get("asr")}

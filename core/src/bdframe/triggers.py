@@ -90,14 +90,20 @@ def file_problems(config, fields=("trigger_image", "mask_image")) -> list[tuple[
     return out
 
 
+def channel_problems(info, field: str) -> list[tuple[str, str]]:
+    """``(field, message)`` if the dataset's images are neither 1- nor 3-channel (triggers are
+    generated or read for those two only)."""
+    if info.channels in (1, 3):
+        return []
+    return [(field, f"triggers support 1- or 3-channel images, the dataset has {info.channels}")]
+
+
 def patch_trigger_problems(config, info) -> list[tuple[str, str]]:
     """Checks shared by patch attacks with a ``pattern`` (generated) or a ``trigger_image`` (file):
     supported channel count, pattern size against the image, and trigger/mask files."""
     from bdframe import patterns
 
-    out = []
-    if info.channels not in (1, 3):
-        out.append(("pattern", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
+    out = channel_problems(info, "pattern")
     if not config.trigger_image:
         square = config.pattern == "white-square"
         kw = {"size": config.patch_size} if square else {}

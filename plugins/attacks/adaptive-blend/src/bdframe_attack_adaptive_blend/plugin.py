@@ -91,15 +91,14 @@ class AdaptiveBlend(Attack):
     summary = "Adaptive-Blend: per-sample partial blend (8 of 16 pieces) with covers, all-to-one"
 
     def check_dataset(self, info):
-        from bdframe.triggers import class_problems, file_problems
+        from bdframe.triggers import channel_problems, class_problems, file_problems
 
         c = self.config
         out = class_problems(c, info.num_classes)
         s = c.grid
         if s * s == c.pieces and (info.height % s or info.width % s):
             out.append(("pieces", f"sqrt(pieces) = {s} must divide the image size {info.height}x{info.width}"))
-        if info.channels not in (1, 3):
-            out.append(("trigger_image", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
+        out += channel_problems(info, "trigger_image")
         return out + file_problems(c)
 
     def trigger(self, channels: int, height: int, width: int):

@@ -112,13 +112,11 @@ class AdaptivePatch(Attack):
         from pathlib import Path
 
         from bdframe import patterns
-
-        from bdframe.triggers import class_problems
+        from bdframe.triggers import channel_problems, class_problems
 
         c = self.config
         out = class_problems(c, info.num_classes)
-        if info.channels not in (1, 3):
-            out.append(("preset", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
+        out += channel_problems(info, "preset")
         train, test, _ = PRESETS[c.preset]
         used = ([] if c.trigger_images else [n for n, _ in train]) + \
                ([] if c.test_trigger_images or c.trigger_images else test)

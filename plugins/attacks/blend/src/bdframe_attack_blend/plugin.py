@@ -48,12 +48,11 @@ class Blend(Attack):
     summary = "Blended full-image trigger (Hello-Kitty substitute, alpha 0.2), dirty-label, all-to-one"
 
     def check_dataset(self, info):
-        from bdframe.triggers import class_problems, file_problems
+        from bdframe.triggers import channel_problems, class_problems, file_problems
 
         c = self.config
         out = class_problems(c, info.num_classes)
-        if info.channels not in (1, 3):
-            out.append(("trigger_image", f"triggers support 1- or 3-channel images, the dataset has {info.channels}"))
+        out += channel_problems(info, "trigger_image")
         return out + file_problems(c)
 
     def trigger(self, channels: int, height: int, width: int):
