@@ -81,6 +81,29 @@ def test_mixed_loss_batch_normalisation_weighs_every_forget_row_lambda_times_a_l
         mixed_loss(logits, data.labels, mask, lam, normalize="mean")
 
 
+@SET
+@given(st.integers(0, 10 ** 6), st.floats(0.05, 2.0), st.floats(0.1, 4.0),
+       st.lists(st.booleans(), min_size=12, max_size=12), st.sampled_from(["subset", "batch"]))
+def test_mixed_forget_ceiling_caps_each_forget_row_and_stops_its_gradient(seed, lam, ceiling, flags, normalize):
+    data, x = batch(12, seed % 5)
+    logits = (3 * torch.randn(12, 4, generator=torch.Generator().manual_seed(seed))).requires_grad_()
+    mask = torch.tensor(flags)
+    ce = F.cross_entropy(logits, data.labels, reduction="none").detach()
+    n_l, n_f = (12, 12) if normalize == "batch" else (max(int((~mask).sum()), 1), max(int(mask.sum()), 1))
+    expected = ce[~mask].sum() / n_l - lam * ce[mask].clamp(max=ceiling).sum() / n_f
+    loss = mixed_loss(logits, data.labels, mask, lam, normalize=normalize, forget_ceiling=ceiling)
+    assert torch.allclose(loss.detach(), expected, atol=1e-5)
+    loss.backward()
+    above = mask & (ce > ceiling)
+    assert torch.count_nonzero(logits.grad[above]) == 0  # a forgotten row is pushed no further
+    below = mask & (ce < ceiling)
+    assert bool((logits.grad[below].abs().sum(1) > 0).all())  # rows under the ceiling are still unlearned
+    # a ceiling above every CE is the unbounded objective
+    high = float(ce.max()) + 1
+    assert torch.allclose(mixed_loss(logits, data.labels, mask, lam, normalize=normalize, forget_ceiling=high),
+                          mixed_loss(logits, data.labels, mask, lam, normalize=normalize), atol=1e-6)
+
+
 def test_empty_subset_terms_are_zero():
     data, x = batch(10)
     logits = torch.randn(10, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)

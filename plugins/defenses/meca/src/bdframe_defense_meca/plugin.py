@@ -69,6 +69,8 @@ class MeCaConfig:
         "help": "[S] lambda, weight of the unlearning term of the mixed step (Eq. 11)"})
     unlearn_norm: str = attrs.field(default="subset", validator=one_of("subset", "batch"), metadata={
         "help": "[R] mixed step normalisation: subset (mean per subset, spec) or batch (per-sample weights)"})
+    unlearn_ceiling: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
+        "help": "[R] cap on each unlearned sample's CE in the mixed step (no gradient above it); 0: unbounded"})
     epochs_per_iteration: int = attrs.field(default=1, validator=in_range(1, None), metadata={
         "help": "[R] mixed-step epochs per iteration"})
     enhance_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
@@ -267,7 +269,8 @@ class MeCa(Defense):
         warmup_trainer = ctx.component("trainer", "standard", epochs=c.warmup_epochs, lr=c.warmup_lr,
                                        **self._optim())
         mixed = ctx.component("trainer", "mixed", epochs=c.epochs_per_iteration, lr=c.enhance_lr,
-                              schedule=c.enhance_schedule, lam=c.lam, normalize=c.unlearn_norm, **self._optim())
+                              schedule=c.enhance_schedule, lam=c.lam, normalize=c.unlearn_norm,
+                              forget_ceiling=c.unlearn_ceiling, **self._optim())
         scorer_params = {"epsilon": c.epsilon, "patch_size": c.patch_size, "mask_mode": c.mask_mode,
                          "keep_prob": c.keep_prob, "grad_loss": c.grad_loss}
         ctx.component("scorer", "adv-kl", **scorer_params)

@@ -11,7 +11,14 @@ forget row weighs ``lam`` times a learn row whatever the two subsets' sizes (wit
 that ratio is ``lam * |learn| / |forget|``, which swings by 19x as MeCa's forget share grows
 from 5% to 50%). With
 ``lam = 0`` this is standard cross-entropy on the learn set (the forget rows then only add
-zero-gradient terms). MeCa's backdoor enhancement (Eq. 11) is this stage with ``lam = 0.05``;
+zero-gradient terms).
+
+``forget_ceiling = b > 0`` bounds the ascent per sample: each forget row's CE enters as
+``min(CE, b)``, so a row whose CE already exceeds ``b`` adds a constant and no gradient (with
+``b >= ln C`` such a row is certainly misclassified, since ``p_y < 1/C``). Unbounded gradient
+ascent otherwise keeps pushing rows that are already forgotten, which is how a large ``lam``
+drives a model to a constant predictor. ``0`` (default) leaves the ascent unbounded, the spec's
+objective. MeCa's backdoor enhancement (Eq. 11) is this stage with ``lam = 0.05``;
 D-ST uses ``lam = 0.001``.
 
 ``fit(model, learn, ctx, forget=forget)``: ``data`` is the learn set, ``forget`` the set to
@@ -35,11 +42,15 @@ class MixedConfig(OptimSettings):
                              metadata={"help": "weight of the unlearning term (lambda); MeCa: 0.05"})
     normalize: str = attrs.field(default="subset", validator=one_of("subset", "batch"), metadata={
         "help": "subset: mean CE per subset (spec); batch: both sums divided by the batch size"})
+    forget_ceiling: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
+        "help": "cap on each forget row's CE (rows above it get no gradient); 0: unbounded ascent"})
 
 
-def mixed_loss(logits, y, forget_mask, lam: float, label_smoothing: float = 0.0, normalize: str = "subset"):
+def mixed_loss(logits, y, forget_mask, lam: float, label_smoothing: float = 0.0, normalize: str = "subset",
+               forget_ceiling: float = 0.0):
     """``mean CE(learn rows) - lam * mean CE(forget rows)``; an empty subset contributes 0.
     ``normalize="batch"``: ``(sum CE(learn rows) - lam * sum CE(forget rows)) / batch size``.
+    ``forget_ceiling > 0``: each forget row's CE is replaced by ``min(CE, forget_ceiling)``.
 
     ``forget_mask`` is a boolean tensor over the batch rows (True: the row is to be unlearned).
     Both terms stay connected to the graph, so ``backward()`` works for any mask.
@@ -60,6 +71,8 @@ def mixed_loss(logits, y, forget_mask, lam: float, label_smoothing: float = 0.0,
     if lam == 0:
         return learn
     ce_forget = F.cross_entropy(logits, y, reduction="none") if label_smoothing else ce_learn
+    if forget_ceiling > 0:
+        ce_forget = ce_forget.clamp(max=forget_ceiling)
     forget = (ce_forget * f).sum() / n_forget
     return learn - lam * forget
 
@@ -88,7 +101,7 @@ class Mixed(Trainer):
         def loss_fn(model, x, y, ids):
             logits = model(x)
             mask = torch.isin(ids, forget_ids).to(x.device)
-            return mixed_loss(logits, y, mask, c.lam, c.label_smoothing, c.normalize), logits
+            return mixed_loss(logits, y, mask, c.lam, c.label_smoothing, c.normalize, c.forget_ceiling), logits
 
         return run_epochs(model, union, ctx, c, loss_fn)
 
