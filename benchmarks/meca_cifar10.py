@@ -19,7 +19,7 @@ Rows already in the JSON (same configuration) are kept; ``--recompute`` redoes t
 runs single rows by name. ``--meca KEY=VALUE`` changes a MeCa option (and so the configuration
 key: rows with other options are kept apart).
 
-    python benchmarks/meca_cifar10.py                   # all nine rows, about 20 minutes each on 2 CPU cores
+    python benchmarks/meca_cifar10.py                   # all nine rows, 15-21 minutes each on 2 CPU cores
     python benchmarks/meca_cifar10.py --only badnet     # one row
 """
 
