@@ -59,6 +59,29 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def read_json(path: Path, default):
+    """A results file's content, or ``default`` when it does not exist yet."""
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def add_results_args(ap, filename: str) -> None:
+    """``--recompute`` and ``--out`` (default ``benchmarks/results/<filename>``) of a benchmark
+    that keeps computed rows in a JSON file."""
+    ap.add_argument("--recompute", action="store_true", help="redo rows already in the JSON")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / filename))
+
+
+def parse_key_values(items: list[str], what: str = "") -> dict:
+    """``["lam=0.3", 'unlearn_norm="batch"']`` -> ``{"lam": 0.3, "unlearn_norm": "batch"}`` (JSON values)."""
+    out = {}
+    for kv in items:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"{what}{kv!r}: expected KEY=VALUE")
+        out[k] = json.loads(v)
+    return out
+
+
 def add_cpu_recipe_args(ap, *, train_size: int) -> None:
     """The command-line options of the CPU-sized configuration (see :func:`cpu_recipe`)."""
     ap.add_argument("--data", help="CIFAR-10 image-folder tree or cifar10-jpeg.tar.gz (default: ../shared)")

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, add_cpu_recipe_args, cifar10_tree, cpu_recipe, print_table, run_recipe, write_json  # noqa: E402
+from _common import (add_cpu_recipe_args, add_results_args, cifar10_tree, cpu_recipe, print_table,  # noqa: E402
+                     read_json, run_recipe, write_json)
 
 ROWS = ["none", "badnet", "blend", "sig", "wanet", "physicalba", "tact", "adaptive-blend", "adaptive-patch"]
 
@@ -26,15 +27,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cpu_recipe_args(ap, train_size=20000)
     ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: all)")
-    ap.add_argument("--recompute", action="store_true", help="redo rows already in the JSON")
+    add_results_args(ap, "attacks_cifar10.json")
     ap.add_argument("--variant", action="append", default=[], metavar="ATTACK:KEY=VALUE[,KEY=VALUE]",
                     help="an extra row with changed attack parameters, e.g. wanet:s=1.0 (diagnostics)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "attacks_cifar10.json"))
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     config = {k: getattr(args, k) for k in ("train_size", "epochs", "width", "poison_rate", "seed")}
-    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved = read_json(out, {})
     rows = saved.get("rows", {}) if saved.get("config") == config else {}
     root = cifar10_tree(args.data)
     todo = [(n, n, {}) for n in (args.only or ROWS)]

@@ -23,7 +23,6 @@ Ground truth (poison ids) is read only to compute the metrics. Results are appen
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, print_table, write_json  # noqa: E402
+from _common import add_results_args, parse_key_values, print_table, read_json, write_json  # noqa: E402
 
 E = 1 / 255
 ADV_KL_GRID = [("grid eps 1/255", {"epsilon": 1 * E}), ("grid eps 2/255", {"epsilon": 2 * E}),
@@ -156,19 +155,13 @@ def main(argv=None) -> dict:
     ap.add_argument("params", nargs="*", metavar="KEY=VALUE", help="enhance: MeCa options (JSON values)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--recompute", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "meca_ablation.json"))
+    add_results_args(ap, "meca_ablation.json")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     run_dir = Path(args.run_dir)
-    params = {}
-    for kv in args.params:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"{kv!r}: expected KEY=VALUE")
-        params[k] = json.loads(v)
+    params = parse_key_values(args.params)
     out = Path(args.out)
-    saved = json.loads(out.read_text()) if out.exists() else {"benchmark": "meca_ablation", "rows": {}}
+    saved = read_json(out, {"benchmark": "meca_ablation", "rows": {}})
     key = f"{run_dir.name}|{args.what}|" + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
     if key not in saved["rows"] or args.recompute:
         saved["rows"][key] = adv_kl(run_dir, device, args.seed) if args.what == "adv-kl" else enhance(run_dir, device,

@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, add_cpu_recipe_args, cifar10_tree, cpu_recipe, print_table, run_recipe, write_json  # noqa: E402
+from _common import (add_cpu_recipe_args, add_results_args, cifar10_tree, cpu_recipe,  # noqa: E402
+                     parse_key_values, print_table, read_json, run_recipe, write_json)
 
 ROWS = ["none", "badnet", "blend", "sig", "wanet", "physicalba", "tact", "adaptive-blend", "adaptive-patch"]
 
@@ -76,22 +77,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--meca", action="append", default=[], metavar="KEY=VALUE",
                     help="a MeCa option (JSON value), e.g. lam=0.2; part of the configuration key")
     ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: all)")
-    ap.add_argument("--recompute", action="store_true", help="redo rows already in the JSON")
+    add_results_args(ap, "meca_cifar10.json")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="build a missing row from finished run directories with the same recipe instead of rerunning")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "meca_cifar10.json"))
     args = ap.parse_args(argv)
 
-    meca = {"relearn": True, "relearn_epochs": args.relearn_epochs, "evaluate_each_epoch": False}
-    for kv in args.meca:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"--meca {kv!r}: expected KEY=VALUE")
-        meca[k] = json.loads(v)
+    meca = {"relearn": True, "relearn_epochs": args.relearn_epochs, "evaluate_each_epoch": False,
+            **parse_key_values(args.meca, "--meca ")}
     config = {k: getattr(args, k) for k in ("train_size", "epochs", "width", "poison_rate", "seed")}
     config["meca"] = meca
     out = Path(args.out)
-    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved = read_json(out, {})
     configs = saved.get("configs", [])
     entry = next((c for c in configs if c["config"] == config), None)
     if entry is None:

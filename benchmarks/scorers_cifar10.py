@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, print_table, write_json  # noqa: E402
+from _common import REPO, add_results_args, print_table, read_json, write_json  # noqa: E402
 
 RUNS = REPO / "benchmarks" / "results" / "runs"
 
@@ -59,8 +58,6 @@ def train_throughput(model, data, device, batches: int = 40) -> float:
 
 
 def main(argv=None) -> int:
-    import torch
-
     from bdframe import detection
     from bdframe.interfaces import ScoreContext
     from bdframe.nn import resolve_device
@@ -72,12 +69,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--recompute", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scorers_cifar10.json"))
+    add_results_args(ap, "scorers_cifar10.json")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     out = Path(args.out)
-    saved = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    saved = read_json(out, {"rows": {}})
     rows = saved["rows"]
     for run in args.runs:
         run_dir = Path(run)
