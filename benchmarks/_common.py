@@ -93,6 +93,25 @@ def add_cpu_recipe_args(ap, *, train_size: int) -> None:
     ap.add_argument("--seed", type=int, default=0)
 
 
+def add_meca_table_args(ap) -> None:
+    """The options that pick a configuration of ``meca_cifar10.py``'s table: the CPU-sized
+    recipe's (:func:`add_cpu_recipe_args`, 10,000 training images), ``--relearn-epochs`` and
+    repeatable ``--meca KEY=VALUE``."""
+    add_cpu_recipe_args(ap, train_size=10000)
+    ap.add_argument("--relearn-epochs", type=int, default=5)
+    ap.add_argument("--meca", action="append", default=[], metavar="KEY=VALUE",
+                    help="a MeCa option (JSON value), e.g. lam=0.2; part of the configuration key")
+
+
+def meca_table_config(args) -> tuple[dict, dict]:
+    """``(config, meca)``: the key of a ``meca_cifar10.json`` configuration and MeCa's options in it."""
+    meca = {"relearn": True, "relearn_epochs": args.relearn_epochs, "evaluate_each_epoch": False,
+            **parse_key_values(args.meca, "--meca ")}
+    config = {k: getattr(args, k) for k in ("train_size", "epochs", "width", "poison_rate", "seed")}
+    config["meca"] = meca
+    return config, meca
+
+
 def cpu_recipe(root: Path, *, train_size: int, epochs: int, width: int, device: str, seed: int) -> dict:
     """The CPU-sized CIFAR-10 configuration every CIFAR-10 benchmark here uses."""
     return {

@@ -31,8 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_cpu_recipe_args, add_results_args, cifar10_tree, cpu_recipe,  # noqa: E402
-                     parse_key_values, print_table, read_json, run_recipe, write_json)
+from _common import (add_meca_table_args, add_results_args, cifar10_tree, cpu_recipe,  # noqa: E402
+                     meca_table_config, print_table, read_json, run_recipe, write_json)
 
 ROWS = ["none", "badnet", "blend", "sig", "wanet", "physicalba", "tact", "adaptive-blend", "adaptive-patch"]
 
@@ -72,20 +72,14 @@ def _run(recipe: dict, run_dir: Path, reuse: bool, what: str) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_cpu_recipe_args(ap, train_size=10000)
-    ap.add_argument("--relearn-epochs", type=int, default=5)
-    ap.add_argument("--meca", action="append", default=[], metavar="KEY=VALUE",
-                    help="a MeCa option (JSON value), e.g. lam=0.2; part of the configuration key")
+    add_meca_table_args(ap)
     ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: all)")
     add_results_args(ap, "meca_cifar10.json")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="build a missing row from finished run directories with the same recipe instead of rerunning")
     args = ap.parse_args(argv)
 
-    meca = {"relearn": True, "relearn_epochs": args.relearn_epochs, "evaluate_each_epoch": False,
-            **parse_key_values(args.meca, "--meca ")}
-    config = {k: getattr(args, k) for k in ("train_size", "epochs", "width", "poison_rate", "seed")}
-    config["meca"] = meca
+    config, meca = meca_table_config(args)
     out = Path(args.out)
     saved = read_json(out, {})
     configs = saved.get("configs", [])
