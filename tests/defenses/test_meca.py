@@ -7,6 +7,7 @@ import sys
 import tomllib
 from fractions import Fraction
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -191,6 +192,22 @@ def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(t
     assert torch.equal(res2.suspected_ids, res.suspected_ids)
     assert all(torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), res2.model.state_dict().values()))
     assert all(r.get("replayed") for r in ctx2.history)
+
+
+def test_a_warm_up_state_without_figures_is_evaluated_not_a_crash(tmp_path, bdframe_registry):
+    """A warm-up state made outside the defense (the ablation benchmark hands in a saved model with
+    an empty ``eval``) used to crash the summary line on ``100 * None``."""
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry)
+    model = ctx.new_model()
+    state = tmp_path / "state" / "meca"
+    state.mkdir(parents=True)
+    torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()}, "logs": [], "eval": {},
+                "seconds": 0.0}, state / "warmup.pt")
+    res = MeCa(attrs.evolve(recipe.defense.config, iterations=1)).run(train, ctx)
+    first = res.metrics["trend"][0]
+    assert res.metrics["resumed_stages"] == ["warmup"]
+    assert first["clean_acc"] == pytest.approx(ctx.evaluate(model)["clean_acc"])
+    assert res.summary[0].startswith("meca: warm-up model") and "ACC " in res.summary[0]
 
 
 # -- end to end -----------------------------------------------------------------------------------

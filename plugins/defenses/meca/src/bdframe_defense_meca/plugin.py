@@ -284,6 +284,10 @@ class MeCa(Defense):
             model.load_state_dict(done["model"])
             self._replay(ctx, done["logs"])
             resumed.append("warmup")
+            if not done.get("eval"):
+                # a warm-up state made outside this defense (e.g. a saved model handed in by a
+                # benchmark) may carry no evaluation: measure it, so the trend starts with figures
+                done = dict(done, eval=ctx.evaluate(model))
         else:
             t0 = time.perf_counter()
             logs: list = []
@@ -444,6 +448,8 @@ class MeCa(Defense):
             "plot": plot,
         }
         def fig(ev) -> str:
+            if ev.get("clean_acc") is None:
+                return "ACC not measured"
             line = f"ACC {100 * ev['clean_acc']:.2f}%"
             return line + (f", ASR {100 * ev['asr']:.2f}%" if ev.get("asr") is not None else "")
 
