@@ -27,10 +27,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_meca_table_args, add_results_args, cifar10_tree, cpu_recipe,  # noqa: E402
+from _common import (REPO, add_meca_table_args, add_results_args, cifar10_tree, cpu_recipe,  # noqa: E402
                      meca_table_config, print_table, read_json, run_recipe, write_json)
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def kept_class_shares(run_dir: Path) -> dict:
@@ -85,12 +83,11 @@ def main(argv=None) -> list:
     rows = []
     for name, r in entry["rows"].items():
         shares = kept_class_shares(Path(r["run_dirs"][1]))
+        acc_random = acc_at(shares["kept"])
         rows.append({"attack": name, "kept": shares["kept"], "min_share": shares["min_class_share"],
                      "max_share": shares["max_class_share"], "acc_none": r["acc_none"], "acc_meca": r["acc_meca"],
-                     "acc_random": acc_at(shares["kept"])})
-    for row in rows:
-        row["cost_size"] = row["acc_none"] - row["acc_random"]
-        row["cost_choice"] = row["acc_random"] - row["acc_meca"]
+                     "acc_random": acc_random, "cost_size": r["acc_none"] - acc_random,
+                     "cost_choice": acc_random - r["acc_meca"]})
     refs = [{"attack": f"(random {s})", "kept": s, "acc_random": acc_at(s)} for s in args.sizes]
     tables = saved.setdefault("tables", [])
     tables[:] = [t for t in tables if t["config"] != config] + [{"config": config, "rows": rows + refs}]

@@ -448,8 +448,6 @@ class MeCa(Defense):
             "plot": plot,
         }
         def fig(ev) -> str:
-            if ev.get("clean_acc") is None:
-                return "ACC not measured"
             line = f"ACC {100 * ev['clean_acc']:.2f}%"
             return line + (f", ASR {100 * ev['asr']:.2f}%" if ev.get("asr") is not None else "")
 
