@@ -13,7 +13,8 @@ Reconstructed choices ([R] in the spec) and their options:
   ``patch_size`` square at a uniformly random position. The mask is shared by all channels.
 - ``grad_loss = "ce_label"`` (default): CE against the given label; ``"ce_pred"``: CE against the
   model's own prediction; ``"kl_random_start"``: the KL gradient taken at a random start
-  ``x + m * sigma * N(0, 1)`` (the KL gradient is exactly zero at delta = 0).
+  ``x + m * sigma * N(0, 1)`` (the KL gradient is exactly zero at delta = 0), computed in
+  float64 because at so small a start float32 rounding would decide the sign of its entries.
 - ``iteration``: MeCa's outer iteration k; it is part of the mask seed, so every iteration of
   Algorithm 2 draws fresh masks while staying reproducible.
 
@@ -100,11 +101,7 @@ class AdvKL(SampleScorer):
                 with torch.no_grad():
                     clean = model(x).detach()
                 noise = id_normal(self._parts(seed, "start"), ids, x[0].numel(), device=x.device).view_as(x)
-                x0 = (x + mask * c.random_start_sigma * noise).clamp(0, 1).requires_grad_(True)
-                logq = F.log_softmax(model(x0).float(), 1)
-                logp = F.log_softmax(clean.float(), 1)
-                loss = (logp.exp() * (logp - logq)).sum()
-                g = torch.autograd.grad(loss, x0)[0]
+                g = self._random_start_grad(model, x, (x + mask * c.random_start_sigma * noise).clamp(0, 1))
             else:
                 xg = x.detach().clone().requires_grad_(True)
                 out = model(xg)
@@ -114,6 +111,29 @@ class AdvKL(SampleScorer):
                 clean = out.detach()
         x_t = (x + mask * (c.epsilon * torch.sign(g))).clamp(0, 1)
         return x_t.detach(), mask, clean
+
+    @staticmethod
+    def _random_start_grad(model, x, x0):
+        """Input gradient of ``KL(p(x) || p(x0))`` at the random start ``x0``, in float64.
+
+        At a start ``sigma`` away from ``x`` the gradient is of order ``sigma`` and is the
+        difference of two nearly equal softmax outputs; in float32 its rounding noise (about
+        1e-7 of the logits) is then about 1e-3 of its size, so ``sign()`` of its small entries
+        would follow the noise and change with the batch size. In float64 the noise is about
+        1e-16 of the logits, far below any entry that matters. Runs a float64 copy of the
+        weights through ``torch.func.functional_call``; the model itself is not changed.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        params = {k: v.detach().double() for k, v in model.named_parameters()}
+        buffers = {k: (v.double() if v.is_floating_point() else v) for k, v in model.named_buffers()}
+        x0 = x0.detach().double().requires_grad_(True)
+        with torch.no_grad():
+            logp = F.log_softmax(torch.func.functional_call(model, (params, buffers), (x.double(),)), 1)
+        logq = F.log_softmax(torch.func.functional_call(model, (params, buffers), (x0,)), 1)
+        loss = (logp.exp() * (logp - logq)).sum()
+        return torch.autograd.grad(loss, x0)[0].to(x.dtype)
 
     def batch_kl(self, model, x, y, ids, seed: int):
         """KL per sample (float64) for one batch."""
