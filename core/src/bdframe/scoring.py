@@ -143,13 +143,23 @@ def batches(data: ImageSet, ctx, desc: str, *, batch_size: int | None = None
 
 
 @torch.no_grad()
-def features(model, data: ImageSet, ctx, desc: str = "features") -> torch.Tensor:
-    """Penultimate features (``model.features``) for every row, float32 on the CPU."""
+def features(model, data: ImageSet, ctx, desc: str = "features", *, float64: bool = False) -> torch.Tensor:
+    """Penultimate features (``model.features``) for every row, float32 on the CPU.
+
+    ``float64=True`` runs a float64 copy of the model (the model itself is untouched) and
+    returns float64 features: for analyses whose result amplifies rounding (covariance
+    inverses, ratios of small spreads), where float32's batch-size-dependent last bits would
+    otherwise show in the scores.
+    """
+    import copy
+
+    net = copy.deepcopy(model).double() if float64 else model
     out = []
-    with eval_mode(model):
+    with eval_mode(net):
         for x, _, _ in batches(data, ctx, desc):
-            out.append(model.features(x).float().flatten(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
+            f = net.features(x.double() if float64 else x)
+            out.append((f if float64 else f.float()).flatten(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, 0, dtype=torch.float64 if float64 else torch.float32)
 
 
 @torch.no_grad()

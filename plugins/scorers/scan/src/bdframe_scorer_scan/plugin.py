@@ -245,10 +245,12 @@ class Scan(SampleScorer):
     def score(self, model, data, ctx, *, aux=None):
         from bdframe.scoring import features
 
-        feats = features(model, data, ctx, "scan")
+        # float64 features: the anomaly index divides by the spread of a handful of per-class
+        # statistics, which multiplies float32 rounding (batch-size dependent) by up to J* itself
+        feats = features(model, data, ctx, "scan", float64=True)
         aux_feats = aux_labels = None
         if aux is not None:
-            aux_feats = features(model, aux, ctx, "scan aux")
+            aux_feats = features(model, aux, ctx, "scan aux", float64=True)
             aux_labels = aux.labels
         return self.analyse(feats, data.labels, data.ids, ctx.seed, aux_feats=aux_feats,
                             aux_labels=aux_labels)["scores"]
