@@ -91,7 +91,7 @@ def test_interrupted_run_resumes_from_last_epoch(tmp_path, monkeypatch):
 def test_resume_refuses_a_changed_recipe(tmp_path):
     f = recipe_file(tmp_path, epochs=1)
     (tmp_path / "x.partial").mkdir()
-    (tmp_path / "x.partial" / "recipe.toml").write_text("different")
+    (tmp_path / "x.partial" / "resume.json").write_text('{"recipe_sha256": "different"}')
     assert main(["run", str(f), "--quiet", "--out", str(tmp_path / "x"), "--resume"]) == 2
 
 

@@ -84,7 +84,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from bdframe.runs import output_problem
+
     recipe, _ = _load_recipe(args.recipe)
+    problem = output_problem(Path(recipe.output_dir) / recipe.name, "$.output_dir")
+    if problem:
+        raise UserError(problem)
     if args.print_resolved:
         print(recipe.to_toml(), end="")
     else:

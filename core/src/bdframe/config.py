@@ -7,9 +7,12 @@ path, so a user sees all problems at once.
 
 from __future__ import annotations
 
+import math
+import typing
 from typing import Any, Iterable
 
 import attrs
+import cattrs
 
 
 def _fmt(v: Any) -> str:
@@ -69,10 +72,6 @@ def increasing(inst, attr, value):
         raise ValueError(f"must be increasing, got {list(value)}")
 
 
-def field_names(cls) -> list[str]:
-    return [f.name for f in attrs.fields(cls)]
-
-
 def validate_all(obj) -> list[tuple[str, str]]:
     """Run every field validator of an attrs instance; return ``(field, message)`` pairs."""
     problems: list[tuple[str, str]] = []
@@ -107,3 +106,116 @@ def describe_fields(cls) -> Iterable[tuple[str, str, Any, str]]:
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
             default = default.factory()
         yield f.name, str(t), default, f.metadata.get("help", "")
+
+
+# -------------------------------------------------------------------------------------------------
+# strict structuring of recipe values
+# -------------------------------------------------------------------------------------------------
+
+class WrongType(TypeError):
+    """A recipe value of the wrong TOML type; the message says what is expected and what came."""
+
+
+def _toml_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a float"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (list, tuple)):
+        return "an array"
+    if isinstance(v, dict):
+        return "a table"
+    return type(v).__name__
+
+
+def _given(v: Any) -> str:
+    shown = ("true" if v else "false") if isinstance(v, bool) else repr(v)
+    return f"got {_toml_type(v)} ({shown})"
+
+
+def _bool(v, _):
+    if not isinstance(v, bool):
+        raise WrongType(f"must be true or false, {_given(v)}")
+    return v
+
+
+def _int(v, _):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise WrongType(f"must be an integer, {_given(v)}")
+    return v
+
+
+def _float(v, _):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise WrongType(f"must be a number, {_given(v)}")
+    if not math.isfinite(v):
+        raise WrongType(f"must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _str(v, _):
+    if not isinstance(v, str):
+        raise WrongType(f"must be a string, {_given(v)}")
+    return v
+
+
+def _is_tuple(t) -> bool:
+    return typing.get_origin(t) is tuple
+
+
+def _tuple_hook(t, conv):
+    args = typing.get_args(t)
+    variadic = len(args) == 2 and args[1] is Ellipsis
+
+    def hook(v, _):
+        if not isinstance(v, (list, tuple)):
+            raise WrongType(f"must be an array, {_given(v)}")
+        if not variadic and len(v) != len(args):
+            raise WrongType(f"must be an array of {len(args)} values, got {len(v)} ({list(v)!r})")
+        out = []
+        for i, x in enumerate(v):
+            try:
+                out.append(conv.structure(x, args[0] if variadic else args[i]))
+            except WrongType as e:
+                raise WrongType(f"element {i}: {e}") from None
+        return tuple(out)
+
+    return hook
+
+
+def _format(exc: BaseException, typ) -> str:
+    if isinstance(exc, WrongType):
+        return str(exc)
+    return cattrs.v.format_exception(exc, typ)
+
+
+def strict_converter() -> cattrs.Converter:
+    """A cattrs converter that takes recipe values only in their own TOML type.
+
+    ``flip = "false"`` is an error, not ``True``; ``epochs = "10"`` and ``epochs = 2.5`` are
+    errors, not 10 and 2; an integer is accepted where a float is expected; NaN and infinity are
+    refused for every float; an array is required where a tuple is expected. Unknown keys are
+    refused. Use :func:`structure_problems` to get readable messages.
+    """
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(bool, _bool)
+    conv.register_structure_hook(int, _int)
+    conv.register_structure_hook(float, _float)
+    conv.register_structure_hook(str, _str)
+    conv.register_structure_hook_factory(_is_tuple, _tuple_hook)
+    return conv
+
+
+def structure_problems(exc: cattrs.BaseValidationError, path: str) -> list[str]:
+    """``"$.attack.flip: must be true or false, got a string ('false')"`` lines for a cattrs error."""
+    out = []
+    for msg in cattrs.transform_error(exc, path=path, format_exception=_format):
+        if " @ " in msg:
+            text, where = msg.rsplit(" @ ", 1)
+            msg = f"{where}: {text}"
+        out.append(msg)
+    return out

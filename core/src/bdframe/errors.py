@@ -29,3 +29,8 @@ class RecipeError(UserError):
         else:
             super().__init__([f"{head} {len(messages)} problems"] + [f"  {m}" for m in messages])
         self.problems = list(messages)
+
+
+class DivergedError(UserError):
+    """Training produced a non-finite loss or weight: a setting (usually the learning rate) is
+    wrong for this data, so it is the user's to fix, and the run stops with one line."""

@@ -47,8 +47,9 @@ def decode_file(path: Path, size: tuple[int, int] | None, channels: int = 3) -> 
     mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
     try:
         img = decode_image(read_file(str(path)), mode=mode)
-    except Exception as e:
-        raise UserError(f"cannot decode image {str(path)!r}: {e}") from None
+    except Exception:
+        raise UserError(f"{str(path)!r} is not a readable image (PNG, JPEG, GIF or WebP expected); "
+                        f"remove it or fix it") from None
     if size is not None and tuple(img.shape[1:]) != tuple(size):
         img = torch.nn.functional.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True,
                                               align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)

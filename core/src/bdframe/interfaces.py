@@ -60,6 +60,12 @@ class DatasetFactory(Component):
         """Return ``(train, test)``; train ids are stable integers unique within the split."""
         raise NotImplementedError
 
+    def sample_files(self, split: str) -> Optional[dict[int, str]]:
+        """For datasets made of files: ``{sample id: path relative to the dataset root}`` of
+        ``split`` (``"train"`` or ``"test"``), so results can name the files a user acts on.
+        ``None`` (the default) for datasets without files (generated, packed archives)."""
+        return None
+
 
 class ModelFactory(Component):
     kind = "model"
@@ -127,6 +133,8 @@ class StageContext:
     ``state_path``: where the stage saves its resumable state after each epoch (None: do not
     save). ``on_epoch``: called with a dict after each epoch (history, per-epoch metrics).
     ``evaluate``: optional ``model -> dict`` of metrics to log per epoch (reporting only).
+    ``lr_setting``: the recipe setting that controls this stage's learning rate (e.g.
+    ``"[train] lr"``), named in the error if training diverges.
     """
 
     seed: int = 0
@@ -136,6 +144,7 @@ class StageContext:
     state_path: Any = None
     on_epoch: Optional[Callable[[dict], None]] = None
     evaluate: Optional[Callable[[Any], dict]] = None
+    lr_setting: str = ""
 
 
 class Trainer(Component):
@@ -153,6 +162,9 @@ class DefenseResult:
     model: Any
     #: ids the defense flags as poisoned (None if it does not detect).
     suspected_ids: Any = None
+    #: optional per-sample suspicion, one float per row of the data the defense was given, in
+    #: that order (higher = more likely poisoned); ``suspected.csv`` is sorted by it.
+    scores: Any = None
     #: extra figures for metrics.json (per-iteration trends, split sizes, stage times).
     metrics: dict = attrs.field(factory=dict)
     #: short human-readable lines that ``bdframe run`` prints after the final figures

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import attrs
 import cattrs
 
-from bdframe.config import validate_all
+from bdframe.config import strict_converter, structure_problems, validate_all
 from bdframe.errors import RecipeError, UserError
 
 if sys.version_info >= (3, 11):
@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import toml as tomllib  # type: ignore
 
-converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+converter = strict_converter()
 
 
 @attrs.frozen
@@ -98,6 +98,15 @@ OPTIONAL_SECTIONS = {"attack"}
 TOP_KEYS = {"name": str, "seed": int, "device": str, "output_dir": str}
 
 
+def name_problems(name: str) -> list[str]:
+    """A run name becomes a directory name: non-empty, no path separators, not ``.``/``..``."""
+    if not name.strip():
+        return ["must be a non-empty run name (it names the run directory)"]
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        return [f"must be a plain name without '/', '\\' or NUL and not '.' or '..', got {name!r}"]
+    return []
+
+
 def _clean(v):
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
@@ -142,18 +151,10 @@ def config_problems(cls: type, params: dict, path: str) -> list[str]:
     try:
         obj = _structure(config_cls, params)
     except cattrs.BaseValidationError as e:
-        return [_rewrite_cattrs(m, path) for m in cattrs.transform_error(e, path=path)]
+        return structure_problems(e, path)
     except (ValueError, TypeError) as e:
         return [f"{path}: {e}"]
     return [f"{path}.{field}: {msg}" for field, msg in validate_all(obj)]
-
-
-def _rewrite_cattrs(msg: str, path: str) -> str:
-    # cattrs says "invalid value for type, expected float @ $.attack.poison_rate"
-    if " @ " in msg:
-        text, where = msg.rsplit(" @ ", 1)
-        return f"{where}: {text}"
-    return msg
 
 
 def parse_toml(path: str | Path) -> dict:
@@ -216,6 +217,9 @@ def loads_dict(data: dict, registry=None, *, source: str | None = None, default_
                 problems.append(f"$.{key}: must be {'an integer' if typ is int else 'a string'}, got {v!r}")
             else:
                 head[key] = v
+    problems += [f"$.name: {m}" for m in name_problems(head["name"])]
+    if not head["output_dir"].strip():
+        problems.append("$.output_dir: must name a directory, got an empty string")
     if isinstance(head["seed"], int) and head["seed"] < 0:
         problems.append(f"$.seed: must be >= 0, got {head['seed']}")
     dev = head["device"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+import attrs
 import torch
 
 import bdframe
@@ -24,25 +24,32 @@ from bdframe.seeding import derive_seed, seed_everything
 
 
 class RunContext(DefenseContext):
-    """The :class:`~bdframe.interfaces.DefenseContext` the runner hands to a defense."""
+    """The :class:`~bdframe.interfaces.DefenseContext` the runner hands to a defense.
 
-    def __init__(self, registry: Registry, recipe: Recipe, info, device: torch.device,
-                 run_dir: Optional[Path], test: ImageSet, asr_set: Optional[ImageSet], progress: bool = True):
+    It is sealed: it holds the run seed, the device, the dataset's description, the recipe's
+    ``[model]``, ``[train]`` and ``[eval]`` sections and the registry, and nothing about the
+    attack (no recipe ``[attack]`` section, poison ids, target or trigger). The held-out test
+    sets used by :meth:`evaluate` (the ASR set is triggered and labelled with the target) live
+    only inside a closure, not in an attribute a defense could read.
+    """
+
+    def __init__(self, registry: Registry, *, seed: int, model_spec, train_spec, info, device: torch.device,
+                 run_dir: Optional[Path], evaluate, progress: bool = True):
         self.registry = registry
-        self.recipe = recipe
-        self.seed = recipe.seed
+        self.seed = seed
         self.info = info
         self.device = device
         self.run_dir = run_dir
         self.progress = progress
-        self._test = test
-        self._asr_set = asr_set
+        self._model_spec = model_spec
+        self._train_spec = train_spec
+        self._evaluate = evaluate
         self.history: list[dict] = []
         self._models_built = 0
 
     def new_model(self) -> Classifier:
         """A freshly initialised model (initialisation seeded by the run seed and a counter)."""
-        spec = self.recipe.model
+        spec = self._model_spec
         seed_everything(derive_seed(self.seed, "model-init", self._models_built))
         self._models_built += 1
         net = self.registry.get("model", spec.name)(spec.config).build(self.info)
@@ -50,31 +57,53 @@ class RunContext(DefenseContext):
 
     @property
     def trainer(self):
-        spec = self.recipe.train
+        spec = self._train_spec
         return self.registry.get("trainer", spec.name)(spec.config)
 
     def component(self, kind: str, name: str, **params):
         return self.registry.create(kind, name, **params)
 
-    def stage(self, name: str, *, evaluate_each_epoch: bool = False) -> StageContext:
+    def stage(self, name: str, *, evaluate_each_epoch: bool = False, lr_setting: str = "[train] lr") -> StageContext:
         state = self.run_dir / "state" / f"{name}.pt" if self.run_dir else None
         return StageContext(seed=derive_seed(self.seed, "stage", name), device=self.device, name=name,
                             progress=self.progress, state_path=state, on_epoch=self.log,
-                            evaluate=self.evaluate if evaluate_each_epoch else None)
+                            evaluate=self.evaluate if evaluate_each_epoch else None, lr_setting=lr_setting)
 
     def evaluate(self, model) -> dict:
         """Clean accuracy and ASR on the held-out test sets (reporting only)."""
-        bs = self.recipe.eval.batch_size
-        out = {"clean_acc": accuracy(model, self._test, batch_size=bs, device=self.device)}
-        if self._asr_set is not None:
-            out["asr"] = accuracy(model, self._asr_set, batch_size=bs, device=self.device)
-        return out
+        return self._evaluate(model)
 
     def log(self, record: dict) -> None:
         self.history.append(record)
         if self.run_dir is not None:
             text = "".join(json.dumps({k: v for k, v in r.items() if k != "replayed"}) + "\n" for r in self.history)
             write_text_atomic(self.run_dir / "history.jsonl", text)
+
+
+def make_evaluator(test: ImageSet, asr_set: Optional[ImageSet], *, batch_size: int, device):
+    """``model -> {"clean_acc", "asr"}`` over sets held only by the returned closure."""
+
+    def evaluate(model) -> dict:
+        out = {"clean_acc": accuracy(model, test, batch_size=batch_size, device=device)}
+        if asr_set is not None:
+            out["asr"] = accuracy(model, asr_set, batch_size=batch_size, device=device)
+        return out
+
+    return evaluate
+
+
+def sealed(data: ImageSet) -> ImageSet:
+    """``data`` as a defense may see it: images, labels, ids and classes. A train-time transform
+    that an attack attached (it knows the poison ids and the attack's settings) is kept working
+    but reachable only through a closure."""
+    inner = data.transform
+    if inner is None:
+        return data
+
+    def transform(x, ids, g):
+        return inner(x, ids, g)
+
+    return attrs.evolve(data, transform=transform)
 
 
 def environment(device: torch.device) -> dict:
@@ -86,9 +115,9 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def provenance(registry: Registry, recipe: Recipe) -> dict:
+def provenance(registry: Registry, recipe: Recipe, sections=("dataset", "model", "attack", "train", "defense")) -> dict:
     out = {}
-    for section in ("dataset", "model", "attack", "train", "defense"):
+    for section in sections:
         spec = getattr(recipe, section)
         if spec is None:
             continue
@@ -107,9 +136,10 @@ def run(recipe: Recipe, registry: Registry, *, out: Optional[Path] = None, resum
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"$.device: {recipe.device!r} requested but CUDA is not available; use device = \"auto\"")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"$.device: 'mps' requested but MPS is not available; use device = \"auto\"")
+        raise UserError("$.device: 'mps' requested but MPS is not available; use device = \"auto\"")
     final = Path(out) if out else Path(recipe.output_dir) / recipe.name
-    rd = RunDir(final, resume=resume, overwrite=overwrite, recipe_toml=recipe.to_toml())
+    rd = RunDir(final, resume=resume, overwrite=overwrite, recipe_toml=recipe.to_toml(),
+                field="--out" if out else "$.output_dir")
     try:
         return _run(recipe, registry, rd, device, resume=resume, progress=progress, log=log, t_start=t_start)
     except UserError:
@@ -120,8 +150,12 @@ def run(recipe: Recipe, registry: Registry, *, out: Optional[Path] = None, resum
 
 def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool, progress: bool, log,
          t_start: float) -> dict:
+    """Everything that names the attack (``poison.json``, the full ``recipe.toml`` and
+    ``run.json``) is written only after the defense has returned, so nothing the defense could
+    read while it runs (its context, its data, the run directory) carries the ground truth."""
     seeds = {"run": recipe.seed, "attack": derive_seed(recipe.seed, "attack")}
-    run_info = {"name": recipe.name, "seeds": seeds, "plugins": provenance(registry, recipe),
+    run_info = {"name": recipe.name, "seeds": {"run": recipe.seed},
+                "plugins": provenance(registry, recipe, ("dataset", "model", "train", "defense")),
                 "environment": environment(device), "status": "running", "resumed": resume}
     write_json_atomic(rd.file("run.json"), run_info)
 
@@ -147,19 +181,22 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
                        "cover_ids": sorted(int(i) for i in cover_ids), "meta": ps.meta}
         log(f"attack {recipe.attack.name}: {len(poison_ids)} poisoned, {len(cover_ids)} cover samples; "
             f"ASR set {len(asr_set)} images")
-    write_json_atomic(rd.file("poison.json"), poison_info)
 
-    ctx = RunContext(registry, recipe, info, device, rd.path, test, asr_set, progress=progress)
+    evaluate = make_evaluator(test, asr_set, batch_size=recipe.eval.batch_size, device=device)
+    ctx = RunContext(registry, seed=recipe.seed, model_spec=recipe.model, train_spec=recipe.train, info=info,
+                     device=device, run_dir=rd.path, evaluate=evaluate, progress=progress)
     defense = registry.get("defense", recipe.defense.name)(recipe.defense.config)
     t = time.perf_counter()
-    result = defense.run(poisoned_train, ctx)
+    result = defense.run(sealed(poisoned_train), ctx)
     timings["defense"] = time.perf_counter() - t
 
+    # -- the defense has returned: from here on the ground truth may be written ------------------
+    write_json_atomic(rd.file("poison.json"), poison_info)
     metrics: dict = {"name": recipe.name, "dataset": recipe.dataset.name, "model": recipe.model.name,
                      "attack": recipe.attack.name if recipe.attack else None, "defense": recipe.defense.name,
                      "train_size": len(train), "test_size": len(test), "num_poison": int(len(poison_ids)),
                      "num_cover": int(len(cover_ids)) if cover_ids is not None else 0}
-    metrics.update(ctx.evaluate(result.model))
+    metrics.update(evaluate(result.model))
     if asr_set is not None:
         metrics["asr_set_size"] = len(asr_set)
     trained = [r for r in ctx.history if "images_per_s" in r]
@@ -169,10 +206,11 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
         metrics["train_images_per_s"] = sum(r["images"] for r in trained) / secs if secs else 0.0
         metrics["train_non_compute_share"] = 1.0 - comp / secs if secs else 0.0
     if result.suspected_ids is not None:
-        sus = sorted(int(i) for i in result.suspected_ids)
-        write_json_atomic(rd.file("suspected.json"), {"suspected_ids": sus})
+        files = dataset.sample_files("train")
+        write_suspected(rd.path, poisoned_train, result.suspected_ids, result.scores, files)
         if recipe.attack is not None:
-            metrics["detection"] = detection(sus, poison_ids, poisoned_train.ids)
+            metrics["detection"] = detection(sorted(int(i) for i in result.suspected_ids), poison_ids,
+                                             poisoned_train.ids)
     metrics["defense_metrics"] = result.metrics
     if result.summary:
         metrics["defense_summary"] = [str(line) for line in result.summary]
@@ -181,8 +219,50 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
     torch.save(result.model.state_dict(), rd.file("model.pt.tmp"))
     rd.file("model.pt.tmp").replace(rd.file("model.pt"))
     write_json_atomic(rd.file("metrics.json"), metrics)
-    run_info["status"] = "complete"
+    run_info.update(seeds=seeds, plugins=provenance(registry, recipe), status="complete")
     write_json_atomic(rd.file("run.json"), run_info)
     final_path = rd.finish()
     metrics["run_dir"] = str(final_path)
     return metrics
+
+
+def write_suspected(run_dir: Path, data: ImageSet, suspected_ids, scores, files: Optional[dict]) -> None:
+    """``suspected.json`` and ``suspected.csv``: the flagged samples, most suspicious first.
+
+    Each row: rank, id, the file (relative to the dataset root, for datasets made of files),
+    the label the sample carries in the training set, and the defense's score where it gives
+    one (higher = more suspicious). Without scores the rows are in id order.
+    """
+    import csv
+    import io
+
+    ids = data.ids.tolist()
+    labels = dict(zip(ids, data.labels.tolist()))
+    flagged = sorted({int(i) for i in suspected_ids})
+    score_of: dict = {}
+    if scores is not None:
+        sc = torch.as_tensor(scores).detach().double().cpu()
+        if sc.shape != (len(data),):
+            raise ValueError(f"DefenseResult.scores must have one value per training row ({len(data)}), "
+                             f"got shape {tuple(sc.shape)}")
+        score_of = dict(zip(ids, sc.tolist()))
+        flagged.sort(key=lambda i: (-score_of[i], i))
+    classes = data.classes
+    rows = []
+    for rank, i in enumerate(flagged, 1):
+        label = labels[i]
+        rows.append({"rank": rank, "id": i, "path": (files or {}).get(i),
+                     "label": label, "class": classes[label] if label < len(classes) else str(label),
+                     "score": score_of.get(i)})
+    write_json_atomic(run_dir / "suspected.json",
+                      {"suspected_ids": sorted(r["id"] for r in rows), "count": len(rows),
+                       "scored": scores is not None, "paths": files is not None,
+                       "order": "most suspicious first" if scores is not None else "by id",
+                       "samples": rows})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rank", "id", "path", "label", "class", "score"])
+    for r in rows:
+        w.writerow([r["rank"], r["id"], r["path"] or "", r["label"], r["class"],
+                    "" if r["score"] is None else f"{r['score']:.9g}"])
+    write_text_atomic(run_dir / "suspected.csv", buf.getvalue())

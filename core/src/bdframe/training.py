@@ -18,6 +18,7 @@ import torch
 
 from bdframe.config import in_range, increasing, one_of
 from bdframe.data import Augment, Batches, ImageSet
+from bdframe.errors import DivergedError
 from bdframe.interfaces import StageContext
 from bdframe.progress import Progress
 from bdframe.seeding import generator
@@ -148,6 +149,9 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     loss, logits = loss_fn(model, x, y, ids)
+                # on the CPU every step is checked; on a GPU every 20th (a check waits for the GPU)
+                if (device.type == "cpu" or i % 20 == 0) and not bool(torch.isfinite(loss.detach())):
+                    raise _diverged(ctx, s, f"the loss became {float(loss.detach())}", epoch, i)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -167,8 +171,10 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
                     bar.update(len(y))
         wall = time.perf_counter() - t_epoch
         if not math.isfinite(float(loss_sum)):
-            raise FloatingPointError(f"{ctx.name}: training loss became {float(loss_sum)} in epoch {epoch + 1}; "
-                                     f"lower the learning rate")
+            raise _diverged(ctx, s, f"the loss became {float(loss_sum)}", epoch, None)
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise _diverged(ctx, s, f"weight {bad!r} became non-finite", epoch, None)
         rec = {"stage": ctx.name, "epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
                "train_acc": float(correct) / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
                "images": seen, "seconds": wall, "images_per_s": seen / wall if wall > 0 else 0.0,
@@ -185,6 +191,13 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
             ctx.on_epoch(rec)
     model.eval()
     return history
+
+
+def _diverged(ctx: StageContext, s: OptimSettings, what: str, epoch: int, step: Optional[int]) -> DivergedError:
+    where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
+    setting = ctx.lr_setting or "the stage's lr"
+    return DivergedError(f"training stage {ctx.name!r} diverged: {what} in {where} (lr {s.lr:g}); "
+                         f"lower {setting} (or add warmup_epochs) and run again")
 
 
 def fit_cross_entropy(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings, *,

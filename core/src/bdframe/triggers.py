@@ -21,12 +21,10 @@ def read_image(path: str, field: str, height: int, width: int, channels: int = 3
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{field}: trigger file {str(path)!r} does not exist")
-    try:
-        img = decode_image(read_file(str(p)), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
-    except Exception as e:
-        raise UserError(f"{field}: cannot read {str(path)!r} as an image (PNG or JPEG expected): {e}") from None
+    problem = image_file_problem(str(path))
+    if problem:
+        raise UserError(f"{field}: {problem}")
+    img = decode_image(read_file(str(p)), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
     x = img.float() / 255.0
     if tuple(x.shape[1:]) != (height, width):
         x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bilinear", antialias=True,
@@ -80,13 +78,34 @@ def class_problems(config, num_classes: int, fields=("target",)) -> list[tuple[s
     return out
 
 
+def image_file_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not an image file bdframe can read (None if it is one).
+
+    Decodes the file, so a text file named ``trigger.png`` is caught when a recipe is
+    validated, not when the run reaches the attack; the message speaks of the file only.
+    """
+    from torchvision.io import decode_image, read_file
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        return f"file {path!r} does not exist"
+    if not p.is_file():
+        return f"{path!r} is not a file"
+    try:
+        decode_image(read_file(str(p)))
+    except Exception:
+        return f"file {path!r} is not a readable image (PNG, JPEG, GIF or WebP expected)"
+    return None
+
+
 def file_problems(config, fields=("trigger_image", "mask_image")) -> list[tuple[str, str]]:
-    """``(field, message)`` for each given trigger/mask path that is not an existing file."""
+    """``(field, message)`` for each given trigger/mask path that is not a readable image file."""
     out = []
     for f in fields:
         v = getattr(config, f)
-        if v and not Path(v).expanduser().is_file():
-            out.append((f, f"file {v!r} does not exist"))
+        problem = image_file_problem(v) if v else None
+        if problem:
+            out.append((f, problem))
     return out
 
 

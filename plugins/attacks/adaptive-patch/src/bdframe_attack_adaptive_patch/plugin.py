@@ -109,10 +109,8 @@ class AdaptivePatch(Attack):
     summary = "Adaptive-Patch: k patch triggers (Firefox x4), one per sample, stacked at test; with covers"
 
     def check_dataset(self, info):
-        from pathlib import Path
-
         from bdframe import patterns
-        from bdframe.triggers import channel_problems, class_problems
+        from bdframe.triggers import channel_problems, class_problems, image_file_problem
 
         c = self.config
         out = class_problems(c, info.num_classes)
@@ -127,8 +125,9 @@ class AdaptivePatch(Attack):
                 break
         for f in ("trigger_images", "mask_images", "test_trigger_images", "test_mask_images"):
             for i, v in enumerate(getattr(c, f) or ()):
-                if v and not Path(v).expanduser().is_file():
-                    out.append((f"{f}[{i}]", f"file {v!r} does not exist"))
+                problem = image_file_problem(v) if v else None
+                if problem:
+                    out.append((f"{f}[{i}]", problem))
         return out
 
     def _files(self, images, masks, field, channels, height, width):

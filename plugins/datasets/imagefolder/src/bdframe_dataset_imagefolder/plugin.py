@@ -93,6 +93,16 @@ class ImageFolder(DatasetFactory):
         std = c.std or stats[1]
         return DatasetInfo(len(classes), c.channels, int(h), int(w), tuple(mean), tuple(std), tuple(classes))
 
+    def sample_files(self, split: str):
+        """``{id: "train/<class>/<file>"}``: ids are positions in the sorted (class, file) order,
+        as :meth:`load` assigns them (before any ``train_size`` subset, which keeps ids)."""
+        from bdframe.imagefolder import list_files
+
+        root, tr, te = self._dirs()
+        d = tr if split == "train" else te
+        files = list_files(d, self._classes())
+        return {i: f.relative_to(root).as_posix() for i, (f, _) in enumerate(files)}
+
     def load(self):
         import torch
 

@@ -215,9 +215,9 @@ class MeCa(Defense):
     summary = "MeCa: iterative backdoor enhancement (adv-KL consistency + mixed step), detection, clean retraining"
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _stage(self, ctx, name: str, logs: list, *, evaluate_each_epoch: bool = False):
+    def _stage(self, ctx, name: str, logs: list, *, evaluate_each_epoch: bool = False, lr_setting: str):
         """``ctx.stage(name)`` whose per-epoch records are also kept in ``logs`` (for replay)."""
-        st = ctx.stage(name, evaluate_each_epoch=evaluate_each_epoch)
+        st = ctx.stage(name, evaluate_each_epoch=evaluate_each_epoch, lr_setting=lr_setting)
         inner = st.on_epoch
 
         def on_epoch(rec):
@@ -291,7 +291,8 @@ class MeCa(Defense):
         else:
             t0 = time.perf_counter()
             logs: list = []
-            st = self._stage(ctx, "meca-warmup", logs, evaluate_each_epoch=c.evaluate_each_epoch)
+            st = self._stage(ctx, "meca-warmup", logs, evaluate_each_epoch=c.evaluate_each_epoch,
+                             lr_setting="[defense] warmup_lr")
             warmup_trainer.fit(model, data, st)
             ev = ctx.evaluate(model)
             self._log(ctx, logs, {"stage": "meca-warmup", "meca_iteration": 0, "alpha": 0.0, "forget_size": 0,
@@ -324,7 +325,7 @@ class MeCa(Defense):
             forget, learn = data.subset(forget_pos), data.subset(learn_pos)
             logs = []
             name = f"meca-iter-{k:02d}"
-            st = self._stage(ctx, name, logs)
+            st = self._stage(ctx, name, logs, lr_setting="[defense] enhance_lr or lam")
             mixed.fit(model, learn, st, forget=forget)
             ev = ctx.evaluate(model)
             kl = -scores
@@ -385,7 +386,8 @@ class MeCa(Defense):
         else:
             t0 = time.perf_counter()
             logs = []
-            st = self._stage(ctx, "meca-clean", logs, evaluate_each_epoch=c.evaluate_each_epoch)
+            st = self._stage(ctx, "meca-clean", logs, evaluate_each_epoch=c.evaluate_each_epoch,
+                             lr_setting="[train] lr")
             ctx.trainer.fit(clean_model, clean_set, st)
             ev = ctx.evaluate(clean_model)
             self._log(ctx, logs, {"stage": "meca-clean", "train_size": len(clean_set), **ev})
@@ -415,7 +417,8 @@ class MeCa(Defense):
                 changed = int((new != poison_set.labels).sum())
                 merged = ImageSet.concat(clean_set, poison_set.with_labels(new))
                 logs = []
-                st = self._stage(ctx, "meca-relearn", logs, evaluate_each_epoch=c.evaluate_each_epoch)
+                st = self._stage(ctx, "meca-relearn", logs, evaluate_each_epoch=c.evaluate_each_epoch,
+                                 lr_setting="[defense] relearn_lr")
                 relearner.fit(clean_model, merged, st)
                 ev = ctx.evaluate(clean_model)
                 self._log(ctx, logs, {"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
@@ -458,8 +461,11 @@ class MeCa(Defense):
         summary.append(f"meca: clean model trained on the {n - n_p} kept samples: {fig(clean_eval)}"
                        + ("" if relearn_metrics is None else
                           f"; after relabel-and-relearn: {fig(relearn_metrics)}"))
-        return DefenseResult(model=clean_model, suspected_ids=det["flagged_ids"].clone(), metrics=metrics,
-                             summary=summary)
+        # per-sample suspicion for suspected.csv: the enhanced model's p_e(y|x), in data's row order
+        scores = torch.empty(n, dtype=torch.float64)
+        scores[data.positions(det["ids"])] = det["prob"].double().cpu()
+        return DefenseResult(model=clean_model, suspected_ids=det["flagged_ids"].clone(), scores=scores,
+                             metrics=metrics, summary=summary)
 
 
 @hookimpl
