@@ -1,4 +1,4 @@
-"""Ablations of MeCa's reconstructed [R] choices, starting from a finished MeCa run's warm-up model.
+"""Ablations of MeCa's reconstructed choices (docs/meca.md), starting from a finished MeCa run's warm-up model.
 
 Every variant starts from the same warm-up model (MeCa's 10 warm-up epochs on the run's poisoned
 set): ``meca_warmup_model.pt`` in the run directory (MeCa saves it with ``save_models``), or else

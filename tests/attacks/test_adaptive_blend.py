@@ -1,4 +1,4 @@
-"""Adaptive-Blend property tests (specs/attacks.md 2.7)."""
+"""Adaptive-Blend property tests (docs/attacks.md)."""
 
 import math
 

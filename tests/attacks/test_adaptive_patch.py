@@ -1,4 +1,4 @@
-"""Adaptive-Patch property tests (specs/attacks.md 2.8)."""
+"""Adaptive-Patch property tests (docs/attacks.md)."""
 
 import pytest
 import torch

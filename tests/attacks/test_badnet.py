@@ -1,4 +1,4 @@
-"""BadNet property tests (specs/attacks.md 2.1)."""
+"""BadNet property tests (docs/attacks.md)."""
 
 import torch
 from hypothesis import given, settings, strategies as st

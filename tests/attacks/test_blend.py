@@ -1,4 +1,4 @@
-"""Blend property tests (specs/attacks.md 2.2)."""
+"""Blend property tests (docs/attacks.md)."""
 
 import pytest
 import torch

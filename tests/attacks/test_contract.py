@@ -1,7 +1,7 @@
 """The attack contract, run on every registered attack (a new attack plugin gets it for free).
 
 Built on :func:`bdframe.testing.check_attack_contract`, plus invariants from
-specs/attacks.md section 7 that hold for every attack: poison labels = target, covers keep
+docs/attacks.md ("Invariants") that hold for every attack: poison labels = target, covers keep
 labels, every poisoned/cover image carries a trigger, the ASR set is triggered non-target
 images (TaCT: source-class images) labelled with the target and has no training transform,
 meta is JSON, inputs are not modified, results do not depend on the global RNG, training

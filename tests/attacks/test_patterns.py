@@ -1,4 +1,4 @@
-"""Built-in trigger patterns (bdframe.patterns; specs/attacks.md section 4, substitutes)."""
+"""Built-in trigger patterns (bdframe.patterns; docs/attacks.md, "Built-in trigger patterns")."""
 
 import pytest
 import torch

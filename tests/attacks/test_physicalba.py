@@ -1,4 +1,4 @@
-"""PhysicalBA property tests (specs/attacks.md 2.5): patch trigger + train-time physical transforms."""
+"""PhysicalBA property tests (docs/attacks.md): patch trigger + train-time physical transforms."""
 
 import attrs
 import pytest

@@ -1,4 +1,4 @@
-"""SIG property tests (specs/attacks.md 2.3): clean-label, target-class images only."""
+"""SIG property tests (docs/attacks.md): clean-label, target-class images only."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""TaCT property tests (specs/attacks.md 2.6): source-specific poisons, cover-class covers."""
+"""TaCT property tests (docs/attacks.md): source-specific poisons, cover-class covers."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""WaNet property tests (specs/attacks.md 2.4)."""
+"""WaNet property tests (docs/attacks.md)."""
 
 import attrs
 import pytest

@@ -1,4 +1,4 @@
-"""MeCa (specs/defenses.md section 2): partition, schedule and detection rules, composition
+"""MeCa (docs/meca.md): partition, schedule and detection rules, composition
 through the registry without ground truth, and an end-to-end `bdframe run` with resume."""
 
 import json

@@ -1,4 +1,4 @@
-"""activation-clustering (specs/defenses.md 13): planted cluster, size rule, equivariance."""
+"""activation-clustering (docs/scorers.md): planted cluster, size rule, equivariance."""
 
 import torch
 from hypothesis import given, settings, strategies as st

@@ -1,4 +1,4 @@
-"""adv-kl (MeCa Eq. 3): invariants of specs/defenses.md sections 2 and 17."""
+"""adv-kl (MeCa Eq. 3): its invariants and the SampleScorer contract (docs/scorers.md)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The SampleScorer contract (specs/defenses.md sections 0 and 17) for every registered scorer,
+"""The SampleScorer contract (docs/scorers.md) for every registered scorer,
 through bdframe.testing.check_scorer_contract (which third-party scorer plugins can call too)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""fct (specs/defenses.md 3.1): ranges, identity, split sizes, per-id transformations."""
+"""fct (docs/scorers.md): ranges, identity, split sizes, per-id transformations."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""loss (ABL isolation score, specs/defenses.md 6)."""
+"""loss (ABL isolation score, docs/scorers.md)."""
 
 import torch
 import torch.nn.functional as F

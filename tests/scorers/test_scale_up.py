@@ -1,4 +1,4 @@
-"""scale-up (SPC, specs/defenses.md 14)."""
+"""scale-up (SPC, docs/scorers.md)."""
 
 import torch
 from hypothesis import given, settings, strategies as st

@@ -1,4 +1,4 @@
-"""scan, the SCAn scorer (specs/defenses.md 11): planted poison, aux rules, equivariance."""
+"""scan, the SCAn scorer (docs/scorers.md): planted poison, aux rules, equivariance."""
 
 import torch
 from hypothesis import given, settings, strategies as st

@@ -1,4 +1,4 @@
-"""spectral (specs/defenses.md 12): s >= 0, invariances, class independence, split sizes."""
+"""spectral (docs/scorers.md): s >= 0, invariances, class independence, split sizes."""
 
 import torch
 from hypothesis import given, settings, strategies as st

@@ -1,4 +1,4 @@
-"""strip (specs/defenses.md 15): entropy range, constant model, fixed overlay pool."""
+"""strip (docs/scorers.md): entropy range, constant model, fixed overlay pool."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The mixed, unlearning and relearn training stages (specs/defenses.md sections 0, 16, 17)."""
+"""The mixed, unlearning and relearn training stages (docs/training-stages.md)."""
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ Each component class has a ``name`` (the short name used in recipes, e.g. ``"bad
 frozen attrs ``Config`` class whose fields are the component's validated parameters. A
 component is constructed from its config: ``BadNet(BadNet.Config(poison_rate=0.1))``.
 
-Interfaces (kept small on purpose; specs/defenses.md section 1 lists what they must carry):
+Interfaces (kept small on purpose; docs/plugin-hooks.md describes each in full):
 
 - :class:`DatasetFactory`: describes and loads a dataset as two :class:`~bdframe.data.ImageSet`.
 - :class:`ModelFactory`: builds a network for a :class:`~bdframe.data.DatasetInfo`.

@@ -2,7 +2,7 @@
 
 ASR is measured on the attack's poisoned test set, which holds only the eligible test images
 (for all-to-one attacks: those whose true label is not the target; for TaCT: source-class
-images), all labelled with the target (specs/attacks.md section 1).
+images), all labelled with the target (see docs/attacks.md, "Conventions", ASR set).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Built-in trigger patterns: deterministic, procedurally generated substitutes for the
-backdoor-toolbox trigger files (specs/attacks.md section 4, "Deterministic substitutes").
+backdoor-toolbox trigger files (see docs/attacks.md, "Built-in trigger patterns").
 
 bdframe ships no third-party trigger pictures. Every default trigger an attack plugin uses is
 generated here with torch from a fixed seed, so it is bit-identical on every machine and run;

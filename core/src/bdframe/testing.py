@@ -43,7 +43,7 @@ def info_for(data: ImageSet) -> DatasetInfo:
 
 
 def check_attack_contract(attack, train: ImageSet, test: ImageSet, *, seed: int = 0) -> None:
-    """Invariants every Attack satisfies (specs/attacks.md section 7)."""
+    """Invariants every Attack satisfies (listed in docs/attacks.md, "Invariants")."""
     assert attack.check_dataset(info_for(train)) == [], "attack rejects a valid dataset"
     ps = attack.poison_train(train, seed=seed)
     d = ps.data
@@ -77,7 +77,7 @@ def bdframe_registry():
 
 
 # ---------------------------------------------------------------------------------------------
-# Scorers: tiny models and the SampleScorer contract (specs/defenses.md sections 0 and 17)
+# Scorers: tiny models and the SampleScorer contract (docs/scorers.md, "The SampleScorer contract")
 # ---------------------------------------------------------------------------------------------
 
 
@@ -161,7 +161,7 @@ def _close(a, b, atol):
 
 def check_scorer_contract(scorer, model, data: ImageSet, *, seed: int = 0, atol: float = 1e-4,
                           batch_sizes=(1, 7, 128), device="cpu", check_batch: bool = True) -> torch.Tensor:
-    """Invariants every SampleScorer satisfies (specs/defenses.md sections 0 and 17); returns the
+    """Invariants every SampleScorer satisfies (listed in docs/scorers.md); returns the
     scores at batch size 128.
 
     - one finite float per row, in row order; the model's state and train/eval mode unchanged;

@@ -1,6 +1,6 @@
 """Trigger helpers shared by attack plugins: user trigger images, masks, mask blending.
 
-Conventions (specs/attacks.md section 1): triggers are float (C,H,W) in [0,1] and masks are
+Conventions (docs/attacks.md, "Conventions"): triggers are float (C,H,W) in [0,1] and masks are
 (1,H,W) in [0,1]. An image file is read as RGB (an alpha channel is dropped, not composited)
 and resized to the data resolution; without a mask file the mask is 1 wherever any channel
 of the trigger is > 0, so pure-black trigger pixels are transparent.

@@ -1,4 +1,4 @@
-"""``adaptive-blend``: Adaptive-Blend (Qi et al., ICLR 2023), specs/attacks.md sections 2.7 and 5.
+"""``adaptive-blend``: Adaptive-Blend (Qi et al., ICLR 2023); see docs/attacks.md, Adaptive-Blend.
 
 Dirty-label, all-to-one, with covers. One random permutation of the training set (in id
 order): the first ``int(N * poison_rate)`` images are poisoned (label -> target), the next

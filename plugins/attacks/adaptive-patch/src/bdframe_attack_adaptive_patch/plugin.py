@@ -1,4 +1,4 @@
-"""``adaptive-patch``: Adaptive-Patch (Qi et al., ICLR 2023), specs/attacks.md sections 2.8 and 5.
+"""``adaptive-patch``: Adaptive-Patch (Qi et al., ICLR 2023); see docs/attacks.md, Adaptive-Patch.
 
 Dirty-label, all-to-one, with covers. One random permutation of the training set (in id
 order): the first ``int(N * poison_rate)`` images are poisoned (label -> target), the next

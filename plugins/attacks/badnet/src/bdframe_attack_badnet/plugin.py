@@ -1,4 +1,4 @@
-"""``badnet``: BadNets (Gu et al. 2017), specs/attacks.md section 2.1.
+"""``badnet``: BadNets (Gu et al. 2017); see docs/attacks.md, BadNet.
 
 Dirty-label, all-to-one: a random ``int(N * poison_rate)`` training images of any class get
 the trigger and the target label; no cover samples. Default trigger: a solid white 3x3 patch

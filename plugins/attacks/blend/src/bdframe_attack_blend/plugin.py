@@ -1,4 +1,4 @@
-"""``blend``: Blended injection (Chen et al. 2017), specs/attacks.md section 2.2.
+"""``blend``: Blended injection (Chen et al. 2017); see docs/attacks.md, Blend.
 
 Dirty-label, all-to-one: a random ``int(N * poison_rate)`` training images of any class
 (target class included, as in backdoor-toolbox and BackdoorBench) are blended with a

@@ -1,5 +1,5 @@
 """``physicalba``: backdoor attack in the physical world (Li et al., ICLR-W 2021), following
-BackdoorBox ``PhysicalBA``; specs/attacks.md sections 2.5 and 5.
+BackdoorBox ``PhysicalBA``; see docs/attacks.md, PhysicalBA.
 
 Dirty-label, all-to-one BadNets: a random ``int(N * poison_rate)`` training images of any
 class get a patch trigger by mask blend (``x' = x + alpha * m * (t - x)``) and the target

@@ -1,4 +1,4 @@
-"""``sig``: sinusoidal signal backdoor (Barni et al. 2019), specs/attacks.md section 2.3.
+"""``sig``: sinusoidal signal backdoor (Barni et al. 2019); see docs/attacks.md, SIG.
 
 Clean-label, all-to-one. Poison candidates are only the **target-class** training images;
 ``num_poison = min(int(N * poison_rate), #target images)`` of them (N = the whole training

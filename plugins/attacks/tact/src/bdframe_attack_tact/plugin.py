@@ -1,5 +1,5 @@
 """``tact``: source-specific backdoor with covers ("Demon in the Variant", Tang et al. 2021),
-specs/attacks.md sections 2.6 and 5.
+see docs/attacks.md, TaCT.
 
 Dirty-label, source-specific:
 

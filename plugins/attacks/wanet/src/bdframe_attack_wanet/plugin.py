@@ -1,5 +1,5 @@
 """``wanet``: warping-based backdoor (Nguyen & Tran 2021), static poisoning as in
-backdoor-toolbox, specs/attacks.md section 2.4.
+backdoor-toolbox; see docs/attacks.md, WaNet.
 
 Dirty-label, all-to-one. One random permutation of the training set (in id order): the first
 ``int(N * poison_rate)`` images are warped with the fixed field ``grid`` and relabelled to the

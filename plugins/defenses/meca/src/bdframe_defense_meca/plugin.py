@@ -1,16 +1,16 @@
 """``meca``: MeCa (Mellivora Capensis), backdoor defense by iterative backdoor enhancement,
-detection and clean training from scratch (specs/defenses.md section 2).
+detection and clean training from scratch (Pu et al. 2024; see docs/meca.md).
 
 Pipeline, every piece taken from the registry through the defense context:
 
-1. **Warm-up** ([R]): the ``standard`` stage on all of D for ``warmup_epochs`` (10) epochs, so
+1. **Warm-up** (reconstructed): the ``standard`` stage on all of D for ``warmup_epochs`` (10) epochs, so
    the backdoor is learned.
-2. **Backdoor enhancement** (Algorithms 1 and 2), for k = 1..K (``iterations`` = 10 [R]):
+2. **Backdoor enhancement** (Algorithms 1 and 2), for k = 1..K (``iterations`` = 10, reconstructed):
    score D with the ``adv-kl`` scorer (``iteration = k``: fresh masks each iteration), take
    ``D_c`` = the ``ceil(alpha_k N)`` least consistent samples (highest KL), with
-   ``alpha_k = min(alpha_step * k, alpha_max)`` (0.05 k, capped at 0.5 [R]), and train one epoch
+   ``alpha_k = min(alpha_step * k, alpha_max)`` (0.05 k, capped at 0.5; reconstructed), and train one epoch
    of the ``mixed`` stage learning ``D_u`` = D \\ D_c and unlearning ``D_c`` (Eq. 11, lambda =
-   0.05; SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, constant lr [R]). D_c is
+   0.05; SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, constant lr: reconstructed). D_c is
    recomputed every iteration, never accumulated.
 3. **Detection**: the enhanced model in eval mode without augmentation; ``argmax != label`` ->
    clean, otherwise poisoned (the enhanced-model score ``p_e(y|x)`` is saved too).
@@ -18,7 +18,7 @@ Pipeline, every piece taken from the registry through the defense context:
    clean set with the recipe's ``[train]`` stage.
 5. **Relabel and relearn** (optional, ``relearn = true``; off by default as in the paper's main
    tables): detected poisoned samples get the clean model's argmax as label (Eq. 12) and the
-   clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01 [R]).
+   clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01, reconstructed).
 
 The defense sees only the untrusted ImageSet (images, labels, ids): no poison ids, poison
 ratio, trigger or target class. Ground truth is used only by the runner, after the defense.

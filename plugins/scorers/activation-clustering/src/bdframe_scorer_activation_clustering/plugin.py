@@ -1,4 +1,4 @@
-"""``activation-clustering``: Activation Clustering (Chen et al. 2018; specs/defenses.md section 13).
+"""``activation-clustering``: Activation Clustering (Chen et al. 2018; see docs/scorers.md).
 
 Per class: the penultimate features are centred and projected onto their top ``n_components``
 (10) principal directions (PCA as in BackdoorBench; the backdoor-toolbox projection onto the
@@ -11,13 +11,13 @@ offered), then split by 2-means. One cluster may be declared poisoned:
 - ``"silhouette"``: the smaller cluster, if the 2-means silhouette score exceeds
   ``silhouette_threshold`` (0.15, backdoor-toolbox's CIFAR-10 value).
 
-Score. The spec's score is the 0/1 membership. With ``graded = true`` (default) the score is
+Score. The paper's score is the 0/1 membership. With ``graded = true`` (default) the score is
 ``membership + d / (1 + d)``, where ``d`` is the sample's distance to the larger cluster's
 centroid divided by the class's median such distance: every flagged sample still scores >= 1 and
 every other < 1, so the split rule (:meth:`ActivationClustering.flag`: score >= 1) is unchanged,
 while the AUROC gets a ranking inside both groups. ``graded = false`` gives plain 0/1.
 
-k-means [R]: ``n_init`` restarts of k-means++ seeding and Lloyd iterations, the lowest inertia
+k-means (bdframe's choice): ``n_init`` restarts of k-means++ seeding and Lloyd iterations, the lowest inertia
 wins. Every random choice is keyed by (seed, class, restart, sample id), using weighted
 sampling by hash keys (Efraimidis-Spirakis), so the clustering does not depend on the row
 order: the scorer is permutation-equivariant. Set-level: a score depends on the sample's class.

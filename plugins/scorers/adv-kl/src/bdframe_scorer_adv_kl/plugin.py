@@ -1,4 +1,4 @@
-"""``adv-kl``: MeCa's adversarial-KL consistency metric (specs/defenses.md section 2, Eq. 3).
+"""``adv-kl``: MeCa's adversarial-KL consistency metric (Pu et al. 2024, Eq. 3; docs/scorers.md).
 
 For every sample, ``KL_i = KL( p(x_i) || p(x~_i) )`` with ``x~_i = clip01(x_i + m_i * delta_i)``:
 ``m_i`` is a random patch mask drawn from the sample's own random stream (seed, id, iteration)
@@ -6,7 +6,7 @@ and ``delta_i = epsilon * sign(grad_x loss)`` is a single-step adversarial pertu
 Poisoned samples are *more* consistent (low KL), so the score is ``-KL`` (<= 0; higher = more
 likely poisoned). :meth:`AdvKL.kl` returns the KL itself.
 
-Reconstructed choices ([R] in the spec) and their options:
+Choices bdframe reconstructed (the paper does not give them) and their options:
 
 - ``mask_mode = "grid"`` (default): the image is cut into ``patch_size`` x ``patch_size`` cells and
   each cell is switched on independently with probability ``keep_prob``; ``"single"``: one

@@ -1,4 +1,4 @@
-"""``fct``: feature consistency towards transformations (Chen, Wu & Wang 2022; specs/defenses.md 3.1).
+"""``fct``: feature consistency towards transformations (Chen, Wu & Wang 2022; docs/scorers.md, fct).
 
 ``FCT(x) = mean_d (g(x) - g(tau(x)))^2``: the per-dimension mean of the squared difference of the
 penultimate features of an image and of a randomly transformed copy (``metric = "cosine"``
@@ -14,7 +14,7 @@ identity, which gives exactly 0.
 All random parameters come from the sample's own stream (seed, id, transform index), so the
 score of a sample does not depend on the batch or on the other samples.
 
-The spec's FCT defense scores with its *own* backdoored model trained without augmentation
+The authors' FCT defense scores with its *own* backdoored model trained without augmentation
 (2 epochs, then 10 epochs of L_intra); that training belongs to the D-BR/D-ST defenses. This
 scorer measures FCT on whatever model it is given.
 

@@ -1,4 +1,4 @@
-"""``loss``: ABL's isolation score (Li et al. 2021; specs/defenses.md section 6).
+"""``loss``: ABL's isolation score (Li et al. 2021; see docs/scorers.md, loss).
 
 ``s_i = -CE(f(x_i), y_i) = log p_{y_i}(x_i)`` (<= 0), computed in eval mode without
 augmentation: a backdoor is learned faster than clean features, so poisoned samples have the

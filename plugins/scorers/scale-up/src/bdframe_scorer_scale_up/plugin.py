@@ -1,4 +1,4 @@
-"""``scale-up``: SCALE-UP scaled prediction consistency (Guo et al. 2023; specs/defenses.md 14).
+"""``scale-up``: SCALE-UP scaled prediction consistency (Guo et al. 2023; docs/scorers.md).
 
 ``SPC(x) = mean_{n in S} 1[argmax f(clip01(n * x)) == argmax f(x)]`` with ``S = {3, 5, 7, 9, 11}``;
 the scaling happens in [0,1] pixel space (the model wrapper normalises afterwards). Poisoned

@@ -1,4 +1,4 @@
-"""``scan``: SCAn, the statistical contamination analyzer (Tang et al. 2021; specs/defenses.md 11).
+"""``scan``: SCAn, the statistical contamination analyzer (Tang et al. 2021; docs/scorers.md, scan).
 
 Features are the model's penultimate features (optionally reduced by PCA to ``max_dim``).
 
@@ -19,7 +19,7 @@ Features are the model's penultimate features (optionally reduced by PCA to ``ma
    ``J* > threshold`` (e, backdoor-toolbox; BackdoorBench uses e^2). In a flagged class, the
    poisoned group is the one with fewer auxiliary samples.
 
-Score [our design, spec 11]: ``score_mode = "graded"`` (default) gives ``J*_class`` to the members
+Score (bdframe's design): ``score_mode = "graded"`` (default) gives ``J*_class`` to the members
 of the class's candidate poison group (the group with fewer auxiliary samples) and 0 to everyone
 else, so the split rule is ``score > threshold`` (:meth:`Scan.flag`); ``"binary"`` gives 1 to the
 flagged samples and 0 otherwise.

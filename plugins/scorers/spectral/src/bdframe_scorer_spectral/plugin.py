@@ -1,4 +1,4 @@
-"""``spectral``: Spectral Signatures (Tran et al. 2018; specs/defenses.md section 12).
+"""``spectral``: Spectral Signatures (Tran et al. 2018; see docs/scorers.md, spectral).
 
 Per class c: take the penultimate features R_c of the class's samples, centre them, and let v be
 the top right singular vector of the centred matrix; the score is ``<r_i - mean_c, v>^2`` (>= 0,

@@ -1,4 +1,4 @@
-"""``strip``: STRIP superimposition entropy (Gao et al. 2019; specs/defenses.md section 15).
+"""``strip``: STRIP superimposition entropy (Gao et al. 2019; see docs/scorers.md, strip).
 
 Each inspected image is superimposed with every image of a fixed overlay pool,
 ``x + alpha * x_j`` (no clipping, the reference form), and the prediction entropies are
@@ -6,7 +6,7 @@ averaged: ``H = mean_j H(p(x + alpha x_j))``. A trigger dominates the blend and 
 prediction confident, so the score is ``-H`` (higher = more likely poisoned); ``H`` lies in
 ``[0, log K]`` (computed from log-softmax in float64, clamped).
 
-Overlay pool (the spec's D_aux). STRIP assumes a small trusted clean set. Without one, the
+Overlay pool (the paper's trusted clean set). STRIP assumes a small clean set. Without one, the
 pool is an approximation: ``n_overlays`` images drawn uniformly from the *inspected* set by
 per-id hash keys (seeded), so the same images are chosen whatever the row order and batch
 size. The pool may contain poisoned images at the set's poison rate. Given a trusted set,

@@ -1,11 +1,11 @@
-"""``mixed``: learn one set while unlearning another (specs/defenses.md sections 0 and 16, "Mixed").
+"""``mixed``: learn one set while unlearning another (see docs/training-stages.md, mixed).
 
 The objective on a batch drawn from the union ``learn ∪ forget`` is
 
     mean_{learn rows} CE  -  lam * mean_{forget rows} CE
 
 computed within the batch; a term is 0 when the batch holds no row of its subset
-(``normalize = "subset"``, the spec's definition). With ``normalize = "batch"`` both sums are
+(``normalize = "subset"``, MeCa's objective). With ``normalize = "batch"`` both sums are
 divided by the batch size instead, ``(sum_learn CE - lam * sum_forget CE) / B``, so every
 forget row weighs ``lam`` times a learn row whatever the two subsets' sizes (with subset means
 that ratio is ``lam * |learn| / |forget|``, which swings by 19x as MeCa's forget share grows
@@ -17,7 +17,7 @@ zero-gradient terms).
 ``min(CE, b)``, so a row whose CE already exceeds ``b`` adds a constant and no gradient (with
 ``b >= ln C`` such a row is certainly misclassified, since ``p_y < 1/C``). Unbounded gradient
 ascent otherwise keeps pushing rows that are already forgotten, which is how a large ``lam``
-drives a model to a constant predictor. ``0`` (default) leaves the ascent unbounded, the spec's
+drives a model to a constant predictor. ``0`` (default) leaves the ascent unbounded, MeCa's
 objective. MeCa's backdoor enhancement (Eq. 11) is this stage with ``lam = 0.05``;
 D-ST uses ``lam = 0.001``.
 

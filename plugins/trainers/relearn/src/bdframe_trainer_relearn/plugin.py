@@ -1,5 +1,5 @@
 """``relearn``: cross-entropy fine-tuning of an existing model on a (relabelled) set
-(specs/defenses.md section 2, "Relabel and relearn"; section 16).
+(MeCa's relabel-and-relearn step; see docs/training-stages.md, relearn).
 
 The loss is the standard stage's; what differs are the fine-tuning defaults (20 epochs at lr
 0.01, SGD momentum 0.9, weight decay 5e-4, cosine schedule, crop+flip) and the intent: the

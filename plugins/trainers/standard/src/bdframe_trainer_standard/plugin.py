@@ -1,6 +1,6 @@
 """``standard``: cross-entropy training with SGD/Adam(W), a schedule, weight decay, label
-smoothing, batched crop+flip augmentation and mixed precision on GPU (specs/defenses.md
-section 16, "Standard")."""
+smoothing, batched crop+flip augmentation and mixed precision on GPU (see
+docs/training-stages.md, standard)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""``unlearning``: gradient ascent on a forget set (specs/defenses.md sections 0 and 16,
-"Unlearning"; used by ABL, D-BR and SCAnFT).
+"""``unlearning``: gradient ascent on a forget set (see docs/training-stages.md, unlearning;
+used by ABL, D-BR and SCAnFT).
 
 Objectives on a batch of the forget set, with ``l`` its cross-entropy:
 
