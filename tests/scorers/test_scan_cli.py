@@ -34,7 +34,8 @@ def test_scan_writes_scores_histograms_and_metrics(run_dir, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["hist-loss.png", "hist-spectral.png", "hist-strip.png",
                                                     "metrics.json", "scores.csv"]
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert len(rows) == 300 and list(rows[0])[:3] == ["id", "label", "truth"]
+    assert len(rows) == 300 and list(rows[0])[:4] == ["id", "path", "label", "truth"]
+    assert all(r["path"] == "" for r in rows)  # the synthetic dataset has no files
     poison = set(json.loads((run_dir / "poison.json").read_text())["poison_ids"])
     assert {int(r["id"]) for r in rows if r["truth"] == "poison"} == poison
     ranks = sorted(int(r["loss_rank"]) for r in rows)

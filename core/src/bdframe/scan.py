@@ -9,7 +9,8 @@ re-running the recipe's dataset and attack with the saved attack seed (and check
 Output directory (default ``<run>/scan``; written to a temporary sibling and renamed when
 complete, so a failed scan leaves nothing behind):
 
-- ``scores.csv``: ``id, label, truth`` (poison / cover / clean) and, per scorer, its score and
+- ``scores.csv``: ``id, path`` (the file relative to the dataset root, for datasets made of
+  files; empty otherwise), ``label, truth`` (poison / cover / clean) and, per scorer, its score and
   rank (1 = most suspicious; ties broken by id);
 - ``hist-<scorer>.png``: a histogram of the scores, clean in blue, poison in red, cover in green,
   each group scaled to its own tallest bin (so a small poison group stays visible); the x range
@@ -26,7 +27,9 @@ default; ``--clean-aux N`` gives them a class-balanced draw of N images from the
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
+import io
 import json
 import os
 import shutil
@@ -294,6 +297,7 @@ def main(args) -> int:
         raise UserError(problems)
 
     recipe, registry, model, train, test, poison_ids, cover_ids = load_run(run_dir, device=device)
+    files = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config).sample_files("train")
     scorers = {name: registry.create("scorer", name, **params[name]) for name in args.scorer}
     seed = recipe.seed if args.seed is None else args.seed
     data = train
@@ -349,16 +353,18 @@ def main(args) -> int:
         tmp.mkdir()
         truth = ["poison" if p else "cover" if c else "clean" for p, c in zip(is_poison.tolist(), is_cover.tolist())]
         ranks = {name: _ranks(s, data.ids) for name, s in columns.items()}
-        head = ["id", "label", "truth"] + [c for name in columns for c in (name, f"{name}_rank")]
-        lines = [",".join(head)]
+        head = ["id", "path", "label", "truth"] + [c for name in columns for c in (name, f"{name}_rank")]
         ids, labels = data.ids.tolist(), data.labels.tolist()
         cols = {name: (s.tolist(), ranks[name].tolist()) for name, s in columns.items()}
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(head)
         for i in range(len(data)):
-            row = [str(ids[i]), str(labels[i]), truth[i] if known else ""]
+            row = [str(ids[i]), (files or {}).get(ids[i], ""), str(labels[i]), truth[i] if known else ""]
             for name in columns:
                 row += [f"{cols[name][0][i]:.9g}", str(cols[name][1][i])]
-            lines.append(",".join(row))
-        (tmp / "scores.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            w.writerow(row)
+        (tmp / "scores.csv").write_text(buf.getvalue(), encoding="utf-8")
         for name, s in columns.items():
             groups = {"clean": ~is_poison & ~is_cover, "poison": is_poison, "cover": is_cover} if known \
                 else {"all": torch.ones(len(s), dtype=torch.bool)}
