@@ -75,7 +75,7 @@ def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None) -> dict:
         (rd / "state" / "meca").mkdir(parents=True)
         if warmup is not None:
             shutil.copyfile(warmup, rd / "state" / "meca" / "warmup.pt")
-        ctx = RunContext(registry, recipe, dataset.describe(), device, rd, test, asr_set, progress=True)
+        ctx = RunContext.for_recipe(registry, recipe, dataset.describe(), device, rd, test, asr_set, progress=True)
         t = time.perf_counter()
         res = registry.get("defense", "meca")(recipe.defense.config).run(train, ctx)
         secs = time.perf_counter() - t

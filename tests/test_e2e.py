@@ -118,12 +118,51 @@ def test_every_example_recipe_validates(capsys):
     assert capsys.readouterr().out.count(": ok") == len(examples)
 
 
-@pytest.mark.slow
-def test_meca_quickstart_removes_the_backdoor(tmp_path):
-    """The README quickstart as shipped: ASR falls from the warm-up model to the defended one."""
+def readme_quickstart_output() -> list[str]:
+    """The lines README.md says `bdframe run examples/meca-quickstart.toml` ends with."""
     from pathlib import Path
 
-    recipe = Path(__file__).resolve().parent.parent / "examples" / "meca-quickstart.toml"
-    assert main(["run", str(recipe), "--quiet", "--out", str(tmp_path / "qs")]) == 0
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("<!-- quickstart-output:", 1)[1].split("```", 2)[1]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def locked_environment() -> str | None:
+    """Why this is not the environment the README's figures come from (None if it is)."""
+    import platform
+    import re
+    from pathlib import Path
+
+    import torch
+
+    lock = (Path(__file__).resolve().parent.parent / "requirements-lock.txt").read_text()
+    pinned = re.search(r"^torch==(\S+)", lock, re.M).group(1)
+    if torch.__version__.split("+")[0] != pinned:
+        return f"torch {torch.__version__} is not the locked {pinned}"
+    if platform.machine() != "x86_64" or platform.system() != "Linux":
+        return f"{platform.system()} {platform.machine()} is not x86-64 Linux"
+    if torch.cuda.is_available():
+        return "a GPU is present (the quickstart's device is auto)"
+    return None
+
+
+@pytest.mark.slow
+def test_meca_quickstart_removes_the_backdoor_and_prints_what_the_readme_says(tmp_path):
+    """The README quickstart exactly as a user runs it: ASR falls from the warm-up model to the
+    defended one, and, with the locked install on x86-64 Linux, the output is the README's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "bdframe.cli", "run", "examples/meca-quickstart.toml", "--quiet",
+                        "--out", str(tmp_path / "qs")], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
     m = json.loads((tmp_path / "qs" / "metrics.json").read_text())
     assert m["defense_metrics"]["trend"][0]["asr"] > 0.5 and m["asr"] < 0.1
+    printed = p.stdout.splitlines()
+    assert printed[0] == f"run complete: {tmp_path / 'qs'}"
+    why = locked_environment()
+    if why:
+        pytest.skip(f"README figures are for the locked install on x86-64 Linux CPU: {why}")
+    assert printed[1:] == readme_quickstart_output()

@@ -297,47 +297,15 @@ def make_image_folder(root, per_class=40, classes=("cat", "dog", "emu"), size=16
                 write_png(img, str(d / f"img{i:03d}.png"))
 
 
-FOLDER = """
-name = "folder"
-seed = 1
-device = "cpu"
-output_dir = "{out}"
-
-[dataset]
-name = "imagefolder"
-root = "{root}"
-
-[model]
-name = "simple-cnn"
-width = 4
-
-[attack]
-name = "badnet"
-poison_rate = 0.1
-target = 0
-
-[train]
-name = "standard"
-epochs = 1
-batch_size = 32
-lr = 0.05
-
-[defense]
-name = "meca"
-warmup_epochs = 1
-iterations = 1
-batch_size = 32
-"""
-
-
 @pytest.mark.slow
 def test_suspected_and_scan_outputs_name_the_files(tmp_path):
     root = tmp_path / "data"
     make_image_folder(root)
     f = tmp_path / "r.toml"
-    f.write_text(FOLDER.format(out=tmp_path / "runs", root=root))
+    f.write_text(tiny(tmp_path, **{"target = 1": "target = 0", 'name = "synthetic"\ntrain_size = 300\ntest_size = 100\n'
+                                   'image_size = 16': f'name = "imagefolder"\nroot = "{root}"'}) + MECA)
     assert main(["run", str(f), "--quiet"]) == 0
-    d = tmp_path / "runs" / "folder"
+    d = tmp_path / "runs" / "tiny"
     rows = list(csv.DictReader(open(d / "suspected.csv")))
     sus = json.loads((d / "suspected.json").read_text())
     assert rows and len(rows) == sus["count"] == len(sus["suspected_ids"])

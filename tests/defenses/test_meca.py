@@ -148,7 +148,7 @@ def make_ctx(tmp_path, registry, *, train_size=120):
                         registry)
     ds = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
     train, test = ds.load()
-    ctx = runner.RunContext(registry, recipe, ds.describe(), torch.device("cpu"), tmp_path, test, None,
+    ctx = runner.RunContext.for_recipe(registry, recipe, ds.describe(), torch.device("cpu"), tmp_path, test, None,
                             progress=False)
     return recipe, ctx, train
 

@@ -47,6 +47,15 @@ class RunContext(DefenseContext):
         self.history: list[dict] = []
         self._models_built = 0
 
+    @classmethod
+    def for_recipe(cls, registry: Registry, recipe: Recipe, info, device, run_dir: Optional[Path], test: ImageSet,
+                   asr_set: Optional[ImageSet], *, progress: bool = True) -> "RunContext":
+        """The context a run of ``recipe`` gives its defense (for tools that run a defense
+        outside ``bdframe run``, such as benchmarks)."""
+        evaluate = make_evaluator(test, asr_set, batch_size=recipe.eval.batch_size, device=device)
+        return cls(registry, seed=recipe.seed, model_spec=recipe.model, train_spec=recipe.train, info=info,
+                   device=device, run_dir=run_dir, evaluate=evaluate, progress=progress)
+
     def new_model(self) -> Classifier:
         """A freshly initialised model (initialisation seeded by the run seed and a counter)."""
         spec = self._model_spec
@@ -182,9 +191,7 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
         log(f"attack {recipe.attack.name}: {len(poison_ids)} poisoned, {len(cover_ids)} cover samples; "
             f"ASR set {len(asr_set)} images")
 
-    evaluate = make_evaluator(test, asr_set, batch_size=recipe.eval.batch_size, device=device)
-    ctx = RunContext(registry, seed=recipe.seed, model_spec=recipe.model, train_spec=recipe.train, info=info,
-                     device=device, run_dir=rd.path, evaluate=evaluate, progress=progress)
+    ctx = RunContext.for_recipe(registry, recipe, info, device, rd.path, test, asr_set, progress=progress)
     defense = registry.get("defense", recipe.defense.name)(recipe.defense.config)
     t = time.perf_counter()
     result = defense.run(sealed(poisoned_train), ctx)
@@ -196,7 +203,7 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
                      "attack": recipe.attack.name if recipe.attack else None, "defense": recipe.defense.name,
                      "train_size": len(train), "test_size": len(test), "num_poison": int(len(poison_ids)),
                      "num_cover": int(len(cover_ids)) if cover_ids is not None else 0}
-    metrics.update(evaluate(result.model))
+    metrics.update(ctx.evaluate(result.model))
     if asr_set is not None:
         metrics["asr_set_size"] = len(asr_set)
     trained = [r for r in ctx.history if "images_per_s" in r]

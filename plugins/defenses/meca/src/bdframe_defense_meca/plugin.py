@@ -68,7 +68,7 @@ class MeCaConfig:
     lam: float = attrs.field(default=0.05, validator=in_range(0, None), metadata={
         "help": "[S] lambda, weight of the unlearning term of the mixed step (Eq. 11)"})
     unlearn_norm: str = attrs.field(default="subset", validator=one_of("subset", "batch"), metadata={
-        "help": "[R] mixed step normalisation: subset (mean per subset, spec) or batch (per-sample weights)"})
+        "help": "[R] mixed step normalisation: subset (mean per subset, as in MeCa's objective) or batch (per-sample weights)"})
     unlearn_ceiling: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
         "help": "[R] cap on each unlearned sample's CE in the mixed step (no gradient above it); 0: unbounded"})
     epochs_per_iteration: int = attrs.field(default=1, validator=in_range(1, None), metadata={

@@ -41,7 +41,7 @@ class MixedConfig(OptimSettings):
     lam: float = attrs.field(default=0.05, validator=in_range(0, None),
                              metadata={"help": "weight of the unlearning term (lambda); MeCa: 0.05"})
     normalize: str = attrs.field(default="subset", validator=one_of("subset", "batch"), metadata={
-        "help": "subset: mean CE per subset (spec); batch: both sums divided by the batch size"})
+        "help": "subset: mean CE per subset (MeCa's objective); batch: both sums divided by the batch size"})
     forget_ceiling: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
         "help": "cap on each forget row's CE (rows above it get no gradient); 0: unbounded ascent"})
 
