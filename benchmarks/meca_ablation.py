@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_results_args, parse_key_values, print_table, read_json, write_json  # noqa: E402
 
@@ -65,22 +67,21 @@ def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None) -> dict:
     from bdframe.runner import RunContext
     from bdframe.scan import load_run
 
-    _, registry, _, train, test, poison_ids, _ = load_run(run_dir, device=device)
+    saved, _ = load_run(run_dir, device=device)
+    registry, train, poison_ids = saved.registry, saved.poisoned, saved.poison_ids
     recipe = _meca_recipe(run_dir, registry, **params)
-    dataset = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
-    dataset.load()
-    asr_set = registry.get("attack", recipe.attack.name)(recipe.attack.config).poison_test(test)
+    parts = attrs.evolve(saved, recipe=recipe)
     with tempfile.TemporaryDirectory(prefix="meca-ablation-") as tmp:
         rd = Path(tmp)
-        (rd / "state" / "meca").mkdir(parents=True)
+        (rd / "state" / "steps").mkdir(parents=True)
         if warmup is not None:
-            shutil.copyfile(warmup, rd / "state" / "meca" / "warmup.pt")
-        ctx = RunContext.for_recipe(registry, recipe, dataset.describe(), device, rd, test, asr_set, progress=True)
+            shutil.copyfile(warmup, rd / "state" / "steps" / "meca-warmup.pt")
+        ctx = RunContext.for_parts(parts, device, rd, progress=True)
         t = time.perf_counter()
         res = registry.get("defense", "meca")(recipe.defense.config).run(train, ctx)
         secs = time.perf_counter() - t
         scores = torch.load(rd / "meca_scores.pt", weights_only=False)
-        warm = torch.load(rd / "state" / "meca" / "warmup.pt", weights_only=False)
+        warm = torch.load(rd / "state" / "steps" / "meca-warmup.pt", weights_only=False)
     return {"result": res, "scores": scores, "seconds": secs, "warmup": warm, "train": train,
             "poison_ids": poison_ids}
 
@@ -94,7 +95,8 @@ def warmup_path(run_dir: Path, device) -> Path:
         return cached
     saved = run_dir / "meca_warmup_model.pt"
     if saved.is_file():
-        torch.save({"model": torch.load(saved, weights_only=False), "logs": [], "eval": {}, "seconds": 0.0}, cached)
+        torch.save({"result": {"model": torch.load(saved, weights_only=False), "eval": {}, "seconds": 0.0},
+                    "records": []}, cached)
         return cached
     print(f"{run_dir.name}: training the warm-up model once (cached as {cached.name}) ...", file=sys.stderr)
     torch.save(_run_meca(run_dir, device, {"iterations": 0}, None)["warmup"], cached)
@@ -108,8 +110,9 @@ def _load(run_dir: Path, device):
     from bdframe.scan import load_run
 
     warm = warmup_path(run_dir, device)
-    _, registry, model, train, _, poison_ids, _ = load_run(run_dir, device=device)
-    model.load_state_dict(torch.load(warm, weights_only=False)["model"])
+    parts, model = load_run(run_dir, device=device)
+    registry, train, poison_ids = parts.registry, parts.poisoned, parts.poison_ids
+    model.load_state_dict(torch.load(warm, weights_only=False)["result"]["model"])
     return registry, model, train, poison_ids
 
 

@@ -37,7 +37,7 @@ def kept_class_shares(run_dir: Path) -> dict:
 
     from bdframe.scan import load_run
 
-    _, _, _, train, _, _, _ = load_run(run_dir, device=torch.device("cpu"))
+    train = load_run(run_dir, device=torch.device("cpu"))[0].poisoned
     flagged = torch.as_tensor(json.loads((run_dir / "suspected.json").read_text())["suspected_ids"],
                               dtype=torch.int64)
     kept = ~train.contains(flagged)

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
         run_dir = Path(run)
         if not (run_dir / "model.pt").is_file():
             raise SystemExit(f"{run_dir} is not a finished run; run benchmarks/attacks_cifar10.py first")
-        recipe, registry, model, train, _, poison_ids, _ = load_run(run_dir, device=device)
+        parts, model = load_run(run_dir, device=device)
+        recipe, registry, train, poison_ids = parts.recipe, parts.registry, parts.poisoned, parts.poison_ids
         truth = train.contains(poison_ids)
         names = args.scorers or registry.names("scorer")
         train_ips = None

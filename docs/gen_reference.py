@@ -26,9 +26,9 @@ from pathlib import Path
 import attrs
 
 from bdframe.config import describe_fields
-from bdframe.interfaces import KINDS
+from bdframe.interfaces import KINDS, SECTIONS
 from bdframe.plugins import load_registry
-from bdframe.recipe import OPTIONAL_SECTIONS, SECTIONS, EvalSettings, PluginSettings, config_problems, loads_dict
+from bdframe.recipe import EvalSettings, PluginSettings, config_problems, loads_dict
 
 try:
     from types import UnionType
@@ -45,7 +45,7 @@ REFERENCE = ROOT / "docs" / "recipe-reference.md"
 
 KIND_TITLES = {"dataset": "Datasets", "model": "Models", "attack": "Attacks", "scorer": "Sample scorers",
                "trainer": "Training stages", "defense": "Defenses"}
-KIND_SECTION = {kind: section for section, (kind, _) in SECTIONS.items()}
+KIND_SECTION = {k.name: section for section, k in SECTIONS.items()}
 
 
 def builtin_distributions() -> list[str]:
@@ -246,10 +246,12 @@ def render(registry=None) -> str:
         "| section | component kind | if the section is left out |",
         "|---|---|---|",
     ]
-    for section, (kind, default) in SECTIONS.items():
+    for section, k in SECTIONS.items():
+        kind = k.name
+        default = registry.default(kind) if k.when_missing == "default" else None
         if default is not None:
             missing = f"`name = {toml_value(default)}` with its defaults"
-        elif section in OPTIONAL_SECTIONS:
+        elif k.when_missing == "nothing":
             missing = "none (no attack: the data stay clean and no ASR is measured)"
         else:
             missing = "error: the section is required"

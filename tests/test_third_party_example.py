@@ -11,7 +11,7 @@ import torch
 from bdframe import recipe as rmod
 from bdframe.cli import main
 from bdframe.errors import RecipeError
-from bdframe.plugins import load_registry
+from bdframe.plugins import load_recipe, load_registry
 from bdframe.testing import check_attack_contract, registry_with, tiny_imageset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,20 +66,21 @@ def test_bdframe_plugins_lists_it(example_installed, capsys):
 
 
 def test_example_recipe_validates(example_installed):
-    r = rmod.load(EXAMPLE / "recipe.toml")
+    r, reg = load_recipe(EXAMPLE / "recipe.toml")
     assert r.attack.name == "corner-noise"
     assert (r.attack.config.poison_rate, r.attack.config.corner, r.attack.config.noise_seed) == (0.1, "top-left", 0)
-    assert rmod.loads_dict(rmod.tomllib.loads(r.to_toml())) == r  # the resolved recipe round-trips
+    assert rmod.loads_dict(rmod.tomllib.loads(r.to_toml()), reg) == r  # the resolved recipe round-trips
 
 
 def test_recipe_errors_name_the_field(example_installed):
     base = {"dataset": {"name": "synthetic", "num_classes": 4, "image_size": 8}, "model": {"name": "simple-cnn"}}
+    reg = load_registry()
     with pytest.raises(RecipeError) as ei:
-        rmod.loads_dict({**base, "attack": {"name": "corner-noise", "poison_rate": 1.5, "corner": "middle"}})
+        rmod.loads_dict({**base, "attack": {"name": "corner-noise", "poison_rate": 1.5, "corner": "middle"}}, reg)
     assert "$.attack.poison_rate: must be in (0, 1), got 1.5" in ei.value.problems
     assert any(p.startswith("$.attack.corner: must be one of 'top-left'") for p in ei.value.problems)
     with pytest.raises(RecipeError) as ei:  # dataset-dependent checks
-        rmod.loads_dict({**base, "attack": {"name": "corner-noise", "target": 4, "patch_size": 9}})
+        rmod.loads_dict({**base, "attack": {"name": "corner-noise", "target": 4, "patch_size": 9}}, reg)
     assert "$.attack.target: must be a class index in [0, 3], got 4" in ei.value.problems
     assert "$.attack.patch_size: must be <= the image size 8x8, got 9" in ei.value.problems
 
@@ -110,7 +111,7 @@ def test_blocking(example_installed, monkeypatch, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text((EXAMPLE / "recipe.toml").read_text() + f'\n[plugins]\nblock = ["{DIST}"]\n')
     with pytest.raises(RecipeError, match=r"\$\.attack\.name: unknown attack 'corner-noise'"):
-        rmod.load(recipe)
+        load_recipe(recipe)
     monkeypatch.setenv("BDFRAME_BLOCK_PLUGINS", DIST)
     reg = load_registry()
     _forget_package()

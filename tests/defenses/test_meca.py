@@ -144,13 +144,13 @@ class Forbidden:
 def make_ctx(tmp_path, registry, *, train_size=120):
     from bdframe.recipe import loads_dict
 
+    from bdframe.build import materialise
+
     recipe = loads_dict(tomllib.loads(recipe_text(tmp_path, train_size=train_size, attack=False, relearn=False)),
                         registry)
-    ds = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
-    train, test = ds.load()
-    ctx = runner.RunContext.for_recipe(registry, recipe, ds.describe(), torch.device("cpu"), tmp_path, test, None,
-                            progress=False)
-    return recipe, ctx, train
+    parts = materialise(recipe, registry)
+    ctx = runner.RunContext.for_parts(parts, torch.device("cpu"), tmp_path, progress=False)
+    return recipe, ctx, parts.train
 
 
 def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(tmp_path, bdframe_registry):
@@ -160,7 +160,7 @@ def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(t
     asked = []
     real = ctx.component
 
-    def component(kind, name, **params):
+    def component(kind, name=None, **params):
         asked.append((kind, name, params.get("iteration")))
         return real(kind, name, **params)
 
@@ -168,7 +168,7 @@ def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(t
     defense = MeCa(recipe.defense.config)
     res = defense.run(plain, ctx)
     assert asked == [("trainer", "standard", None), ("trainer", "mixed", None), ("scorer", "adv-kl", None),
-                     ("scorer", "adv-kl", 1), ("scorer", "adv-kl", 2)]
+                     ("trainer", None, None), ("scorer", "adv-kl", 1), ("scorer", "adv-kl", 2)]
     n = len(plain)
     sus = set(res.suspected_ids.tolist())
     assert sus <= set(plain.ids.tolist())
@@ -182,11 +182,12 @@ def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(t
     assert (tmp_path / "meca_trend.png").exists() and (tmp_path / "meca_clean_model.pt").exists()
     saved = torch.load(tmp_path / "meca_scores.pt")
     assert len(saved["consistency_scores"]) == 2 and bool((saved["consistency_scores"][0] <= 0).all())
-    assert {p.name for p in (tmp_path / "state" / "meca").iterdir()} == {"warmup.pt", "enhance.pt", "detect.pt",
-                                                                         "clean.pt"}
+    assert {p.name for p in (tmp_path / "state" / "steps").iterdir()} == {
+        "meca-warmup.pt", "meca-enhance.pt", "meca-detect.pt", "meca-clean.pt"}
+    assert not any(p.suffix == ".pt" for p in (tmp_path / "state").iterdir())  # per-epoch files are gone
     # a second run over the same run directory reuses every finished stage: no training, no scoring
     _, ctx2, _ = make_ctx(tmp_path, bdframe_registry)
-    ctx2.component = lambda kind, name, **params: Forbidden(f"{kind} {name}")
+    ctx2.component = lambda kind, name=None, **params: Forbidden(f"{kind} {name}")
     res2 = defense.run(plain, ctx2)
     assert res2.metrics["resumed_stages"] == ["warmup", "iteration-1", "iteration-2", "detect", "clean"]
     assert torch.equal(res2.suspected_ids, res.suspected_ids)
@@ -199,10 +200,10 @@ def test_a_warm_up_state_without_figures_is_evaluated_not_a_crash(tmp_path, bdfr
     an empty ``eval``) used to crash the summary line on ``100 * None``."""
     recipe, ctx, train = make_ctx(tmp_path, bdframe_registry)
     model = ctx.new_model()
-    state = tmp_path / "state" / "meca"
+    state = tmp_path / "state" / "steps"
     state.mkdir(parents=True)
-    torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()}, "logs": [], "eval": {},
-                "seconds": 0.0}, state / "warmup.pt")
+    torch.save({"result": {"model": {k: v.clone() for k, v in model.state_dict().items()}, "eval": {},
+                           "seconds": 0.0}, "records": []}, state / "meca-warmup.pt")
     res = MeCa(attrs.evolve(recipe.defense.config, iterations=1)).run(train, ctx)
     first = res.metrics["trend"][0]
     assert res.metrics["resumed_stages"] == ["warmup"]
@@ -317,7 +318,7 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(reference_run, 
     monkeypatch.setattr(AdvKL, "score", score)
     monkeypatch.setattr(runner.RunContext, "log", interrupt_at(cut_in_iter2))
     assert main(["run", str(f), "--quiet", "--out", str(out)]) == 130
-    assert (tmp_path / "cut.partial" / "state" / "meca" / "enhance.pt").exists() and scored["n"] == 2
+    assert (tmp_path / "cut.partial" / "state" / "steps" / "meca-enhance.pt").exists() and scored["n"] == 2
 
     seen.clear()
     scored["n"] = 0

@@ -44,28 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_recipe(path: str, overrides: dict | None = None):
-    from bdframe import recipe as rmod
-    from bdframe.plugins import load_registry
-
-    data = rmod.parse_toml(path)
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            data[k] = v
-    settings, problems = rmod.plugin_settings(data)
-    if problems:
-        from bdframe.errors import RecipeError
-
-        raise RecipeError(problems, source=path)
-    registry = load_registry(block=settings.block, modules=settings.modules)
-    recipe = rmod.loads_dict(data, registry=registry, source=path, default_name=Path(path).stem)
-    return recipe, registry
-
-
 def cmd_run(args) -> int:
     from bdframe import runner
 
-    recipe, registry = _load_recipe(args.recipe, {"seed": args.seed, "device": args.device})
+    from bdframe.plugins import load_recipe
+
+    recipe, registry = load_recipe(args.recipe, {"seed": args.seed, "device": args.device})
     metrics = runner.run(recipe, registry, out=Path(args.out) if args.out else None, resume=args.resume,
                          overwrite=args.overwrite, progress=not args.quiet,
                          log=lambda m: print(m, file=sys.stderr))
@@ -84,9 +68,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from bdframe.plugins import load_recipe
     from bdframe.runs import output_problem
 
-    recipe, _ = _load_recipe(args.recipe)
+    recipe, _ = load_recipe(args.recipe)
     problem = output_problem(Path(recipe.output_dir) / recipe.name, "$.output_dir")
     if problem:
         raise UserError(problem)

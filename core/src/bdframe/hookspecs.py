@@ -1,7 +1,8 @@
 """pluggy hook specifications. Every hook is prefixed ``bdframe_``.
 
 A plugin module implements any of these with ``@bdframe.hookimpl`` and calls
-``registry.add(ComponentClass)`` for each component it provides::
+``registry.add(ComponentClass)`` for each component it provides (which hook registers which
+kind is ``bdframe.interfaces.KIND_TABLE``)::
 
     from bdframe import hookimpl
 
@@ -45,13 +46,3 @@ def bdframe_register_trainers(registry):
 @hookspec
 def bdframe_register_defenses(registry):
     """Register Defense classes."""
-
-
-HOOKS = {
-    "dataset": "bdframe_register_datasets",
-    "model": "bdframe_register_models",
-    "attack": "bdframe_register_attacks",
-    "scorer": "bdframe_register_scorers",
-    "trainer": "bdframe_register_trainers",
-    "defense": "bdframe_register_defenses",
-}

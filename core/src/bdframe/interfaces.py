@@ -18,11 +18,13 @@ Interfaces (kept small on purpose; docs/plugin-hooks.md describes each in full):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, runtime_checkable
 
 import attrs
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     import torch
 
     from bdframe.data import DatasetInfo, ImageSet
@@ -41,6 +43,9 @@ class Component:
     kind: ClassVar[str] = ""
     Config: ClassVar[type] = EmptyConfig
     summary: ClassVar[str] = ""
+    #: the component a recipe gets when it leaves out this kind's section (see :class:`Kind`);
+    #: at most one installed component of a kind may set it
+    default: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -180,14 +185,99 @@ class Defense(Component):
         raise NotImplementedError
 
 
-class DefenseContext:
-    """What the runner gives a defense. Defined in :mod:`bdframe.runner`; documented here.
+class Checkpoint(Protocol):
+    """A finished step of a defense, persisted so that ``--resume`` does not redo it.
 
-    Attributes/methods: ``seed``, ``device``, ``info`` (DatasetInfo), ``new_model()``,
-    ``trainer`` (the recipe's ``[train]`` stage), ``component(kind, name, **params)`` (any
-    registered component through the registry), ``stage(name)`` (a StageContext with resume
-    state), ``evaluate(model)`` (clean ACC / ASR, for reporting only), ``log(record)``.
+    ``load()`` returns the saved result (or ``None`` if the step has not finished) and replays
+    the history records the step logged into the run's history, marked ``replayed``.
+    ``save(result)`` persists ``result`` (any ``torch.save``-able object) with every record
+    logged since the checkpoint was created, and removes the per-epoch resume files of the
+    stages created since then. ``save`` may be called again (an incremental step such as
+    MeCa's enhancement loop); the last call wins.
     """
 
+    name: str
 
-KINDS = ("dataset", "model", "attack", "scorer", "trainer", "defense")
+    def load(self) -> Any: ...
+
+    def save(self, result: Any) -> None: ...
+
+
+@runtime_checkable
+class DefenseContext(Protocol):
+    """What a defense receives from the runner (``bdframe.runner.RunContext``), and nothing else.
+
+    It carries nothing about the attack: no recipe, no poison ids, target or trigger.
+    """
+
+    #: the run seed (derive per-step seeds from it with ``bdframe.seeding.derive_seed``)
+    seed: int
+    #: the torch device models and batches go to
+    device: Any
+    #: the dataset's :class:`~bdframe.data.DatasetInfo`
+    info: "DatasetInfo"
+    #: show progress bars
+    progress: bool
+    #: a directory for the defense's own files (plots, scores, models), or None outside a run
+    artifacts: Optional["Path"]
+
+    def new_model(self, *, num_classes: Optional[int] = None, state_dict: Optional[dict] = None) -> "Classifier":
+        """A freshly initialised model of the recipe's ``[model]`` (seeded by the run seed and a
+        counter), on the device; ``num_classes`` builds it with another head, ``state_dict``
+        loads weights into it."""
+        ...
+
+    def component(self, kind: str, name: Optional[str] = None, **params) -> Component:
+        """A component through the registry, ``params`` checked against its Config. Without a
+        name, the recipe's own component of that kind (``component("trainer")`` is the
+        ``[train]`` stage, with the recipe's parameters updated by ``params``)."""
+        ...
+
+    def stage(self, name: str, *, evaluate_each_epoch: bool = False, lr_setting: str = "[train] lr") -> StageContext:
+        """A :class:`StageContext` for one training stage; a name can be used once per run."""
+        ...
+
+    def checkpoint(self, name: str) -> Checkpoint:
+        """A :class:`Checkpoint` for one finished step of the defense."""
+        ...
+
+    def evaluate(self, model: Any) -> dict:
+        """``{"clean_acc": ...}`` and ``"asr"`` (with an attack) on the held-out test sets, for
+        reporting only: a defense must not select or tune anything on these figures."""
+        ...
+
+    def log(self, record: dict) -> None:
+        """Append a record to the run's history (``history.jsonl``)."""
+        ...
+
+
+@attrs.frozen
+class Kind:
+    """One kind of component: its interface, the hook that registers it and its recipe section.
+
+    ``when_missing`` says what a recipe without the section gets: ``"error"`` (required),
+    ``"nothing"`` (optional; no component) or ``"default"`` (the installed component of this
+    kind whose class sets ``default = True``; an error if there is none). ``section`` is None
+    for kinds a recipe does not name (scorers: defenses and ``bdframe scan`` create them).
+    """
+
+    name: str
+    interface: type
+    hook: str
+    section: Optional[str]
+    when_missing: str = "error"
+
+
+#: Every kind of component. Adding a kind is a row here plus its hookspec in ``hookspecs``.
+KIND_TABLE = (
+    Kind("dataset", DatasetFactory, "bdframe_register_datasets", "dataset"),
+    Kind("model", ModelFactory, "bdframe_register_models", "model"),
+    Kind("attack", Attack, "bdframe_register_attacks", "attack", "nothing"),
+    Kind("scorer", SampleScorer, "bdframe_register_scorers", None),
+    Kind("trainer", Trainer, "bdframe_register_trainers", "train", "default"),
+    Kind("defense", Defense, "bdframe_register_defenses", "defense", "default"),
+)
+KINDS = tuple(k.name for k in KIND_TABLE)
+KIND = {k.name: k for k in KIND_TABLE}
+#: recipe section -> Kind, in recipe order
+SECTIONS = {k.section: k for k in KIND_TABLE if k.section is not None}

@@ -24,7 +24,8 @@ import pluggy
 
 from bdframe import hookspecs
 from bdframe.errors import UserError
-from bdframe.registry import Provider, Registrar, Registry
+from bdframe.interfaces import KIND_TABLE
+from bdframe.registry import Provider, Registrar, RegistrationError, Registry
 
 GROUP = "bdframe"
 
@@ -95,12 +96,14 @@ def load_registry(*, block: Iterable[str] = (), modules: Iterable[str] = (),
                                                    autoload=autoload)
     registry = Registry()
     registry.failed.extend(failures)
-    for kind, hook_name in hookspecs.HOOKS.items():
-        hook = getattr(pm.hook, hook_name)
+    for kind in KIND_TABLE:
+        hook = getattr(pm.hook, kind.hook)
         for impl in reversed(hook.get_hookimpls()):  # registration order
             provider = provenance.get(impl.plugin_name, Provider(impl.plugin_name))
             try:
-                impl.function(registry=Registrar(registry, kind, provider))
+                impl.function(registry=Registrar(registry, kind.name, provider))
+            except RegistrationError as e:  # a component that breaks the contract is refused
+                registry.failed.append((impl.plugin_name, str(e)))
             except UserError:
                 raise
             except Exception as e:
@@ -108,3 +111,23 @@ def load_registry(*, block: Iterable[str] = (), modules: Iterable[str] = (),
                 if os.environ.get("BDFRAME_DEBUG"):
                     traceback.print_exc()
     return registry
+
+
+def load_recipe(path, overrides: dict | None = None):
+    """``(recipe, registry)`` for a recipe file: parse it, apply top-level ``overrides`` (None
+    values are ignored), build the registry its ``[plugins]`` section asks for, validate."""
+    from pathlib import Path
+
+    from bdframe import recipe as rmod
+    from bdframe.errors import RecipeError
+
+    data = rmod.parse_toml(path)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    settings, problems = rmod.plugin_settings(data)
+    if problems:
+        raise RecipeError(problems, source=str(path))
+    registry = load_registry(block=settings.block, modules=settings.modules)
+    recipe = rmod.loads_dict(data, registry, source=str(path), default_name=Path(path).stem)
+    return recipe, registry

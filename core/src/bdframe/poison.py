@@ -49,27 +49,21 @@ def _write_split(root: Path, split: str, data, orig_labels, poison, cover, write
 
 
 def main(args) -> int:
-    import torch
-
-    from bdframe.cli import _load_recipe
+    from bdframe.build import materialise
+    from bdframe.plugins import load_recipe
     from bdframe.progress import Progress
     from bdframe.runs import write_json_atomic, write_text_atomic
-    from bdframe.seeding import derive_seed
 
-    recipe, registry = _load_recipe(args.recipe)
+    recipe, registry = load_recipe(args.recipe)
     if recipe.attack is None:
         raise UserError(f"{args.recipe}: $.attack: `bdframe poison` needs an [attack] section")
     out = Path(args.out)
     tmp = out.with_name(out.name + ".partial")
     if out.exists() and not args.overwrite:
         raise UserError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
-    dataset = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
-    train, test = dataset.load()
-    attack = registry.get("attack", recipe.attack.name)(recipe.attack.config)
-    seed = derive_seed(recipe.seed, "attack")  # the same poisoning as `bdframe run` with this recipe
-    ps = attack.poison_train(train, seed=seed)
-    asr = attack.poison_test(test)
-    poison, cover = set(ps.poison_ids.tolist()), set(ps.cover_ids.tolist())
+    parts = materialise(recipe, registry)  # the same poisoning as `bdframe run` with this recipe
+    train, test, asr = parts.train, parts.test, parts.asr_set
+    poison, cover = set(parts.poison_ids.tolist()), set(parts.cover_ids.tolist())
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -79,15 +73,13 @@ def main(args) -> int:
         w.writerow(["split", "id", "file", "original_label", "given_label", "poisoned", "cover"])
         total = len(train) + len(test) + len(asr)
         with Progress(total, "writing images", unit="img", enabled=False if args.quiet else None) as bar:
-            _write_split(tmp, "train", ps.data, train.labels, poison, cover, w, bar)
+            _write_split(tmp, "train", parts.poisoned, train.labels, poison, cover, w, bar)
             _write_split(tmp, "test", test, test.labels, set(), set(), w, bar)
             asr_orig = test.labels[test.positions(asr.ids)]
             _write_split(tmp, "test-asr", asr, asr_orig, set(), set(), w, bar)
         write_text_atomic(tmp / "manifest.csv", buf.getvalue())
         write_text_atomic(tmp / "recipe.toml", recipe.to_toml())
-        write_json_atomic(tmp / "poison.json", {"attack": recipe.attack.name, "seed": seed,
-                                                "poison_ids": sorted(poison), "cover_ids": sorted(cover),
-                                                "meta": ps.meta})
+        write_json_atomic(tmp / "poison.json", parts.poison_info())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,6 +17,7 @@ import cattrs
 
 from bdframe.config import strict_converter, structure_problems, validate_all
 from bdframe.errors import RecipeError, UserError
+from bdframe.interfaces import SECTIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,24 +55,29 @@ def _pos(v):
 
 @attrs.frozen
 class Recipe:
+    """A validated recipe. The component of each section (``recipe.dataset``, ``recipe.attack``,
+    ... for every section of ``bdframe.interfaces.SECTIONS``) is a :class:`ComponentSpec`, or
+    None for an optional section left out."""
+
     name: str
     seed: int
     device: str
     output_dir: str
-    dataset: ComponentSpec
-    model: ComponentSpec
-    attack: Optional[ComponentSpec]
-    train: ComponentSpec
-    defense: ComponentSpec
+    components: dict = attrs.field(factory=dict)
     eval: EvalSettings = EvalSettings()
     plugins: PluginSettings = PluginSettings()
 
+    def __getattr__(self, section: str):
+        if section in SECTIONS:
+            return self.components.get(section)
+        raise AttributeError(section)
+
     def to_dict(self) -> dict:
-        """The resolved recipe (every default filled in), loadable again by :func:`loads`."""
+        """The resolved recipe (every default filled in), loadable again by :func:`loads_dict`."""
         out: dict[str, Any] = {"name": self.name, "seed": self.seed, "device": self.device,
                                "output_dir": self.output_dir}
         for section in SECTIONS:
-            spec = getattr(self, section)
+            spec = self.components.get(section)
             if spec is not None:
                 out[section] = spec.to_dict()
         out["eval"] = config_to_dict(self.eval)
@@ -86,15 +92,6 @@ class Recipe:
         return toml.dumps(self.to_dict())
 
 
-# section -> (component kind, default component name or None if required / optional)
-SECTIONS = {
-    "dataset": ("dataset", None),
-    "model": ("model", None),
-    "attack": ("attack", None),
-    "train": ("trainer", "standard"),
-    "defense": ("defense", "none"),
-}
-OPTIONAL_SECTIONS = {"attack"}
 TOP_KEYS = {"name": str, "seed": int, "device": str, "output_dir": str}
 
 
@@ -170,9 +167,9 @@ def parse_toml(path: str | Path) -> dict:
         raise UserError(f"recipe {str(path)!r} is not valid TOML: {e}") from None
 
 
-def load(path: str | Path, registry=None, *, check_dataset: bool = True) -> Recipe:
+def load(path: str | Path, registry, *, check_dataset: bool = True) -> Recipe:
     data = parse_toml(path)
-    return loads_dict(data, registry=registry, source=str(path), default_name=Path(path).stem,
+    return loads_dict(data, registry, source=str(path), default_name=Path(path).stem,
                       check_dataset=check_dataset)
 
 
@@ -194,16 +191,15 @@ def plugin_settings(data: dict) -> tuple[PluginSettings, list[str]]:
     return PluginSettings(**vals), problems
 
 
-def loads_dict(data: dict, registry=None, *, source: str | None = None, default_name: str = "run",
+def loads_dict(data: dict, registry, *, source: str | None = None, default_name: str = "run",
                check_dataset: bool = True) -> Recipe:
-    """Validate a parsed recipe. Collects every problem before raising :class:`RecipeError`."""
-    from bdframe.plugins import load_registry
-
+    """Validate a parsed recipe against ``registry`` (build it with
+    :func:`bdframe.plugins.load_registry`, honouring the recipe's ``[plugins]``; or use
+    :func:`bdframe.plugins.load_recipe`). Collects every problem before raising
+    :class:`RecipeError`."""
     problems: list[str] = []
     plugins, p = plugin_settings(data)
     problems += p
-    if registry is None:
-        registry = load_registry(block=plugins.block, modules=plugins.modules)
 
     allowed_top = list(TOP_KEYS) + list(SECTIONS) + ["eval", "plugins"]
     for key in data:
@@ -227,13 +223,15 @@ def loads_dict(data: dict, registry=None, *, source: str | None = None, default_
         problems.append(f"$.device: must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {dev!r}")
 
     specs: dict[str, Optional[ComponentSpec]] = {}
-    for section, (kind, default) in SECTIONS.items():
+    for section, kind_spec in SECTIONS.items():
+        kind = kind_spec.name
         raw = data.get(section)
         path = f"$.{section}"
         if raw is None:
+            default = registry.default(kind) if kind_spec.when_missing == "default" else None
             if default is not None:
                 raw = {"name": default}
-            elif section in OPTIONAL_SECTIONS:
+            elif kind_spec.when_missing == "nothing":
                 specs[section] = None
                 continue
             else:
@@ -283,6 +281,4 @@ def loads_dict(data: dict, registry=None, *, source: str | None = None, default_
 
     if problems:
         raise RecipeError(problems, source=source)
-    return Recipe(dataset=specs["dataset"], model=specs["model"], attack=specs.get("attack"),
-                  train=specs["train"], defense=specs["defense"], eval=eval_settings, plugins=plugins,
-                  **head)
+    return Recipe(components=specs, eval=eval_settings, plugins=plugins, **head)

@@ -13,7 +13,7 @@ from typing import Iterable
 import attrs
 
 from bdframe.errors import UserError
-from bdframe.interfaces import KINDS, Component
+from bdframe.interfaces import KIND, KINDS, Component
 
 
 @attrs.frozen
@@ -44,6 +44,38 @@ class UnknownComponentError(UserError):
     pass
 
 
+class RegistrationError(Exception):
+    """A plugin registered a component that breaks the contract; the component is refused and
+    the plugin listed in ``Registry.failed`` with this message."""
+
+
+def contract_problem(kind: str, cls) -> str | None:
+    """Why ``cls`` cannot be registered as a ``kind`` component (None if it can)."""
+    spec = KIND[kind]
+    what = getattr(cls, "__qualname__", repr(cls))
+    if not isinstance(cls, type) or not issubclass(cls, spec.interface):
+        return (f"{what} is registered by {spec.hook} but is not a {spec.interface.__name__} "
+                f"(subclass bdframe.interfaces.{spec.interface.__name__})")
+    if cls.kind != kind:
+        return f"{what} is a {cls.kind!r} component but is registered by {spec.hook}, the hook for {kind!r}"
+    if not getattr(cls, "name", ""):
+        return f"{what} has no component name (set the class attribute name)"
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and attrs.has(config)):
+        return f"{what}.Config must be a frozen attrs class (@attrs.frozen)"
+    try:
+        inst = config()
+    except Exception as e:
+        return f"{what}.Config() fails ({type(e).__name__}: {e}): give every field a default"
+    try:
+        setattr(inst, "_bdframe_frozen_probe", 1)
+    except attrs.exceptions.FrozenInstanceError:
+        return None
+    except AttributeError:
+        pass
+    return f"{what}.Config must be frozen (@attrs.frozen), so a component's parameters cannot change"
+
+
 class Registry:
     def __init__(self):
         self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
@@ -52,9 +84,15 @@ class Registry:
     def _add(self, kind: str, cls: type, provider: Provider) -> None:
         if kind not in self._entries:
             raise ValueError(f"unknown component kind {kind!r}")
-        name = getattr(cls, "name", "")
-        if not name:
-            raise ValueError(f"{cls.__qualname__} has no component name")
+        problem = contract_problem(kind, cls)
+        if problem:
+            raise RegistrationError(f"{provider.describe()}: {problem}")
+        name = cls.name
+        if cls.default:
+            other = self.default(kind)
+            if other is not None and self.get(kind, other) is not cls:
+                raise RegistrationError(f"{provider.describe()}: {cls.__qualname__} claims to be the default "
+                                        f"{kind}, but {other!r} already is")
         existing = self._entries[kind].get(name)
         if existing is not None and existing.cls is not cls:
             raise DuplicateComponentError(
@@ -63,6 +101,10 @@ class Registry:
                 f"({cls.__module__}.{cls.__qualname__}); block one of them (BDFRAME_BLOCK_PLUGINS or "
                 f"[plugins] block in the recipe)")
         self._entries[kind][name] = Entry(kind, name, cls, provider)
+
+    def default(self, kind: str) -> str | None:
+        """The name of the installed component that a recipe without this kind's section gets."""
+        return next((n for n, e in sorted(self._entries[kind].items()) if e.cls.default), None)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._entries[kind])

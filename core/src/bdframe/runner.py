@@ -12,71 +12,92 @@ import attrs
 import torch
 
 import bdframe
+from bdframe.build import materialise
 from bdframe.data import ImageSet
 from bdframe.errors import UserError
-from bdframe.interfaces import DefenseContext, StageContext
+from bdframe.interfaces import SECTIONS, StageContext
 from bdframe.metrics import accuracy, detection
 from bdframe.nn import Classifier, resolve_device
 from bdframe.recipe import Recipe
 from bdframe.registry import Registry
-from bdframe.runs import RunDir, write_json_atomic, write_text_atomic
+from bdframe.runs import RunDir, save_atomic, write_json_atomic, write_text_atomic
 from bdframe.seeding import derive_seed, seed_everything
 
 
-class RunContext(DefenseContext):
+class RunContext:
     """The :class:`~bdframe.interfaces.DefenseContext` the runner hands to a defense.
 
-    It is sealed: it holds the run seed, the device, the dataset's description, the recipe's
-    ``[model]``, ``[train]`` and ``[eval]`` sections and the registry, and nothing about the
-    attack (no recipe ``[attack]`` section, poison ids, target or trigger). The held-out test
-    sets used by :meth:`evaluate` (the ASR set is triggered and labelled with the target) live
-    only inside a closure, not in an attribute a defense could read.
+    It is sealed: it holds the run seed, the device, the dataset's description, the run's
+    artifacts directory, and (in closures and private attributes) the registry, the recipe's
+    ``[model]``/``[train]``/``[defense]`` sections and the held-out test sets used by
+    :meth:`evaluate`. Nothing about the attack: no recipe ``[attack]`` section, poison ids,
+    target or trigger.
     """
 
-    def __init__(self, registry: Registry, *, seed: int, model_spec, train_spec, info, device: torch.device,
-                 run_dir: Optional[Path], evaluate, progress: bool = True):
-        self.registry = registry
+    def __init__(self, registry: Registry, *, seed: int, own: dict, build_model, info, device: torch.device,
+                 artifacts: Optional[Path], evaluate, progress: bool = True):
         self.seed = seed
-        self.info = info
         self.device = device
-        self.run_dir = run_dir
+        self.info = info
         self.progress = progress
-        self._model_spec = model_spec
-        self._train_spec = train_spec
-        self._evaluate = evaluate
+        self.artifacts = artifacts
         self.history: list[dict] = []
+        self._registry = registry
+        self._own = own
+        self._build_model = build_model
+        self._evaluate = evaluate
         self._models_built = 0
+        self._names: set[str] = set()
+        self._stage_order: list[str] = []
 
     @classmethod
-    def for_recipe(cls, registry: Registry, recipe: Recipe, info, device, run_dir: Optional[Path], test: ImageSet,
-                   asr_set: Optional[ImageSet], *, progress: bool = True) -> "RunContext":
-        """The context a run of ``recipe`` gives its defense (for tools that run a defense
-        outside ``bdframe run``, such as benchmarks)."""
-        evaluate = make_evaluator(test, asr_set, batch_size=recipe.eval.batch_size, device=device)
-        return cls(registry, seed=recipe.seed, model_spec=recipe.model, train_spec=recipe.train, info=info,
-                   device=device, run_dir=run_dir, evaluate=evaluate, progress=progress)
+    def for_parts(cls, parts, device, artifacts: Optional[Path], *, progress: bool = True) -> "RunContext":
+        """The context a run of ``parts`` (:func:`bdframe.build.materialise`) gives its defense;
+        also for tools that run a defense outside ``bdframe run``, such as benchmarks."""
+        recipe = parts.recipe
+        evaluate = make_evaluator(parts.test, parts.asr_set, batch_size=recipe.eval.batch_size, device=device)
+        own = {spec.kind: spec for spec in (recipe.model, recipe.train, recipe.defense)}
+        build = parts.build_model
+        return cls(parts.registry, seed=recipe.seed, own=own, build_model=lambda **kw: build(**kw), info=parts.info,
+                   device=device, artifacts=artifacts, evaluate=evaluate, progress=progress)
 
-    def new_model(self) -> Classifier:
-        """A freshly initialised model (initialisation seeded by the run seed and a counter)."""
-        spec = self._model_spec
+    def _claim(self, what: str, name: str) -> None:
+        key = f"{what}:{name}"
+        if key in self._names:
+            raise ValueError(f"{what} name {name!r} is already used in this run; give each {what} its own name "
+                             f"(a second {what} with the same name would reuse the first one's saved state)")
+        self._names.add(key)
+
+    def new_model(self, *, num_classes: Optional[int] = None, state_dict: Optional[dict] = None) -> Classifier:
+        """A freshly initialised model (the k-th call seeds with ``derive_seed(seed, "model-init", k)``)."""
         seed_everything(derive_seed(self.seed, "model-init", self._models_built))
         self._models_built += 1
-        net = self.registry.get("model", spec.name)(spec.config).build(self.info)
-        return Classifier(net, self.info.mean, self.info.std).to(self.device)
+        model = self._build_model(num_classes=num_classes)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return model.to(self.device)
 
-    @property
-    def trainer(self):
-        spec = self._train_spec
-        return self.registry.get("trainer", spec.name)(spec.config)
+    def component(self, kind: str, name: Optional[str] = None, **params):
+        if name is None:
+            spec = self._own.get(kind)
+            if spec is None:
+                raise ValueError(f"the recipe names no {kind} a defense can use; give the component's name")
+            from bdframe.recipe import config_to_dict
 
-    def component(self, kind: str, name: str, **params):
-        return self.registry.create(kind, name, **params)
+            return self._registry.create(kind, spec.name, **{**config_to_dict(spec.config), **params})
+        return self._registry.create(kind, name, **params)
 
     def stage(self, name: str, *, evaluate_each_epoch: bool = False, lr_setting: str = "[train] lr") -> StageContext:
-        state = self.run_dir / "state" / f"{name}.pt" if self.run_dir else None
+        self._claim("stage", name)
+        self._stage_order.append(name)
+        state = self.artifacts / "state" / f"{name}.pt" if self.artifacts else None
         return StageContext(seed=derive_seed(self.seed, "stage", name), device=self.device, name=name,
                             progress=self.progress, state_path=state, on_epoch=self.log,
                             evaluate=self.evaluate if evaluate_each_epoch else None, lr_setting=lr_setting)
+
+    def checkpoint(self, name: str) -> "StepCheckpoint":
+        self._claim("checkpoint", name)
+        return StepCheckpoint(self, name)
 
     def evaluate(self, model) -> dict:
         """Clean accuracy and ASR on the held-out test sets (reporting only)."""
@@ -84,9 +105,36 @@ class RunContext(DefenseContext):
 
     def log(self, record: dict) -> None:
         self.history.append(record)
-        if self.run_dir is not None:
+        if self.artifacts is not None:
             text = "".join(json.dumps({k: v for k, v in r.items() if k != "replayed"}) + "\n" for r in self.history)
-            write_text_atomic(self.run_dir / "history.jsonl", text)
+            write_text_atomic(self.artifacts / "history.jsonl", text)
+
+
+class StepCheckpoint:
+    """A :class:`~bdframe.interfaces.Checkpoint` kept in ``<run dir>/state/steps/<name>.pt``."""
+
+    def __init__(self, ctx: RunContext, name: str):
+        self.name = name
+        self._ctx = ctx
+        self._path = ctx.artifacts / "state" / "steps" / f"{name}.pt" if ctx.artifacts else None
+        self._first_record = len(ctx.history)
+        self._first_stage = len(ctx._stage_order)
+
+    def load(self):
+        if self._path is None or not self._path.exists():
+            return None
+        saved = torch.load(self._path, map_location="cpu", weights_only=False)
+        for rec in saved["records"]:
+            self._ctx.log(dict(rec, replayed=True))
+        return saved["result"]
+
+    def save(self, result) -> None:
+        if self._path is None:
+            return
+        records = [{k: v for k, v in r.items() if k != "replayed"} for r in self._ctx.history[self._first_record:]]
+        save_atomic({"result": result, "records": records}, self._path)
+        for stage in self._ctx._stage_order[self._first_stage:]:  # their per-epoch state is no longer needed
+            (self._ctx.artifacts / "state" / f"{stage}.pt").unlink(missing_ok=True)
 
 
 def make_evaluator(test: ImageSet, asr_set: Optional[ImageSet], *, batch_size: int, device):
@@ -124,11 +172,13 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def provenance(registry: Registry, recipe: Recipe, sections=("dataset", "model", "attack", "train", "defense")) -> dict:
+def provenance(registry: Registry, recipe: Recipe, *, sealed: bool = False) -> dict:
+    """Component name, plugin, distribution and version per recipe section (``sealed``: without
+    the attack, as ``run.json`` holds it while the defense runs)."""
     out = {}
-    for section in sections:
+    for section in SECTIONS:
         spec = getattr(recipe, section)
-        if spec is None:
+        if spec is None or (sealed and spec.kind == "attack"):
             continue
         e = registry.entry(spec.kind, spec.name)
         out[section] = {"name": spec.name, "plugin": e.provider.plugin, "distribution": e.provider.distribution,
@@ -162,50 +212,31 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
     """Everything that names the attack (``poison.json``, the full ``recipe.toml`` and
     ``run.json``) is written only after the defense has returned, so nothing the defense could
     read while it runs (its context, its data, the run directory) carries the ground truth."""
-    seeds = {"run": recipe.seed, "attack": derive_seed(recipe.seed, "attack")}
     run_info = {"name": recipe.name, "seeds": {"run": recipe.seed},
-                "plugins": provenance(registry, recipe, ("dataset", "model", "train", "defense")),
+                "plugins": provenance(registry, recipe, sealed=True),
                 "environment": environment(device), "status": "running", "resumed": resume}
     write_json_atomic(rd.file("run.json"), run_info)
 
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    dataset = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
-    train, test = dataset.load()
-    info = dataset.describe()  # after load: a dataset may compute its statistics while loading
-    timings["load_data"] = time.perf_counter() - t
-    log(f"dataset {recipe.dataset.name}: {len(train)} train / {len(test)} test images, "
-        f"{info.num_classes} classes, {info.channels}x{info.height}x{info.width}; device {device}")
-
-    poisoned_train, asr_set, poison_ids, cover_ids = train, None, torch.empty(0, dtype=torch.int64), None
-    poison_info: dict = {"attack": None}
-    if recipe.attack is not None:
-        t = time.perf_counter()
-        attack = registry.get("attack", recipe.attack.name)(recipe.attack.config)
-        ps = attack.poison_train(train, seed=seeds["attack"])
-        poisoned_train, poison_ids, cover_ids = ps.data, ps.poison_ids, ps.cover_ids
-        asr_set = attack.poison_test(test)
-        timings["poison"] = time.perf_counter() - t
-        poison_info = {"attack": recipe.attack.name, "poison_ids": sorted(int(i) for i in poison_ids),
-                       "cover_ids": sorted(int(i) for i in cover_ids), "meta": ps.meta}
-        log(f"attack {recipe.attack.name}: {len(poison_ids)} poisoned, {len(cover_ids)} cover samples; "
-            f"ASR set {len(asr_set)} images")
-
-    ctx = RunContext.for_recipe(registry, recipe, info, device, rd.path, test, asr_set, progress=progress)
+    log(f"device {device}")
+    parts = materialise(recipe, registry, log=log)
+    train, test, poisoned_train, poison_ids, cover_ids = (parts.train, parts.test, parts.poisoned, parts.poison_ids,
+                                                          parts.cover_ids)
+    timings: dict[str, float] = dict(parts.seconds)
+    ctx = RunContext.for_parts(parts, device, rd.path, progress=progress)
     defense = registry.get("defense", recipe.defense.name)(recipe.defense.config)
     t = time.perf_counter()
     result = defense.run(sealed(poisoned_train), ctx)
     timings["defense"] = time.perf_counter() - t
 
     # -- the defense has returned: from here on the ground truth may be written ------------------
-    write_json_atomic(rd.file("poison.json"), poison_info)
+    write_json_atomic(rd.file("poison.json"), parts.poison_info())
     metrics: dict = {"name": recipe.name, "dataset": recipe.dataset.name, "model": recipe.model.name,
                      "attack": recipe.attack.name if recipe.attack else None, "defense": recipe.defense.name,
                      "train_size": len(train), "test_size": len(test), "num_poison": int(len(poison_ids)),
                      "num_cover": int(len(cover_ids)) if cover_ids is not None else 0}
     metrics.update(ctx.evaluate(result.model))
-    if asr_set is not None:
-        metrics["asr_set_size"] = len(asr_set)
+    if parts.asr_set is not None:
+        metrics["asr_set_size"] = len(parts.asr_set)
     trained = [r for r in ctx.history if "images_per_s" in r]
     if trained:
         secs = sum(r["seconds"] for r in trained)
@@ -213,7 +244,7 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
         metrics["train_images_per_s"] = sum(r["images"] for r in trained) / secs if secs else 0.0
         metrics["train_non_compute_share"] = 1.0 - comp / secs if secs else 0.0
     if result.suspected_ids is not None:
-        files = dataset.sample_files("train")
+        files = parts.dataset.sample_files("train")
         write_suspected(rd.path, poisoned_train, result.suspected_ids, result.scores, files)
         if recipe.attack is not None:
             metrics["detection"] = detection(sorted(int(i) for i in result.suspected_ids), poison_ids,
@@ -226,7 +257,8 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
     torch.save(result.model.state_dict(), rd.file("model.pt.tmp"))
     rd.file("model.pt.tmp").replace(rd.file("model.pt"))
     write_json_atomic(rd.file("metrics.json"), metrics)
-    run_info.update(seeds=seeds, plugins=provenance(registry, recipe), status="complete")
+    run_info.update(seeds={"run": recipe.seed, "attack": parts.attack_seed}, plugins=provenance(registry, recipe),
+                    status="complete")
     write_json_atomic(rd.file("run.json"), run_info)
     final_path = rd.finish()
     metrics["run_dir"] = str(final_path)

@@ -99,57 +99,39 @@ def parse_params(items: list[str], scorers: list[str]) -> dict[str, dict]:
 
 
 def load_run(run_dir: Path, *, device):
-    """``(recipe, registry, model, train, test, poison_ids, cover_ids)`` of a saved run."""
+    """The :class:`~bdframe.build.RunParts` of a saved run (rebuilt from its recipe with its
+    saved attack seed and checked against its ``poison.json``) and its final model."""
     import torch
 
-    from bdframe import recipe as rmod
-    from bdframe.nn import Classifier
-    from bdframe.plugins import load_registry
+    from bdframe.build import materialise
+    from bdframe.plugins import load_recipe
     from bdframe.runs import read_json
 
     for f in ("recipe.toml", "run.json", "model.pt"):
         if not (run_dir / f).is_file():
             raise UserError(f"{str(run_dir)!r} is not a complete run directory: {f} is missing")
-    data = rmod.parse_toml(run_dir / "recipe.toml")
-    settings, problems = rmod.plugin_settings(data)
-    if problems:
-        from bdframe.errors import RecipeError
-
-        raise RecipeError(problems, source=str(run_dir / "recipe.toml"))
-    registry = load_registry(block=settings.block, modules=settings.modules)
-    recipe = rmod.loads_dict(data, registry=registry, source=str(run_dir / "recipe.toml"))
+    recipe, registry = load_recipe(run_dir / "recipe.toml")
     try:
         run_info = read_json(run_dir / "run.json")
         attack_seed = int(run_info["seeds"]["attack"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{str(run_dir / 'run.json')!r} has no usable seeds.attack ({type(e).__name__}: {e})") from None
-
-    dataset = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config)
-    train, test = dataset.load()
-    info = dataset.describe()
-    poison_ids = torch.empty(0, dtype=torch.int64)
-    cover_ids = torch.empty(0, dtype=torch.int64)
-    if recipe.attack is not None:
-        attack = registry.get("attack", recipe.attack.name)(recipe.attack.config)
-        ps = attack.poison_train(train, seed=attack_seed)
-        train, poison_ids, cover_ids = ps.data, ps.poison_ids, ps.cover_ids
-        pj = run_dir / "poison.json"
-        if pj.is_file():
-            saved = read_json(pj)
-            if sorted(saved.get("poison_ids", [])) != sorted(int(i) for i in poison_ids) or \
-                    sorted(saved.get("cover_ids", [])) != sorted(int(i) for i in cover_ids):
-                raise UserError(f"the rebuilt poisoned set does not match {str(pj)!r} (did the dataset, the "
-                                f"attack plugin or its version change since the run?)")
-    net = registry.get("model", recipe.model.name)(recipe.model.config).build(info)
-    model = Classifier(net, info.mean, info.std)
+    parts = materialise(recipe, registry, seed=attack_seed)
+    pj = run_dir / "poison.json"
+    if recipe.attack is not None and pj.is_file():
+        saved = read_json(pj)
+        if sorted(saved.get("poison_ids", [])) != sorted(int(i) for i in parts.poison_ids) or \
+                sorted(saved.get("cover_ids", [])) != sorted(int(i) for i in parts.cover_ids):
+            raise UserError(f"the rebuilt poisoned set does not match {str(pj)!r} (did the dataset, the "
+                            f"attack plugin or its version change since the run?)")
+    model = parts.build_model()
     try:
         state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
         raise UserError(f"{str(run_dir / 'model.pt')!r} does not load into the recipe's model "
                         f"{recipe.model.name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    model = model.to(device).eval()
-    return recipe, registry, model, train, test, poison_ids, cover_ids
+    return parts, model.to(device).eval()
 
 
 # -- output helpers ------------------------------------------------------------------------------
@@ -296,8 +278,10 @@ def main(args) -> int:
     if problems:
         raise UserError(problems)
 
-    recipe, registry, model, train, test, poison_ids, cover_ids = load_run(run_dir, device=device)
-    files = registry.get("dataset", recipe.dataset.name)(recipe.dataset.config).sample_files("train")
+    parts, model = load_run(run_dir, device=device)
+    recipe, registry, train, test = parts.recipe, parts.registry, parts.poisoned, parts.test
+    poison_ids, cover_ids = parts.poison_ids, parts.cover_ids
+    files = parts.dataset.sample_files("train")
     scorers = {name: registry.create("scorer", name, **params[name]) for name in args.scorer}
     seed = recipe.seed if args.seed is None else args.seed
     data = train

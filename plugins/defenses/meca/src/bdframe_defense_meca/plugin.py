@@ -23,10 +23,10 @@ Pipeline, every piece taken from the registry through the defense context:
 The defense sees only the untrusted ImageSet (images, labels, ids): no poison ids, poison
 ratio, trigger or target class. Ground truth is used only by the runner, after the defense.
 
-Resume: each stage has its own ``ctx.stage(name)`` (per-epoch resume inside a stage) and its
-result is persisted in ``<run_dir>/state/meca/`` (warm-up model, enhanced model after each
+Resume: each stage has its own ``ctx.stage(name)`` (per-epoch resume inside a stage) and each
+finished step its own ``ctx.checkpoint(name)`` (warm-up model, enhanced model after each
 iteration with the iteration records, detected split, clean model, relearned model); on resume
-finished stages are loaded instead of redone and their history records are replayed.
+finished steps are loaded instead of redone and their history records are replayed.
 
 Files written to the run directory: ``meca_trend.png`` (ACC/ASR of the model after warm-up and
 after each iteration), ``meca_scores.pt`` (ids, per-iteration consistency scores and forget
@@ -38,7 +38,6 @@ sets, enhanced-model probabilities, detected flags; for offline ROC analysis), a
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -48,7 +47,6 @@ from bdframe import hookimpl
 from bdframe.config import in_range, one_of
 from bdframe.interfaces import Defense, DefenseResult
 
-STATE_DIR = ("state", "meca")
 
 
 @attrs.frozen
@@ -159,54 +157,8 @@ def detect(logits, labels):
     return poisoned, prob
 
 
-# -------------------------------------------------------------------------------------------------
-# persistence of finished stages
-# -------------------------------------------------------------------------------------------------
-
-class _State:
-    """Finished-stage results under ``<run_dir>/state/meca/<name>.pt`` (nothing without a run dir)."""
-
-    def __init__(self, run_dir):
-        self.dir = Path(run_dir).joinpath(*STATE_DIR) if run_dir else None
-
-    def load(self, name: str):
-        import torch
-
-        if self.dir is None or not (self.dir / f"{name}.pt").exists():
-            return None
-        return torch.load(self.dir / f"{name}.pt", map_location="cpu", weights_only=False)
-
-    def save(self, name: str, obj) -> None:
-        import torch
-
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"{name}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-
-
 def _cpu_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _drop(path) -> None:
-    """Remove a stage's per-epoch resume file once the stage's result is persisted."""
-    if path is not None:
-        try:
-            Path(path).unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _save_file(obj, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class MeCa(Defense):
@@ -215,28 +167,6 @@ class MeCa(Defense):
     summary = "MeCa: iterative backdoor enhancement (adv-KL consistency + mixed step), detection, clean retraining"
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _stage(self, ctx, name: str, logs: list, *, evaluate_each_epoch: bool = False, lr_setting: str):
-        """``ctx.stage(name)`` whose per-epoch records are also kept in ``logs`` (for replay)."""
-        st = ctx.stage(name, evaluate_each_epoch=evaluate_each_epoch, lr_setting=lr_setting)
-        inner = st.on_epoch
-
-        def on_epoch(rec):
-            logs.append({k: v for k, v in rec.items() if k != "replayed"})
-            if inner is not None:
-                inner(rec)
-
-        st.on_epoch = on_epoch
-        return st
-
-    @staticmethod
-    def _replay(ctx, logs) -> None:
-        for rec in logs:
-            ctx.log(dict(rec, replayed=True))
-
-    def _log(self, ctx, logs: list, rec: dict) -> None:
-        logs.append(rec)
-        ctx.log(rec)
-
     def _optim(self) -> dict:
         c = self.config
         return {"batch_size": c.batch_size, "momentum": c.momentum, "weight_decay": c.weight_decay,
@@ -247,19 +177,24 @@ class MeCa(Defense):
         from bdframe.seeding import derive_seed
 
         return ScoreContext(seed=derive_seed(ctx.seed, "meca", what), device=ctx.device,
-                            batch_size=self.config.score_batch_size, progress=getattr(ctx, "progress", True))
+                            batch_size=self.config.score_batch_size, progress=ctx.progress)
 
     # -- the pipeline -----------------------------------------------------------------------------
     def run(self, data, ctx):
+        """Warm-up, iterative enhancement, detection, clean training and optional relearning.
+
+        Each finished step is a ``ctx.checkpoint``: on ``--resume`` it is loaded (its history
+        records replayed) instead of being redone; a step cut short resumes from its last epoch.
+        """
         import torch
 
         from bdframe import scoring
         from bdframe.data import ImageSet
+        from bdframe.runs import save_atomic
 
         c = self.config
         t_run = time.perf_counter()
-        state = _State(getattr(ctx, "run_dir", None))
-        run_dir = Path(ctx.run_dir) if getattr(ctx, "run_dir", None) else None
+        out_dir = Path(ctx.artifacts) if ctx.artifacts else None
         n = len(data)
         if n == 0:
             raise ValueError("meca: the training set is empty")
@@ -274,15 +209,16 @@ class MeCa(Defense):
         scorer_params = {"epsilon": c.epsilon, "patch_size": c.patch_size, "mask_mode": c.mask_mode,
                          "keep_prob": c.keep_prob, "grad_loss": c.grad_loss}
         ctx.component("scorer", "adv-kl", **scorer_params)
+        clean_trainer = ctx.component("trainer")
         relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs, lr=c.relearn_lr, **self._optim())
                      if c.relearn else None)
 
         # 1. warm-up ------------------------------------------------------------------------
         model = ctx.new_model()
-        done = state.load("warmup")
+        step = ctx.checkpoint("meca-warmup")
+        done = step.load()
         if done is not None:
             model.load_state_dict(done["model"])
-            self._replay(ctx, done["logs"])
             resumed.append("warmup")
             if not done.get("eval"):
                 # a warm-up state made outside this defense (e.g. a saved model handed in by a
@@ -290,29 +226,25 @@ class MeCa(Defense):
                 done = dict(done, eval=ctx.evaluate(model))
         else:
             t0 = time.perf_counter()
-            logs: list = []
-            st = self._stage(ctx, "meca-warmup", logs, evaluate_each_epoch=c.evaluate_each_epoch,
-                             lr_setting="[defense] warmup_lr")
+            st = ctx.stage("meca-warmup", evaluate_each_epoch=c.evaluate_each_epoch, lr_setting="[defense] warmup_lr")
             warmup_trainer.fit(model, data, st)
             ev = ctx.evaluate(model)
-            self._log(ctx, logs, {"stage": "meca-warmup", "meca_iteration": 0, "alpha": 0.0, "forget_size": 0,
-                                  "learn_size": n, **ev})
-            done = {"model": _cpu_state(model), "logs": logs, "eval": ev, "seconds": time.perf_counter() - t0}
-            state.save("warmup", done)
-            _drop(st.state_path)
+            ctx.log({"stage": "meca-warmup", "meca_iteration": 0, "alpha": 0.0, "forget_size": 0,
+                     "learn_size": n, **ev})
+            done = {"model": _cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0}
+            step.save(done)
         seconds["warmup"] = done["seconds"]
-        if run_dir is not None and c.save_models:
-            _save_file(done["model"], run_dir / "meca_warmup_model.pt")
+        if out_dir is not None and c.save_models:
+            save_atomic(done["model"], out_dir / "meca_warmup_model.pt")
         trend = [{"iteration": 0, "alpha": 0.0, "forget_size": 0, "learn_size": n,
                   "clean_acc": done["eval"].get("clean_acc"), "asr": done["eval"].get("asr")}]
 
-        # 2. iterative backdoor enhancement ------------------------------------------------------
-        enh = state.load("enhance") or {"k": 0, "model": None, "records": []}
+        # 2. iterative backdoor enhancement: one checkpoint, saved after every iteration ------------
+        step = ctx.checkpoint("meca-enhance")
+        enh = step.load() or {"k": 0, "model": None, "records": []}
         if enh["model"] is not None:
             model.load_state_dict(enh["model"])
             resumed.extend(f"iteration-{r['iteration']}" for r in enh["records"])
-        for r in enh["records"]:
-            self._replay(ctx, r["logs"])
         records = list(enh["records"])
         sctx = self._score_ctx(ctx, "consistency")
         for k in range(enh["k"] + 1, c.iterations + 1):
@@ -323,21 +255,17 @@ class MeCa(Defense):
             alpha = alpha_at(k, c.alpha_step, c.alpha_max)
             forget_pos, learn_pos = partition(scores, data.ids, alpha)
             forget, learn = data.subset(forget_pos), data.subset(learn_pos)
-            logs = []
             name = f"meca-iter-{k:02d}"
-            st = self._stage(ctx, name, logs, lr_setting="[defense] enhance_lr or lam")
-            mixed.fit(model, learn, st, forget=forget)
+            mixed.fit(model, learn, ctx.stage(name, lr_setting="[defense] enhance_lr or lam"), forget=forget)
             ev = ctx.evaluate(model)
             kl = -scores
             rec = {"stage": name, "meca_iteration": k, "alpha": alpha, "forget_size": len(forget),
                    "learn_size": len(learn), "kl_mean": float(kl.mean()), "kl_median": float(kl.median()),
                    "kl_forget_min": float(kl[forget_pos].min()) if len(forget_pos) else None, **ev,
                    "score_seconds": t_score, "seconds": time.perf_counter() - t0}
-            self._log(ctx, logs, rec)
-            records.append({"iteration": k, "rec": rec, "logs": logs, "scores": scores.float(),
-                            "forget_ids": forget.ids.clone()})
-            state.save("enhance", {"k": k, "model": _cpu_state(model), "records": records})
-            _drop(st.state_path)
+            ctx.log(rec)
+            records.append({"iteration": k, "rec": rec, "scores": scores.float(), "forget_ids": forget.ids.clone()})
+            step.save({"k": k, "model": _cpu_state(model), "records": records})
         for r in records:
             rec = r["rec"]
             trend.append({"iteration": r["iteration"], "alpha": rec["alpha"], "forget_size": rec["forget_size"],
@@ -347,65 +275,60 @@ class MeCa(Defense):
         seconds["iterations"] = [r["rec"]["seconds"] for r in records]
 
         # 3. detection with the enhanced model -------------------------------------------------
-        det = state.load("detect")
+        step = ctx.checkpoint("meca-detect")
+        det = step.load()
         if det is not None:
-            self._replay(ctx, det["logs"])
             resumed.append("detect")
         else:
             t0 = time.perf_counter()
             logits = scoring.logits(model, data, self._score_ctx(ctx, "detect"), desc="meca detect")
             poisoned, prob = detect(logits, data.labels)
-            rec = {"stage": "meca-detect", "detected_clean": int((~poisoned).sum()),
-                   "detected_poison": int(poisoned.sum())}
-            ctx.log(rec)
+            ctx.log({"stage": "meca-detect", "detected_clean": int((~poisoned).sum()),
+                     "detected_poison": int(poisoned.sum())})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
-                   "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "logs": [rec],
-                   "seconds": time.perf_counter() - t0}
-            state.save("detect", det)
+                   "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "seconds": time.perf_counter() - t0}
+            step.save(det)
         seconds["detect"] = det["seconds"]
-        if run_dir is not None:
+        if out_dir is not None:
             if c.save_models:
-                _save_file(_cpu_state(model), run_dir / "meca_enhanced_model.pt")
-            _save_file({"ids": data.ids.clone(),
-                        "iterations": [r["iteration"] for r in records],
-                        "consistency_scores": [r["scores"] for r in records],
-                        "forget_ids": [r["forget_ids"] for r in records],
-                        "enhanced_prob": det["prob"], "detected_poison": det["poisoned"]},
-                       run_dir / "meca_scores.pt")
+                save_atomic(_cpu_state(model), out_dir / "meca_enhanced_model.pt")
+            save_atomic({"ids": data.ids.clone(),
+                         "iterations": [r["iteration"] for r in records],
+                         "consistency_scores": [r["scores"] for r in records],
+                         "forget_ids": [r["forget_ids"] for r in records],
+                         "enhanced_prob": det["prob"], "detected_poison": det["poisoned"]},
+                        out_dir / "meca_scores.pt")
         clean_set = data.subset(data.contains(det["kept_ids"]))
         poison_set = data.subset(data.contains(det["flagged_ids"]))
         del model
 
         # 4. clean training from scratch on the detected clean set --------------------------------------
         clean_model = ctx.new_model()
-        done = state.load("clean")
+        step = ctx.checkpoint("meca-clean")
+        done = step.load()
         if done is not None:
             clean_model.load_state_dict(done["model"])
-            self._replay(ctx, done["logs"])
             resumed.append("clean")
         else:
             t0 = time.perf_counter()
-            logs = []
-            st = self._stage(ctx, "meca-clean", logs, evaluate_each_epoch=c.evaluate_each_epoch,
-                             lr_setting="[train] lr")
-            ctx.trainer.fit(clean_model, clean_set, st)
+            st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch, lr_setting="[train] lr")
+            clean_trainer.fit(clean_model, clean_set, st)
             ev = ctx.evaluate(clean_model)
-            self._log(ctx, logs, {"stage": "meca-clean", "train_size": len(clean_set), **ev})
-            done = {"model": _cpu_state(clean_model), "logs": logs, "eval": ev, "seconds": time.perf_counter() - t0}
-            state.save("clean", done)
-            _drop(st.state_path)
+            ctx.log({"stage": "meca-clean", "train_size": len(clean_set), **ev})
+            done = {"model": _cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
+            step.save(done)
         seconds["clean_train"] = done["seconds"]
         clean_eval = done["eval"]
-        if run_dir is not None and c.save_models:
-            _save_file(_cpu_state(clean_model), run_dir / "meca_clean_model.pt")
+        if out_dir is not None and c.save_models:
+            save_atomic(_cpu_state(clean_model), out_dir / "meca_clean_model.pt")
 
         # 5. optional relabel and relearn ------------------------------------------------------
         relearn_metrics = None
         if c.relearn:
-            done = state.load("relearn")
+            step = ctx.checkpoint("meca-relearn")
+            done = step.load()
             if done is not None:
                 clean_model.load_state_dict(done["model"])
-                self._replay(ctx, done["logs"])
                 resumed.append("relearn")
             else:
                 t0 = time.perf_counter()
@@ -416,28 +339,26 @@ class MeCa(Defense):
                     new = torch.empty(0, dtype=torch.int64)
                 changed = int((new != poison_set.labels).sum())
                 merged = ImageSet.concat(clean_set, poison_set.with_labels(new))
-                logs = []
-                st = self._stage(ctx, "meca-relearn", logs, evaluate_each_epoch=c.evaluate_each_epoch,
-                                 lr_setting="[defense] relearn_lr")
+                st = ctx.stage("meca-relearn", evaluate_each_epoch=c.evaluate_each_epoch,
+                               lr_setting="[defense] relearn_lr")
                 relearner.fit(clean_model, merged, st)
                 ev = ctx.evaluate(clean_model)
-                self._log(ctx, logs, {"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
-                                      "label_changed": changed, **ev})
-                done = {"model": _cpu_state(clean_model), "logs": logs, "eval": ev, "relabelled": len(new),
+                ctx.log({"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
+                         "label_changed": changed, **ev})
+                done = {"model": _cpu_state(clean_model), "eval": ev, "relabelled": len(new),
                         "label_changed": changed, "seconds": time.perf_counter() - t0}
-                state.save("relearn", done)
-                _drop(st.state_path)
+                step.save(done)
             seconds["relearn"] = done["seconds"]
             relearn_metrics = {"relabelled": done["relabelled"], "label_changed": done["label_changed"],
                                **done["eval"]}
 
         # report ---------------------------------------------------------------------------
         plot = None
-        if run_dir is not None:
+        if out_dir is not None:
             from bdframe_defense_meca.plot import render_trend, write_png_atomic
 
             write_png_atomic(render_trend([t["clean_acc"] for t in trend], [t["asr"] for t in trend]),
-                             run_dir / "meca_trend.png")
+                             out_dir / "meca_trend.png")
             plot = "meca_trend.png"
         seconds["total_this_session"] = time.perf_counter() - t_run
         n_p = len(det["flagged_ids"])

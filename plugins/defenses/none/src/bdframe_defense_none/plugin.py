@@ -19,10 +19,11 @@ class NoDefense(Defense):
     name = "none"
     Config = NoneConfig
     summary = "plain training on the (possibly poisoned) data"
+    default = True  # what a recipe without this section gets
 
     def run(self, data, ctx):
         model = ctx.new_model()
-        ctx.trainer.fit(model, data, ctx.stage("train", evaluate_each_epoch=self.config.evaluate_each_epoch))
+        ctx.component("trainer").fit(model, data, ctx.stage("train", evaluate_each_epoch=self.config.evaluate_each_epoch))
         return DefenseResult(model=model)
 
 

@@ -20,6 +20,7 @@ class Standard(Trainer):
     name = "standard"
     Config = StandardConfig
     summary = "supervised cross-entropy training"
+    default = True  # what a recipe without this section gets
 
     def fit(self, model, data, ctx, *, forget=None):
         from bdframe.training import fit_cross_entropy
