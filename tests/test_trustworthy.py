@@ -6,7 +6,6 @@ import csv
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch

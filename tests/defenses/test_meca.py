@@ -15,7 +15,6 @@ from hypothesis import given, settings, strategies as st
 from bdframe import runner
 from bdframe.cli import main
 from bdframe.data import ImageSet
-from bdframe_defense_meca.plot import render_trend
 from bdframe_defense_meca.plugin import MeCa, MeCaConfig, alpha_at, detect, forget_count, partition
 
 SET = settings(max_examples=30, deadline=None)
@@ -120,13 +119,15 @@ def test_defaults_match_the_spec():
     assert (c.relearn, c.relearn_epochs, c.relearn_lr) == (False, 20, 0.01)
 
 
-def test_trend_plot_shape_and_colours():
-    img = render_trend([0.9, 0.5, 0.2], [0.0, float("nan"), 1.0])
-    assert img.dtype == torch.uint8 and img.shape == (3, 270, 420)
-    blue = (img[0] == 31) & (img[1] == 119) & (img[2] == 180)
-    red = (img[0] == 214) & (img[1] == 39) & (img[2] == 40)
-    assert int(blue.sum()) > 100 and int(red.sum()) > 50
-    assert render_trend([], []).shape == (3, 270, 420)
+def test_trend_plot_has_labelled_axes_and_skips_missing_values(tmp_path):
+    from bdframe import plots
+
+    d = plots.trend([0.9, 0.5, 0.2], [0.0, float("nan"), 1.0], tmp_path / "meca_trend.png")
+    assert d["file"] == "meca_trend.png" and (tmp_path / "meca_trend.png").stat().st_size > 5000
+    assert d["xlabel"] == "iteration (0 = warm-up model)" and "%" in d["ylabel"] and "MeCa" in d["title"]
+    assert [x.split(" (")[0] for x in d["legend"]] == ["clean accuracy", "attack success rate"]
+    assert d["points"] == {"acc": 3, "asr": 2}
+    assert plots.trend([], [], tmp_path / "empty.png")["legend"] == []
 
 
 class Forbidden:
@@ -211,6 +212,20 @@ def test_a_warm_up_state_without_figures_is_evaluated_not_a_crash(tmp_path, bdfr
     assert res.summary[0].startswith("meca: warm-up model") and "ACC " in res.summary[0]
 
 
+def test_without_matplotlib_the_defense_completes_without_its_trend_plot(tmp_path, bdframe_registry, capsys,
+                                                                        monkeypatch):
+    from bdframe import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the `plots` extra were not installed
+    monkeypatch.setattr(plots, "_notice_shown", False)
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=60)
+    res = MeCa(attrs.evolve(recipe.defense.config, iterations=1)).run(train, ctx)
+    assert res.metrics["plot"] is None and not (tmp_path / "meca_trend.png").exists()
+    assert len(res.metrics["trend"]) == 2 and (tmp_path / "meca_scores.pt").exists()
+    err = [line for line in capsys.readouterr().err.splitlines() if "plots skipped" in line]
+    assert len(err) == 1 and "pip install 'bdframe[plots]'" in err[0]
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 _OPENED: list = []
@@ -281,10 +296,8 @@ def test_end_to_end_run_reports_detection_trend_plot_and_suspects(reference_run)
     assert summ[0].startswith("meca: warm-up model") and f"ASR {100 * dm['trend'][0]['asr']:.2f}%" in summ[0]
     assert f"after relabel-and-relearn: ACC {100 * m['clean_acc']:.2f}%, ASR {100 * m['asr']:.2f}%" in summ[-1]
     assert len(dm["stage_seconds"]["iterations"]) == 2
-    from torchvision.io import decode_png, read_file
-
-    img = decode_png(read_file(str(d / "meca_trend.png")))
-    assert img.shape[0] == 3 and img.shape[1] > 100
+    assert dm["plot"] == "meca_trend.png" and (d / "meca_trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (d / "meca_trend.png").stat().st_size > 5000
     stages = [json.loads(line)["stage"] for line in (d / "history.jsonl").read_text().splitlines()]
     for s in ("meca-warmup", "meca-iter-01", "meca-iter-02", "meca-detect", "meca-clean", "meca-relearn"):
         assert s in stages

@@ -46,13 +46,35 @@ def test_scan_writes_scores_histograms_and_metrics(run_dir, tmp_path, capsys):
         r = m["scorers"][name]
         assert 0 <= r["auroc"] <= 1 and set(r["tpr_at_fpr"]) == {"0.01", "0.05", "0.1"}
         assert {"precision", "recall", "flagged", "rule"} <= set(r["split"])
-        assert r["histogram"]["file"] == f"hist-{name}.png"
+        h = r["histogram"]
+        assert h["file"] == f"hist-{name}.png" and (out / h["file"]).stat().st_size > 5000
+        assert name in h["title"] and f"AUROC {r['auroc']:.3f}" in h["title"]
+        assert name in h["xlabel"] and "samples" in h["ylabel"] and h["bins"] == 50
+        assert h["sizes"] == {"clean": 270, "poison": 30}  # badnet has no cover samples: no empty group drawn
+        assert {k: sum(c) for k, c in h["counts"].items()} == h["sizes"]
+        assert h["range"] == [pytest.approx(r["score_stats"]["min"]), pytest.approx(r["score_stats"]["max"])]
     assert m["scorers"]["strip"]["params"]["n_overlays"] == 4
     assert m["scorers"]["spectral"]["split"]["flagged"] > 0
     from torchvision.io import read_image
 
     img = read_image(str(out / "hist-loss.png"))
-    assert img.shape[0] == 3 and img.shape[1] > 100 and int((img[0] > img[2] + 50).sum()) > 0  # red poison bars
+    assert img.shape[0] in (3, 4) and 300 <= img.shape[1] <= 1000 and 500 <= img.shape[2] <= 1500
+
+
+def test_scan_without_matplotlib_completes_without_histograms(run_dir, tmp_path, capsys, monkeypatch):
+    from bdframe import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the `plots` extra were not installed
+    monkeypatch.setattr(plots, "_notice_shown", False)
+    out = tmp_path / "scan"
+    assert main(["scan", str(run_dir), "--scorer", "loss", "--scorer", "spectral", "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "scores.csv"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert all(m["scorers"][name]["histogram"] is None and 0 <= m["scorers"][name]["auroc"] <= 1
+               for name in ("loss", "spectral"))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "plots skipped" in err[0] and "pip install 'bdframe[plots]'" in err[0]
 
 
 def test_limit_and_clean_aux(run_dir, tmp_path):

@@ -12,9 +12,10 @@ complete, so a failed scan leaves nothing behind):
 - ``scores.csv``: ``id, path`` (the file relative to the dataset root, for datasets made of
   files; empty otherwise), ``label, truth`` (poison / cover / clean) and, per scorer, its score and
   rank (1 = most suspicious; ties broken by id);
-- ``hist-<scorer>.png``: a histogram of the scores, clean in blue, poison in red, cover in green,
-  each group scaled to its own tallest bin (so a small poison group stays visible); the x range
-  is written under the axis and in ``metrics.json``;
+- ``hist-<scorer>.png``: a histogram of the scores per group (clean in blue, poison in red,
+  cover in green; group sizes in the legend) on a logarithmic count axis, so a small poison group
+  stays readable; drawn with matplotlib (``pip install 'bdframe[plots]'``); without it the scan
+  completes, skips the picture and records ``"histogram": null`` in ``metrics.json``;
 - ``metrics.json``: per scorer the AUROC, the TPR at 1/5/10% FPR and, for scorers with a split
   rule (a ``flag(scores, data)`` method), the precision, recall and FPR of that rule. Poison ids
   are the positives; cover samples (trigger, true label) count as negatives.
@@ -136,75 +137,15 @@ def load_run(run_dir: Path, *, device):
 
 # -- output helpers ------------------------------------------------------------------------------
 
-_FONT = {  # 3x5 bitmap digits and signs, rows top to bottom
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", "-": "000000111000000", ".": "000000000000010",
-    "e": "000111111100111", "+": "000010111010000", " ": "000000000000000",
-}
+def _histogram(name: str, scores, groups: dict, out_dir: Path, *, recipe_name: str, res: dict):
+    """Draw ``hist-<name>.png`` in ``out_dir`` with :func:`bdframe.plots.histogram`; its description
+    for metrics.json, or None when matplotlib is not installed (nothing drawn)."""
+    from bdframe import plots
 
-
-def _draw_text(img, text: str, x: int, y: int, scale: int = 2, color=(0, 0, 0)):
-    import torch
-
-    for ch in text:
-        bits = _FONT.get(ch, _FONT[" "])
-        glyph = torch.tensor([int(b) for b in bits], dtype=torch.bool).view(5, 3)
-        glyph = glyph.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-        h, w = glyph.shape
-        if y < 0 or x < 0 or y + h > img.shape[1] or x + w > img.shape[2]:
-            x += 4 * scale
-            continue
-        for c in range(3):
-            region = img[c, y:y + h, x:x + w]
-            region[glyph] = color[c]
-        x += 4 * scale
-
-
-def histogram_png(scores, groups: dict, path: Path, *, bins: int = 50, width: int = 640, height: int = 360) -> dict:
-    """Draw a histogram of ``scores`` split by ``groups`` (name -> bool mask) with torch and write
-    it with torchvision. Returns the figure's description (range, bin counts per group)."""
-    import torch
-    from torchvision.io import write_png
-
-    colors = {"clean": (31, 119, 180), "poison": (214, 39, 40), "cover": (44, 160, 44), "all": (90, 90, 90)}
-    s = scores.detach().cpu().double()
-    lo, hi = (float(s.min()), float(s.max())) if len(s) else (0.0, 1.0)
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    img = torch.full((3, height, width), 255.0)
-    ml, mr, mt, mb = 40, 20, 20, 50
-    pw, ph = width - ml - mr, height - mt - mb
-    desc = {"range": [lo, hi], "bins": bins, "counts": {}, "colors": {}, "scaling": "each group to its tallest bin"}
-    for name, mask in groups.items():
-        v = s[mask]
-        if len(v) == 0:
-            continue
-        idx = ((v - lo) / (hi - lo) * bins).floor().long().clamp(0, bins - 1)
-        counts = torch.bincount(idx, minlength=bins).double()
-        desc["counts"][name] = [int(c) for c in counts]
-        desc["colors"][name] = list(colors.get(name, (0, 0, 0)))
-        heights = (counts / counts.max() * ph).round().long()
-        col = torch.tensor(colors.get(name, (0, 0, 0)), dtype=torch.float32)[:, None, None]
-        xs = torch.arange(pw)
-        b_of_x = (xs * bins // pw).clamp(max=bins - 1)
-        ys = torch.arange(ph)
-        filled = ys[:, None] >= (ph - heights[b_of_x])[None, :]  # (ph, pw)
-        area = img[:, mt:mt + ph, ml:ml + pw]
-        blended = 0.45 * area + 0.55 * col
-        img[:, mt:mt + ph, ml:ml + pw] = torch.where(filled[None], blended, area)
-    img[:, mt + ph, ml - 1:ml + pw] = 0  # x axis
-    img[:, mt:mt + ph + 1, ml - 1] = 0  # y axis
-    for k in range(5):  # ticks with values at 0, 1/4, ..., 1 of the range
-        x = ml + int(k * (pw - 1) / 4)
-        img[:, mt + ph:mt + ph + 6, x] = 0
-        label = f"{lo + k * (hi - lo) / 4:.3g}"
-        _draw_text(img, label, max(0, min(x - len(label) * 4, width - len(label) * 8)), mt + ph + 10)
-    for i, name in enumerate(desc["colors"]):  # legend squares, top right
-        col = torch.tensor(colors.get(name, (0, 0, 0)), dtype=torch.float32)[:, None, None]
-        img[:, mt + 4 + 14 * i:mt + 14 + 14 * i, width - mr - 12:width - mr - 2] = col
-    write_png(img.round().clamp(0, 255).to(torch.uint8), str(path))
-    return desc
+    auroc = res.get("auroc")
+    title = f"{name} scores, run {recipe_name}" + (f" (AUROC {auroc:.3f})" if auroc is not None else "")
+    return plots.histogram(scores, groups, out_dir / f"hist-{name}.png", title=title,
+                           xlabel=f"{name} score (higher = more suspicious)")
 
 
 def _ranks(scores, ids):
@@ -352,8 +293,8 @@ def main(args) -> int:
         for name, s in columns.items():
             groups = {"clean": ~is_poison & ~is_cover, "poison": is_poison, "cover": is_cover} if known \
                 else {"all": torch.ones(len(s), dtype=torch.bool)}
-            results[name]["histogram"] = {"file": f"hist-{name}.png",
-                                          **histogram_png(s, groups, tmp / f"hist-{name}.png")}
+            results[name]["histogram"] = _histogram(name, s, groups, tmp, recipe_name=recipe.name,
+                                                    res=results[name])
         for r in results.values():
             r.pop("_flagged", None)
         metrics = {"run_dir": str(run_dir), "recipe": recipe.name, "attack": recipe.attack.name if known else None,

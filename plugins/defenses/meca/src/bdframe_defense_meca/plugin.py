@@ -29,7 +29,8 @@ iteration with the iteration records, detected split, clean model, relearned mod
 finished steps are loaded instead of redone and their history records are replayed.
 
 Files written to the run directory: ``meca_trend.png`` (ACC/ASR of the model after warm-up and
-after each iteration), ``meca_scores.pt`` (ids, per-iteration consistency scores and forget
+after each iteration, drawn with matplotlib, the core's ``plots`` extra; without it the picture is
+skipped and ``defense_metrics.plot`` is null), ``meca_scores.pt`` (ids, per-iteration consistency scores and forget
 sets, enhanced-model probabilities, detected flags; for offline ROC analysis), and with
 ``save_models``: ``meca_warmup_model.pt``, ``meca_enhanced_model.pt`` and ``meca_clean_model.pt``
 (before relearning), as state dicts.
@@ -353,13 +354,13 @@ class MeCa(Defense):
                                **done["eval"]}
 
         # report ---------------------------------------------------------------------------
-        plot = None
+        plot = None  # stays None without a run directory or without matplotlib (the `plots` extra)
         if out_dir is not None:
-            from bdframe_defense_meca.plot import render_trend, write_png_atomic
+            from bdframe import plots
 
-            write_png_atomic(render_trend([t["clean_acc"] for t in trend], [t["asr"] for t in trend]),
-                             out_dir / "meca_trend.png")
-            plot = "meca_trend.png"
+            drawn = plots.trend([t["clean_acc"] for t in trend], [t["asr"] for t in trend],
+                                out_dir / "meca_trend.png")
+            plot = drawn["file"] if drawn else None
         seconds["total_this_session"] = time.perf_counter() - t_run
         n_p = len(det["flagged_ids"])
         metrics = {
