@@ -185,6 +185,7 @@ class Defense(Component):
         raise NotImplementedError
 
 
+@runtime_checkable
 class Checkpoint(Protocol):
     """A finished step of a defense, persisted so that ``--resume`` does not redo it.
 
