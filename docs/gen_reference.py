@@ -49,7 +49,8 @@ KIND_SECTION = {kind: section for section, (kind, _) in SECTIONS.items()}
 
 
 def builtin_distributions() -> list[str]:
-    """Distribution names of the plugins requirements-dev.txt installs from plugins/."""
+    """Distribution names of the plugins (distributions with a ``bdframe`` entry point)
+    requirements-dev.txt installs from plugins/."""
     names = []
     for line in (ROOT / "requirements-dev.txt").read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
@@ -59,7 +60,8 @@ def builtin_distributions() -> list[str]:
         if ROOT / "plugins" not in path.parents:
             continue
         project = tomllib.loads((path / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-        names.append(project["name"])
+        if "bdframe" in project.get("entry-points", {}):  # libraries such as bdframe-attack-common register nothing
+            names.append(project["name"])
     return sorted(names)
 
 
