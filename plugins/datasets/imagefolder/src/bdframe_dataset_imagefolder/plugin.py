@@ -106,7 +106,8 @@ class ImageFolder(DatasetFactory):
     def load(self):
         import torch
 
-        from bdframe.data import DatasetInfo, ImageSet, channel_stats, class_balanced_subset
+        from bdframe.data import DatasetInfo, ImageSet, channel_stats
+        from bdframe.scoring import balanced_draw
         from bdframe_dataset_imagefolder.decode import load_split
 
         c = self.config
@@ -119,7 +120,7 @@ class ImageFolder(DatasetFactory):
         train = ImageSet(xtr, ytr, torch.arange(len(ytr), dtype=torch.int64), tuple(classes))
         test = ImageSet(xte, yte, torch.arange(len(yte), dtype=torch.int64), tuple(classes))
         if c.train_size is not None:
-            train = class_balanced_subset(train, c.train_size, seed=c.subset_seed)
+            train = train.subset(balanced_draw(train, c.train_size, seed=c.subset_seed))
         if c.mean is None or c.std is None:
             mean, std = channel_stats(train.images)
             self._stats = (c.mean or mean, c.std or std)
