@@ -20,8 +20,10 @@ import json
 import math
 import os
 import sys
+import tomllib
 import typing
 from pathlib import Path
+from types import UnionType
 
 import attrs
 
@@ -29,16 +31,6 @@ from bdframe.config import describe_fields
 from bdframe.interfaces import KINDS
 from bdframe.plugins import load_registry
 from bdframe.recipe import OPTIONAL_SECTIONS, SECTIONS, EvalSettings, PluginSettings, config_problems, loads_dict
-
-try:
-    from types import UnionType
-except ImportError:  # pragma: no cover
-    UnionType = None
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import toml as tomllib  # type: ignore
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "recipe-reference.md"
@@ -153,7 +145,7 @@ def type_name(t) -> str:
     origin, args = typing.get_origin(t), typing.get_args(t)
     if origin is None:
         return getattr(t, "__name__", str(t))
-    if origin is typing.Union or (UnionType is not None and origin is UnionType):
+    if origin is typing.Union or origin is UnionType:
         rest = [a for a in args if a is not type(None)]
         inner = type_name(rest[0]) if len(rest) == 1 else f"Union[{', '.join(type_name(a) for a in rest)}]"
         return f"Optional[{inner}]" if len(rest) < len(args) else inner
