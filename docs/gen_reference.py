@@ -20,8 +20,10 @@ import json
 import math
 import os
 import sys
+import tomllib
 import typing
 from pathlib import Path
+from types import UnionType
 
 import attrs
 
@@ -29,16 +31,6 @@ from bdframe.config import describe_fields
 from bdframe.interfaces import KINDS, SECTIONS
 from bdframe.plugins import load_registry
 from bdframe.recipe import EvalSettings, PluginSettings, config_problems, loads_dict
-
-try:
-    from types import UnionType
-except ImportError:  # pragma: no cover
-    UnionType = None
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import toml as tomllib  # type: ignore
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "recipe-reference.md"
@@ -49,7 +41,8 @@ KIND_SECTION = {k.name: section for section, k in SECTIONS.items()}
 
 
 def builtin_distributions() -> list[str]:
-    """Distribution names of the plugins requirements-dev.txt installs from plugins/."""
+    """Distribution names of the plugins (distributions with a ``bdframe`` entry point)
+    requirements-dev.txt installs from plugins/."""
     names = []
     for line in (ROOT / "requirements-dev.txt").read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
@@ -59,7 +52,8 @@ def builtin_distributions() -> list[str]:
         if ROOT / "plugins" not in path.parents:
             continue
         project = tomllib.loads((path / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-        names.append(project["name"])
+        if "bdframe" in project.get("entry-points", {}):  # libraries such as bdframe-attack-common register nothing
+            names.append(project["name"])
     return sorted(names)
 
 
@@ -151,7 +145,7 @@ def type_name(t) -> str:
     origin, args = typing.get_origin(t), typing.get_args(t)
     if origin is None:
         return getattr(t, "__name__", str(t))
-    if origin is typing.Union or (UnionType is not None and origin is UnionType):
+    if origin is typing.Union or origin is UnionType:
         rest = [a for a in args if a is not type(None)]
         inner = type_name(rest[0]) if len(rest) == 1 else f"Union[{', '.join(type_name(a) for a in rest)}]"
         return f"Optional[{inner}]" if len(rest) < len(args) else inner

@@ -6,8 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe.data import Augment, Batches, ImageSet, class_balanced_subset
+from bdframe.data import Augment, Batches, ImageSet
 from bdframe.errors import UserError
+from bdframe.scoring import balanced_draw
 from bdframe.testing import tiny_imageset
 
 
@@ -47,9 +48,9 @@ def test_identity_augment():
 
 def test_subset_positions_and_balance():
     data = tiny_imageset(100, num_classes=4)
-    sub = class_balanced_subset(data, 40, seed=1)
+    sub = data.subset(balanced_draw(data, 40, seed=1))
     assert len(sub) == 40 and torch.bincount(sub.labels).tolist() == [10, 10, 10, 10]
-    assert torch.equal(class_balanced_subset(data, 40, seed=1).ids, sub.ids)
+    assert torch.equal(data.subset(balanced_draw(data, 40, seed=1)).ids, sub.ids)
     pos = data.positions(torch.tensor([5, 2, 99]))
     assert data.ids[pos].tolist() == [5, 2, 99]
     with pytest.raises(KeyError):

@@ -78,12 +78,6 @@ def test_relative_links_resolve(path):
         assert (path.parent / target).exists(), f"{path.name}: broken link {target}"
 
 
-def test_shipped_recipes_validate():
-    registry = load_registry()
-    for path in sorted((REPO / "examples").glob("*.toml")):
-        rmod.load(path, registry=registry)
-
-
 def test_code_copied_from_the_example_is_current():
     """Blocks in docs/ preceded by ``<!-- from PATH -->`` are verbatim excerpts of PATH."""
     found = 0

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe import patterns
 from bdframe.data import DatasetInfo, to_uint8
 from bdframe.testing import tiny_imageset
 from bdframe_attack_adaptive_blend.plugin import AdaptiveBlend, AdaptiveBlendConfig, piece_masks
+from bdframe_attack_common import patterns
 
 SET = settings(max_examples=20, deadline=None)
 INFO = DatasetInfo(10, 3, 32, 32, (0.5,) * 3, (0.25,) * 3)

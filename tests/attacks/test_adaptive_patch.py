@@ -4,11 +4,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe import patterns
 from bdframe.data import DatasetInfo, to_float, to_uint8
 from bdframe.testing import tiny_imageset
-from bdframe.triggers import mask_blend
 from bdframe_attack_adaptive_patch.plugin import AdaptivePatch, AdaptivePatchConfig
+from bdframe_attack_common import patterns
+from bdframe_attack_common.triggers import mask_blend
 
 SET = settings(max_examples=20, deadline=None)
 INFO = DatasetInfo(10, 3, 32, 32, (0.5,) * 3, (0.25,) * 3)

@@ -1,11 +1,11 @@
-"""Built-in trigger patterns (bdframe.patterns; docs/attacks.md, "Built-in trigger patterns")."""
+"""Built-in trigger patterns (bdframe_attack_common.patterns; docs/attacks.md, "Built-in trigger patterns")."""
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe import patterns as P
-from bdframe.triggers import trigger_hash
+from bdframe_attack_common import patterns as P
+from bdframe_attack_common.triggers import trigger_hash
 
 SET = settings(max_examples=20, deadline=None)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe import patterns
 from bdframe.data import Batches, DatasetInfo, to_float, to_uint8
 from bdframe.testing import tiny_imageset
+from bdframe_attack_common import patterns
 from bdframe_attack_physicalba.plugin import PhysicalBA, PhysicalBAConfig, PhysicalTransform, affine, physical
 
 SET = settings(max_examples=15, deadline=None)

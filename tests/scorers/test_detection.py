@@ -5,7 +5,7 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe.detection import auroc, flag_metrics, precision_recall_at, roc_curve, summary, tpr_at_fpr
+from bdframe.detection import auroc, flag_metrics, roc_curve, summary, tpr_at_fpr
 
 SET = settings(max_examples=30, deadline=None)
 scores_truth = st.integers(2, 40).flatmap(lambda n: st.tuples(
@@ -54,10 +54,20 @@ def test_known_values():
     assert math.isnan(auroc(s, torch.ones(4, dtype=torch.bool)))
     fpr, tpr, thr = roc_curve(s, t)
     assert fpr.tolist() == [0, 0, 0, 0.5, 1] and tpr.tolist() == [0, 0.5, 1, 1, 1] and math.isinf(thr[0])
-    pr = precision_recall_at(s, t, 0.75)
+    pr = flag_metrics(s >= 0.75, t)
     assert pr["precision"] == 1.0 and pr["recall"] == 1.0 and pr["flagged"] == 2
     m = flag_metrics(torch.tensor([True, False, True, False]), t)
     assert m["precision"] == 0.5 and m["recall"] == 0.5 and m["fpr"] == 0.5
     sm = summary(s, t, flagged=s > 0.5)
     assert sm["auroc"] == 1.0 and sm["tpr_at_fpr"] == {"0.01": 1.0, "0.05": 1.0, "0.1": 1.0}
     assert sm["split"]["recall"] == 1.0 and sm["split"]["precision"] == 2 / 3
+
+
+def test_detection_of_flagged_ids():
+    """bdframe.metrics.detection: flag_metrics over ids, in metrics.json's key order."""
+    from bdframe.metrics import detection
+
+    m = detection([11, 12], [12, 13], torch.tensor([10, 11, 12, 13, 14]))
+    assert list(m) == ["flagged", "true_positives", "false_positives", "recall", "precision", "fpr"]
+    assert m == {"flagged": 2, "true_positives": 1, "false_positives": 1, "recall": 0.5, "precision": 0.5,
+                 "fpr": 1 / 3}

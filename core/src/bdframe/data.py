@@ -168,22 +168,6 @@ class Batches:
             yield x, self._labels[dev_idx], ids
 
 
-def class_balanced_subset(data: ImageSet, size: int, *, seed: int = 0) -> ImageSet:
-    """A deterministic subset of ``size`` samples with (as nearly as possible) equal classes."""
-    if size >= len(data):
-        return data
-    g = torch.Generator().manual_seed(seed)
-    k = data.num_classes
-    per = [size // k + (1 if c < size % k else 0) for c in range(k)]
-    chosen = []
-    for c in range(k):
-        pos = torch.nonzero(data.labels == c).flatten()
-        pos = pos[torch.randperm(len(pos), generator=g)][: per[c]]
-        chosen.append(pos)
-    idx = torch.sort(torch.cat(chosen)).values
-    return data.subset(idx)
-
-
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of a uint8 (N,C,H,W) tensor, in [0,1] units."""
     x = images.to(torch.float64).div(255.0)

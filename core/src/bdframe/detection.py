@@ -10,7 +10,6 @@ undefined values (no positives or no negatives) are ``nan``.
 - :func:`tpr_at_fpr`: the TPR at the most permissive threshold whose FPR does not exceed the
   target (no interpolation between thresholds, so the reported FPR is never above target).
 - :func:`flag_metrics`: precision, recall, FPR of a boolean flag vector (a split rule).
-- :func:`precision_recall_at`: the same for ``scores >= threshold``.
 - :func:`summary`: all of the above in one dict.
 """
 
@@ -106,12 +105,6 @@ def flag_metrics(flagged, truth) -> dict:
             "precision": tp / (tp + fp) if tp + fp else math.nan,
             "recall": tp / (tp + fn) if tp + fn else math.nan,
             "fpr": fp / (fp + tn) if fp + tn else math.nan}
-
-
-def precision_recall_at(scores, truth, threshold: float) -> dict:
-    """:func:`flag_metrics` of ``scores >= threshold``."""
-    s, t = _prep(scores, truth)
-    return {"threshold": float(threshold), **flag_metrics(s >= threshold, t)}
 
 
 def summary(scores, truth, *, flagged: Optional[torch.Tensor] = None, fprs: Iterable[float] = DEFAULT_FPRS) -> dict:

@@ -42,19 +42,3 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, data, *, batch_size: int = 512, device="cpu") -> torch.Tensor:
-    """Logits for every row of an ImageSet, in order (eval mode, no augmentation)."""
-    from bdframe.data import Batches
-
-    was_training = model.training
-    model.eval()
-    out = []
-    for x, _, _ in Batches(data, batch_size, device=device, apply_transform=False):
-        out.append(model(x).float().cpu())
-    model.train(was_training)
-    if not out:
-        return torch.empty(0, 0)
-    return torch.cat(out)

@@ -8,7 +8,7 @@ collected and reported together, each with its path (``$.attack.poison_rate: ...
 from __future__ import annotations
 
 import difflib
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,11 +18,6 @@ import cattrs
 from bdframe.config import strict_converter, structure_problems, validate_all
 from bdframe.errors import RecipeError, UserError
 from bdframe.interfaces import SECTIONS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import toml as tomllib  # type: ignore
 
 converter = strict_converter()
 

@@ -9,8 +9,9 @@
 - :func:`batches`: evaluation batches (no augmentation, no attack transform) with a progress bar.
 - :func:`eval_mode`: run a model in ``eval()`` and restore its previous mode afterwards.
 - :func:`features` / :func:`logits`: batched penultimate features or logits for a whole set.
-- :func:`balanced_draw`: a class-balanced, order-independent draw from an ImageSet (how scorers
-  that need clean auxiliary data take it from the inspected set, as an approximation).
+- :func:`balanced_draw`: a class-balanced draw from an ImageSet: order-independent (how scorers
+  that need clean auxiliary data take it from the inspected set, as an approximation) or the
+  seeded draw of the datasets' ``train_size`` subset.
 """
 
 from __future__ import annotations
@@ -89,33 +90,53 @@ def order_by_key(seed_parts: tuple, ids: torch.Tensor) -> torch.Tensor:
     return torch.argsort(composite, stable=True)
 
 
-def balanced_draw(data: ImageSet, size: int, seed_parts: tuple, *, num_classes: int | None = None) -> torch.Tensor:
-    """Positions of a class-balanced draw of ``size`` rows (or all rows if ``size >= len``),
-    chosen by per-id hash keys, so the same ids are drawn whatever the row order."""
+def balanced_draw(data: ImageSet, size: int, seed_parts: tuple | None = None, *, seed: int | None = None,
+                  num_classes: int | None = None) -> torch.Tensor:
+    """Positions (ascending) of a class-balanced draw of ``size`` rows (every row if ``size >= len``).
+
+    Each class keeps the first rows of a per-class order, up to its quota. Two draws (give one of
+    ``seed_parts`` and ``seed``):
+
+    - ``seed_parts`` (scorers): rows ordered by per-id hash keys, so the same ids are drawn
+      whatever the row order; classes that run short give their quota to the others.
+    - ``seed`` (the datasets' ``train_size`` subset): class by class, ``torch.randperm`` of its
+      rows with one generator seeded with ``seed``; class ``c`` gets ``size // k`` rows plus one
+      if ``c < size % k``, and a class that runs short leaves its shortfall undrawn.
+    """
+    if (seed_parts is None) == (seed is None):
+        raise ValueError("balanced_draw needs exactly one of seed_parts and seed")
     n = len(data)
     if size >= n:
         return torch.arange(n)
     k = num_classes or data.num_classes
-    order = order_by_key(seed_parts, data.ids)
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        order = torch.cat([pos[torch.randperm(len(pos), generator=g)]
+                           for pos in (torch.nonzero(data.labels == c).flatten() for c in range(k))])
+        quota = size // k + (torch.arange(k) < size % k).to(torch.int64)
+    else:
+        order = order_by_key(seed_parts, data.ids)
+        counts = torch.bincount(data.labels, minlength=k)
+        # fill per-class quotas; classes that run short give their quota to the others
+        quota = torch.zeros(k, dtype=torch.int64)
+        remaining = size
+        active = counts > 0
+        while remaining > 0 and bool(active.any()):
+            share = max(remaining // int(active.sum()), 1)
+            add = torch.minimum(counts - quota, torch.full_like(quota, share)) * active
+            if remaining < int(add.sum()):  # last partial round: the lowest active classes get one more
+                add = torch.zeros_like(quota)
+                idx = torch.nonzero(active & (counts > quota)).flatten()[:remaining]
+                add[idx] = 1
+            quota += add
+            remaining -= int(add.sum())
+            active = counts > quota
+    # rank of each row within its class in that order
     labels = data.labels[order]
-    counts = torch.bincount(data.labels, minlength=k)
-    # fill per-class quotas; classes that run short give their quota to the others
-    quota = torch.zeros(k, dtype=torch.int64)
-    remaining = size
-    active = counts > 0
-    while remaining > 0 and bool(active.any()):
-        share = max(remaining // int(active.sum()), 1)
-        add = torch.minimum(counts - quota, torch.full_like(quota, share)) * active
-        if remaining < int(add.sum()):  # last partial round: the lowest active classes get one more
-            add = torch.zeros_like(quota)
-            idx = torch.nonzero(active & (counts > quota)).flatten()[:remaining]
-            add[idx] = 1
-        quota += add
-        remaining -= int(add.sum())
-        active = counts > quota
-    # rank of each row within its class in key order
-    onehot = torch.nn.functional.one_hot(labels, k)
-    rank_in_class = (onehot.cumsum(0) * onehot).sum(1) - 1
+    by_class = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(torch.bincount(labels, minlength=k), 0) - torch.bincount(labels, minlength=k)
+    rank_in_class = torch.empty_like(labels)
+    rank_in_class[by_class] = torch.arange(len(labels)) - starts[labels[by_class]]
     chosen = rank_in_class < quota[labels]
     return torch.sort(order[chosen]).values
 

@@ -70,10 +70,11 @@ class CornerNoise(Attack):
         return out
 
     def poison_train(self, train, *, seed):
+        import hashlib
+
         import torch
 
         from bdframe.seeding import generator
-        from bdframe.triggers import trigger_hash
 
         c = self.config
         n = int(len(train) * c.poison_rate)
@@ -82,9 +83,10 @@ class CornerNoise(Attack):
         labels = train.labels.clone()
         labels[rows] = c.target
         data = train.with_images(self._stamp(train.images, rows)).with_labels(labels)
+        patch = self.patch(train.images.shape[1])
         return PoisonedSet(data=data, poison_ids=torch.sort(train.ids[rows]).values,
                            cover_ids=torch.empty(0, dtype=torch.int64),
-                           meta={"trigger_sha256": trigger_hash(self.patch(train.images.shape[1])),
+                           meta={"trigger_sha256": hashlib.sha256(patch.numpy().tobytes()).hexdigest()[:16],
                                  "target": c.target, "corner": c.corner})
 
     def poison_test(self, test):

@@ -25,7 +25,8 @@ import attrs
 
 from bdframe import hookimpl
 from bdframe.config import in_range
-from bdframe.interfaces import Attack, PoisonedSet
+from bdframe.interfaces import PoisonedSet
+from bdframe_attack_common.base import MaskTriggerAttack, select_rows
 
 
 @attrs.frozen
@@ -85,38 +86,31 @@ def piece_masks(n: int, height: int, width: int, pieces: int, masked: int, g):
     return masks, torch.sort(masked_idx, dim=1).values
 
 
-class AdaptiveBlend(Attack):
+class AdaptiveBlend(MaskTriggerAttack):
     name = "adaptive-blend"
     Config = AdaptiveBlendConfig
     summary = "Adaptive-Blend: per-sample partial blend (8 of 16 pieces) with covers, all-to-one"
+    full_frame = True
 
-    def check_dataset(self, info):
-        from bdframe.triggers import channel_problems, class_problems, file_problems
+    def trigger_problems(self, info):
+        from bdframe_attack_common.triggers import channel_problems, file_problems
 
         c = self.config
-        out = class_problems(c, info.num_classes)
+        out = []
         s = c.grid
         if s * s == c.pieces and (info.height % s or info.width % s):
             out.append(("pieces", f"sqrt(pieces) = {s} must divide the image size {info.height}x{info.width}"))
         out += channel_problems(info, "trigger_image")
         return out + file_problems(c)
 
-    def trigger(self, channels: int, height: int, width: int):
-        """``(pattern, mask)`` of the full trigger, float (C,H,W) and (1,H,W)."""
-        import torch
+    def builtin_trigger(self, channels: int, height: int, width: int):
+        from bdframe_attack_common import patterns
 
-        from bdframe import patterns
-        from bdframe.triggers import read_image
+        return patterns.get("hellokitty", channels, height, width)
 
-        c = self.config
-        if not c.trigger_image:
-            return patterns.get("hellokitty", channels, height, width)
-        pattern = read_image(c.trigger_image, "$.attack.trigger_image", height, width, channels)
-        if c.mask_image:
-            mask = read_image(c.mask_image, "$.attack.mask_image", height, width, channels)[:1]
-        else:
-            mask = torch.ones(1, height, width)
-        return pattern, mask
+    @property
+    def test_alpha(self) -> float:
+        return self.config.test_alpha
 
     def poison_train(self, train, *, seed):
         import torch
@@ -124,17 +118,14 @@ class AdaptiveBlend(Attack):
         from bdframe.data import to_float, to_uint8
         from bdframe.errors import UserError
         from bdframe.seeding import generator
-        from bdframe.triggers import mask_blend, trigger_hash
+        from bdframe_attack_common.triggers import mask_blend, trigger_hash
 
         c = self.config
         n, ch, h, w = train.images.shape
         if h % c.grid or w % c.grid:
             raise UserError(f"$.attack.pieces: sqrt(pieces) = {c.grid} must divide the image size {h}x{w}")
         n_poison, n_cover = int(n * c.poison_rate), int(n * c.cover_rate)
-        order = torch.argsort(train.ids)  # selection depends on the ids, not on the row order
-        perm = order[torch.randperm(n, generator=generator(seed, "adaptive-blend", "select"))]
-        p_rows, c_rows = perm[:n_poison], perm[n_poison:n_poison + n_cover]
-        p_rows, c_rows = p_rows[torch.argsort(train.ids[p_rows])], c_rows[torch.argsort(train.ids[c_rows])]
+        p_rows, c_rows = select_rows(train, [n_poison, n_cover], generator(seed, "adaptive-blend", "select"))
         rows = torch.cat([p_rows, c_rows])  # poisons then covers, each in id order
         pattern, mask = self.trigger(ch, h, w)
         masks, masked_idx = piece_masks(len(rows), h, w, c.pieces, c.masked_pieces,
@@ -142,27 +133,13 @@ class AdaptiveBlend(Attack):
         images = train.images.clone()
         if len(rows):
             images[rows] = to_uint8(mask_blend(to_float(train.images[rows]), pattern, mask * masks, c.train_alpha))
-        labels = train.labels.clone()
-        labels[p_rows] = c.target
-        data = train.with_images(images).with_labels(labels)
+        data = self.relabelled(train, images, p_rows)
         return PoisonedSet(data=data, poison_ids=train.ids[p_rows].clone(), cover_ids=train.ids[c_rows].clone(),
                            meta={"trigger_sha256": trigger_hash(pattern, mask), "target": c.target,
                                  "pieces": c.pieces, "masked_pieces": c.masked_pieces,
                                  "train_alpha": c.train_alpha, "test_alpha": c.test_alpha,
                                  "poison_masked": masked_idx[:n_poison].tolist(),
                                  "cover_masked": masked_idx[n_poison:].tolist()})
-
-    def poison_test(self, test):
-        import torch
-
-        from bdframe.triggers import apply_to_rows, mask_blend
-
-        c = self.config
-        sub = test.subset(test.labels != c.target)
-        pattern, mask = self.trigger(*sub.images.shape[1:])
-        images = apply_to_rows(sub.images, torch.arange(len(sub)),
-                               lambda x: mask_blend(x, pattern, mask, c.test_alpha))
-        return sub.with_images(images).with_labels(torch.full((len(sub),), c.target, dtype=torch.int64))
 
 
 @hookimpl

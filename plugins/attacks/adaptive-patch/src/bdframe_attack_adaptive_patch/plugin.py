@@ -10,7 +10,7 @@ poison list, sorted by id, is cut into k equal consecutive parts: poison number 
 split the same way. At test time several triggers are applied at once (the train/test
 asymmetry of the attack).
 
-Presets (built-in patterns from :mod:`bdframe.patterns`):
+Presets (built-in patterns from :mod:`bdframe_attack_common.patterns`):
 
 - ``firefox-x4`` (default, MeCa "Firefox x4"): the four quadrants of the 13x13 Firefox-icon
   substitute (rows 1-7 / 8-13 x cols 18-24 / 25-30 on 32x32), alpha 1 each; test = all four
@@ -37,7 +37,8 @@ import attrs
 
 from bdframe import hookimpl
 from bdframe.config import each, in_range, one_of
-from bdframe.interfaces import Attack, PoisonedSet
+from bdframe.interfaces import PoisonedSet
+from bdframe_attack_common.base import TriggerAttack, select_rows
 
 # preset -> (training triggers [(pattern name, alpha)], test triggers [pattern name], test alpha)
 PRESETS = {
@@ -103,18 +104,17 @@ class AdaptivePatchConfig:
         return out
 
 
-class AdaptivePatch(Attack):
+class AdaptivePatch(TriggerAttack):
     name = "adaptive-patch"
     Config = AdaptivePatchConfig
     summary = "Adaptive-Patch: k patch triggers (Firefox x4), one per sample, stacked at test; with covers"
 
-    def check_dataset(self, info):
-        from bdframe import patterns
-        from bdframe.triggers import channel_problems, class_problems, image_file_problem
+    def trigger_problems(self, info):
+        from bdframe_attack_common import patterns
+        from bdframe_attack_common.triggers import channel_problems, image_file_problem
 
         c = self.config
-        out = class_problems(c, info.num_classes)
-        out += channel_problems(info, "preset")
+        out = channel_problems(info, "preset")
         train, test, _ = PRESETS[c.preset]
         used = ([] if c.trigger_images else [n for n, _ in train]) + \
                ([] if c.test_trigger_images or c.trigger_images else test)
@@ -131,7 +131,7 @@ class AdaptivePatch(Attack):
         return out
 
     def _files(self, images, masks, field, channels, height, width):
-        from bdframe.triggers import image_trigger
+        from bdframe_attack_common.triggers import image_trigger
 
         masks = masks or ("",) * len(images)
         return [image_trigger(t, m or None, f"$.attack.{field}[{i}]", height, width, channels)
@@ -139,7 +139,7 @@ class AdaptivePatch(Attack):
 
     def train_triggers(self, channels: int, height: int, width: int):
         """``[(pattern, mask, alpha)]`` of the k training triggers."""
-        from bdframe import patterns
+        from bdframe_attack_common import patterns
 
         c = self.config
         train, _, _ = PRESETS[c.preset]
@@ -153,7 +153,7 @@ class AdaptivePatch(Attack):
 
     def test_triggers(self, channels: int, height: int, width: int):
         """``[(pattern, mask, alpha)]`` applied one after the other to every test image."""
-        from bdframe import patterns
+        from bdframe_attack_common import patterns
 
         c = self.config
         _, test, preset_alpha = PRESETS[c.preset]
@@ -182,15 +182,12 @@ class AdaptivePatch(Attack):
 
         from bdframe.data import to_float, to_uint8
         from bdframe.seeding import generator
-        from bdframe.triggers import mask_blend, trigger_hash
+        from bdframe_attack_common.triggers import mask_blend, trigger_hash
 
         c = self.config
         n, ch, h, w = train.images.shape
         n_poison, n_cover = int(n * c.poison_rate), int(n * c.cover_rate)
-        order = torch.argsort(train.ids)  # selection depends on the ids, not on the row order
-        perm = order[torch.randperm(n, generator=generator(seed, "adaptive-patch", "select"))]
-        p_rows, c_rows = perm[:n_poison], perm[n_poison:n_poison + n_cover]
-        p_rows, c_rows = p_rows[torch.argsort(train.ids[p_rows])], c_rows[torch.argsort(train.ids[c_rows])]
+        p_rows, c_rows = select_rows(train, [n_poison, n_cover], generator(seed, "adaptive-patch", "select"))
         triggers = self.train_triggers(ch, h, w)
         k = len(triggers)
         p_trig, c_trig = self.assign(len(p_rows), k), self.assign(len(c_rows), k)
@@ -200,9 +197,7 @@ class AdaptivePatch(Attack):
             sel = rows[which == j]
             if len(sel):
                 images[sel] = to_uint8(mask_blend(to_float(train.images[sel]), pattern, mask, alpha))
-        labels = train.labels.clone()
-        labels[p_rows] = c.target
-        data = train.with_images(images).with_labels(labels)
+        data = self.relabelled(train, images, p_rows)
         tests = self.test_triggers(ch, h, w)
         return PoisonedSet(data=data, poison_ids=train.ids[p_rows].clone(), cover_ids=train.ids[c_rows].clone(),
                            meta={"target": c.target, "preset": None if c.trigger_images else c.preset,
@@ -210,22 +205,17 @@ class AdaptivePatch(Attack):
                                  "test_triggers": [{"sha256": trigger_hash(p, m), "alpha": a} for p, m, a in tests],
                                  "poison_trigger": p_trig.tolist(), "cover_trigger": c_trig.tolist()})
 
-    def poison_test(self, test):
-        import torch
+    def test_trigger(self, channels: int, height: int, width: int):
+        from bdframe_attack_common.triggers import mask_blend
 
-        from bdframe.triggers import apply_to_rows, mask_blend
-
-        c = self.config
-        sub = test.subset(test.labels != c.target)
-        triggers = self.test_triggers(*sub.images.shape[1:])
+        triggers = self.test_triggers(channels, height, width)
 
         def stack(x):
             for pattern, mask, alpha in triggers:
                 x = mask_blend(x, pattern, mask, alpha)
             return x
 
-        images = apply_to_rows(sub.images, torch.arange(len(sub)), stack)
-        return sub.with_images(images).with_labels(torch.full((len(sub),), c.target, dtype=torch.int64))
+        return stack
 
 
 @hookimpl

@@ -16,7 +16,9 @@ import attrs
 
 from bdframe import hookimpl
 from bdframe.config import in_range, one_of
-from bdframe.interfaces import Attack, PoisonedSet
+from bdframe.interfaces import PoisonedSet
+from bdframe_attack_common import POSITIONS
+from bdframe_attack_common.base import MaskTriggerAttack
 
 
 @attrs.frozen
@@ -25,8 +27,7 @@ class BadNetConfig:
                                      metadata={"help": "fraction of the training set poisoned"})
     target: int = attrs.field(default=1, validator=in_range(0, None))
     patch_size: int = attrs.field(default=3, validator=in_range(1, None))
-    position: str = attrs.field(default="bottom-right",
-                                validator=one_of("bottom-right", "bottom-left", "top-right", "top-left", "center"))
+    position: str = attrs.field(default="bottom-right", validator=one_of(*POSITIONS))
     pattern: str = attrs.field(default="white", validator=one_of("white", "x"),
                                metadata={"help": "generated patch: solid white, or the toolbox X pattern (3x3 only)"})
     alpha: float = attrs.field(default=1.0, validator=in_range(0, 1, lo_open=True))
@@ -44,62 +45,37 @@ class BadNetConfig:
         return out
 
 
-class BadNet(Attack):
+class BadNet(MaskTriggerAttack):
     name = "badnet"
     Config = BadNetConfig
     summary = "BadNets patch trigger, dirty-label, all-to-one"
 
-    def check_dataset(self, info):
-        from bdframe.triggers import class_problems, file_problems
+    def trigger_problems(self, info):
+        from bdframe_attack_common.triggers import file_problems
 
         c = self.config
-        out = class_problems(c, info.num_classes)
+        out = []
         if c.trigger_image is None and c.patch_size > min(info.height, info.width):
             out.append(("patch_size", f"must be <= the image size {info.height}x{info.width}, got {c.patch_size}"))
         return out + file_problems(c)
 
-    def trigger(self, channels: int, height: int, width: int):
-        """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""
-        from bdframe import patterns
-        from bdframe.triggers import image_trigger
+    def builtin_trigger(self, channels: int, height: int, width: int):
+        from bdframe_attack_common import patterns
 
         c = self.config
-        if c.trigger_image:
-            return image_trigger(c.trigger_image, c.mask_image, "$.attack.trigger_image", height, width, channels)
         if c.pattern == "x":  # backdoor-toolbox X: ones at (0,2), (1,1), (2,0), (2,2) of the 3x3 block
             return patterns.badnet_x(channels, height, width, position=c.position)
         return patterns.white_square(channels, height, width, size=c.patch_size, position=c.position)
-
-    def _apply(self, images, rows):
-        from bdframe.triggers import apply_to_rows, mask_blend
-
-        _, ch, h, w = images.shape
-        pattern, mask = self.trigger(ch, h, w)
-        return apply_to_rows(images, rows, lambda x: mask_blend(x, pattern, mask, self.config.alpha))
 
     def poison_train(self, train, *, seed):
         import torch
 
         n = int(len(train) * self.config.poison_rate)
         g = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(len(train), generator=g)[:n]
-        labels = train.labels.clone()
-        labels[rows] = self.config.target
-        data = train.with_images(self._apply(train.images, rows)).with_labels(labels)
-        from bdframe.triggers import trigger_hash
-
-        pattern, mask = self.trigger(*train.images.shape[1:])
+        rows = torch.randperm(len(train), generator=g)[:n]  # over row positions (see docs/attacks.md, Seeds)
+        data = self.relabelled(train, self.stamp(train.images, rows), rows)
         return PoisonedSet(data=data, poison_ids=train.ids[rows].clone(), cover_ids=torch.empty(0, dtype=torch.int64),
-                           meta={"trigger_sha256": trigger_hash(pattern, mask), "target": self.config.target})
-
-    def poison_test(self, test):
-        import torch
-
-        keep = test.labels != self.config.target
-        sub = test.subset(keep)
-        rows = torch.arange(len(sub))
-        return sub.with_images(self._apply(sub.images, rows)).with_labels(
-            torch.full((len(sub),), self.config.target, dtype=torch.int64))
+                           meta={"trigger_sha256": self.trigger_sha256(train.images), "target": self.config.target})
 
 
 @hookimpl

@@ -27,9 +27,9 @@ import attrs
 
 from bdframe import hookimpl
 from bdframe.config import in_range, one_of
-from bdframe.interfaces import Attack, PoisonedSet
-
-POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
+from bdframe.interfaces import PoisonedSet
+from bdframe_attack_common import POSITIONS
+from bdframe_attack_common.base import MaskTriggerAttack, select_rows
 
 
 @attrs.frozen
@@ -164,68 +164,44 @@ class PhysicalTransform:
         return x
 
 
-class PhysicalBA(Attack):
+class PhysicalBA(MaskTriggerAttack):
     name = "physicalba"
     Config = PhysicalBAConfig
     summary = "PhysicalBA: patch trigger (Firefox icon) + train-time physical transformations, all-to-one"
 
-    def check_dataset(self, info):
-        from bdframe.triggers import class_problems, patch_trigger_problems
+    def trigger_problems(self, info):
+        from bdframe_attack_common.triggers import patch_trigger_problems
+
+        return patch_trigger_problems(self.config, info)
+
+    def builtin_trigger(self, channels: int, height: int, width: int):
+        from bdframe_attack_common import patterns
 
         c = self.config
-        out = class_problems(c, info.num_classes)
-        return out + patch_trigger_problems(c, info)
-
-    def trigger(self, channels: int, height: int, width: int):
-        """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""
-        from bdframe import patterns
-        from bdframe.triggers import image_trigger
-
-        c = self.config
-        if c.trigger_image:
-            return image_trigger(c.trigger_image, c.mask_image, "$.attack.trigger_image", height, width, channels)
         if c.pattern == "white-square":
             return patterns.get("white-square", channels, height, width, size=c.patch_size, position=c.position)
         if c.pattern == "firefox-icon":
             return patterns.get("firefox-icon", channels, height, width, position=c.position)
         return patterns.get("firefox-corner", channels, height, width)
 
-    def _apply(self, images, rows):
-        from bdframe.triggers import apply_to_rows, mask_blend
-
-        pattern, mask = self.trigger(*images.shape[1:])
-        return apply_to_rows(images, rows, lambda x: mask_blend(x, pattern, mask, self.config.alpha))
-
     def poison_train(self, train, *, seed):
         import torch
 
         from bdframe.seeding import generator
-        from bdframe.triggers import trigger_hash
 
         c = self.config
-        n = int(len(train) * c.poison_rate)
-        order = torch.argsort(train.ids)  # selection depends on the ids, not on the row order
-        rows = order[torch.randperm(len(train), generator=generator(seed, "physicalba", "select"))[:n]]
-        poison_ids = torch.sort(train.ids[rows]).values
-        labels = train.labels.clone()
-        labels[rows] = c.target
+        (rows,) = select_rows(train, [int(len(train) * c.poison_rate)], generator(seed, "physicalba", "select"))
+        poison_ids = train.ids[rows].clone()
         transform = PhysicalTransform(c, ids=None if c.transform_on == "all" else poison_ids.clone(),
                                       inner=train.transform)
-        data = attrs.evolve(train.with_images(self._apply(train.images, rows)).with_labels(labels),
-                            transform=transform)
-        pattern, mask = self.trigger(*train.images.shape[1:])
+        data = attrs.evolve(self.relabelled(train, self.stamp(train.images, rows), rows), transform=transform)
         return PoisonedSet(data=data, poison_ids=poison_ids, cover_ids=torch.empty(0, dtype=torch.int64),
-                           meta={"trigger_sha256": trigger_hash(pattern, mask), "target": c.target,
+                           meta={"trigger_sha256": self.trigger_sha256(train.images), "target": c.target,
                                  "transform_on": c.transform_on})
 
     def poison_test(self, test):
-        import torch
-
-        c = self.config
-        sub = test.subset(test.labels != c.target)
-        sub = sub.with_images(self._apply(sub.images, torch.arange(len(sub)))).with_labels(
-            torch.full((len(sub),), c.target, dtype=torch.int64))
-        return attrs.evolve(sub, transform=None)  # the test trigger comes without physical transformations
+        # the test trigger comes without physical transformations
+        return attrs.evolve(super().poison_test(test), transform=None)
 
 
 @hookimpl

@@ -17,7 +17,8 @@ import attrs
 
 from bdframe import hookimpl
 from bdframe.config import in_range, one_of
-from bdframe.interfaces import Attack, PoisonedSet
+from bdframe.interfaces import PoisonedSet
+from bdframe_attack_common.base import TriggerAttack, select_rows
 
 
 @attrs.frozen
@@ -45,55 +46,42 @@ def signal(channels: int, height: int, width: int, delta: float, frequency: floa
     return row.float().view(1, 1, width).expand(channels, height, width).contiguous()
 
 
-class SIG(Attack):
+class SIG(TriggerAttack):
     name = "sig"
     Config = SIGConfig
     summary = "SIG sinusoidal signal, clean-label (target-class images only), all-to-one"
 
-    def check_dataset(self, info):
-        from bdframe.triggers import class_problems
-
-        return class_problems(self.config, info.num_classes)
-
     def signal(self, channels: int, height: int, width: int):
         return signal(channels, height, width, self.config.delta, self.config.frequency)
 
-    def _apply(self, images, rows):
-        from bdframe.triggers import apply_to_rows
+    def add_signal(self, channels: int, height: int, width: int):
+        """``x -> clip(x + v)`` on float images: the trigger, on training and test images alike."""
+        v = self.signal(channels, height, width)
+        return lambda x: (x + v).clamp(0, 1)
 
-        v = self.signal(*images.shape[1:])
-        return apply_to_rows(images, rows, lambda x: (x + v).clamp(0, 1))
+    test_trigger = add_signal
 
     def poison_train(self, train, *, seed):
         import torch
 
         from bdframe.errors import UserError
         from bdframe.seeding import generator
-        from bdframe.triggers import trigger_hash
+        from bdframe_attack_common.triggers import apply_to_rows, trigger_hash
 
         c = self.config
         wanted = int(len(train) * c.poison_rate)
-        cand = torch.nonzero(train.labels == c.target).flatten()
-        cand = cand[torch.argsort(train.ids[cand])]  # id order: independent of the row order
-        if wanted > len(cand) and c.too_few == "error":
+        pool = train.labels == c.target
+        available = int(pool.sum())
+        if wanted > available and c.too_few == "error":
             raise UserError(f"$.attack.poison_rate: sig poisons only target-class images; int({len(train)} * "
-                            f"{c.poison_rate}) = {wanted} exceeds the {len(cand)} images of class {c.target} "
+                            f"{c.poison_rate}) = {wanted} exceeds the {available} images of class {c.target} "
                             f"(lower poison_rate or set too_few = \"cap\")")
-        n = min(wanted, len(cand))
-        rows = cand[torch.randperm(len(cand), generator=generator(seed, "sig", "select"))[:n]]
-        data = train.with_images(self._apply(train.images, rows))
-        return PoisonedSet(data=data, poison_ids=torch.sort(train.ids[rows]).values,
-                           cover_ids=torch.empty(0, dtype=torch.int64),
-                           meta={"trigger_sha256": trigger_hash(self.signal(*train.images.shape[1:])),
-                                 "target": c.target, "requested_poison": wanted, "capped": n < wanted})
-
-    def poison_test(self, test):
-        import torch
-
-        c = self.config
-        sub = test.subset(test.labels != c.target)
-        return sub.with_images(self._apply(sub.images, torch.arange(len(sub)))).with_labels(
-            torch.full((len(sub),), c.target, dtype=torch.int64))
+        (rows,) = select_rows(train, [wanted], generator(seed, "sig", "select"), pool=pool)
+        shape = train.images.shape[1:]
+        data = train.with_images(apply_to_rows(train.images, rows, self.add_signal(*shape)))
+        return PoisonedSet(data=data, poison_ids=train.ids[rows].clone(), cover_ids=torch.empty(0, dtype=torch.int64),
+                           meta={"trigger_sha256": trigger_hash(self.signal(*shape)),
+                                 "target": c.target, "requested_poison": wanted, "capped": len(rows) < wanted})
 
 
 @hookimpl

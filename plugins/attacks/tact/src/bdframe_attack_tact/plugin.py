@@ -13,8 +13,7 @@ pool and ``"error"`` raises. Default trigger (MeCa): a white 3x3 square at the b
 alpha 1, source 0 -> target 1, covers from classes 5 and 7 (the backdoor-toolbox cover
 classes); ``pattern = "trojan-square"`` is the toolbox 8x8 trojan patch substitute (rows/cols
 21-28). Poisoned test set: the trigger on the **source-class** test images only, labelled with
-the target (the ASR denominator); :meth:`TaCT.false_trigger_test` gives the triggered
-non-source, non-target images with their true labels, for the false-trigger rate.
+the target (the ASR denominator).
 """
 
 from __future__ import annotations
@@ -25,9 +24,9 @@ import attrs
 
 from bdframe import hookimpl
 from bdframe.config import each, in_range, one_of
-from bdframe.interfaces import Attack, PoisonedSet
-
-POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
+from bdframe.interfaces import PoisonedSet
+from bdframe_attack_common import POSITIONS
+from bdframe_attack_common.base import MaskTriggerAttack, select_rows
 
 
 @attrs.frozen
@@ -73,58 +72,45 @@ class TaCTConfig:
         return out
 
 
-class TaCT(Attack):
+class TaCT(MaskTriggerAttack):
     name = "tact"
     Config = TaCTConfig
     summary = "TaCT source-specific patch trigger (source 0 -> target 1) with cover classes"
+    class_fields = ("source", "target")
 
-    def check_dataset(self, info):
-        from bdframe.triggers import class_problems, patch_trigger_problems
+    def trigger_problems(self, info):
+        from bdframe_attack_common.triggers import patch_trigger_problems
 
         c = self.config
         k = info.num_classes
-        out = class_problems(c, k, ("source", "target"))
+        out = []
         bad = [x for x in c.cover_classes if x >= k]
         if bad:
             out.append(("cover_classes", f"must be class indices in [0, {k - 1}], got {bad}"))
         return out + patch_trigger_problems(c, info)
 
-    def trigger(self, channels: int, height: int, width: int):
-        """``(pattern, mask)``, float (C,H,W) and (1,H,W)."""
-        from bdframe import patterns
-        from bdframe.triggers import image_trigger
+    def builtin_trigger(self, channels: int, height: int, width: int):
+        from bdframe_attack_common import patterns
 
         c = self.config
-        if c.trigger_image:
-            return image_trigger(c.trigger_image, c.mask_image, "$.attack.trigger_image", height, width, channels)
         if c.pattern == "trojan-square":
             return patterns.get("trojan-square", channels, height, width)
         return patterns.get("white-square", channels, height, width, size=c.patch_size, position=c.position)
 
-    def _apply(self, images, rows):
-        from bdframe.triggers import apply_to_rows, mask_blend
-
-        pattern, mask = self.trigger(*images.shape[1:])
-        return apply_to_rows(images, rows, lambda x: mask_blend(x, pattern, mask, self.config.alpha))
-
-    def _draw(self, train, pool_mask, wanted, g, field, what):
-        import torch
-
+    def _draw(self, train, pool, wanted, g, field, what):
         from bdframe.errors import UserError
 
-        pool = torch.nonzero(pool_mask).flatten()
-        pool = pool[torch.argsort(train.ids[pool])]  # id order: independent of the row order
-        if wanted > len(pool) and self.config.too_few == "error":
+        available = int(pool.sum())
+        if wanted > available and self.config.too_few == "error":
             raise UserError(f"$.attack.{field}: tact needs int({len(train)} * {getattr(self.config, field)}) = "
-                            f"{wanted} {what} images but the training set has {len(pool)} "
+                            f"{wanted} {what} images but the training set has {available} "
                             f"(lower {field} or set too_few = \"cap\")")
-        return pool[torch.randperm(len(pool), generator=g)[:min(wanted, len(pool))]]
+        return select_rows(train, [wanted], g, pool=pool)[0]
 
     def poison_train(self, train, *, seed):
         import torch
 
         from bdframe.seeding import generator
-        from bdframe.triggers import trigger_hash
 
         c = self.config
         n = len(train)
@@ -134,34 +120,16 @@ class TaCT(Attack):
         cover_pool = torch.isin(train.labels, torch.tensor(c.cover_classes, dtype=torch.int64))
         cover_rows = self._draw(train, cover_pool, want_c, generator(seed, "tact", "cover"),
                                 "cover_rate", f"cover-class ({list(c.cover_classes)})")
-        rows = torch.cat([poison_rows, cover_rows])
-        labels = train.labels.clone()
-        labels[poison_rows] = c.target
-        data = train.with_images(self._apply(train.images, rows)).with_labels(labels)
-        pattern, mask = self.trigger(*train.images.shape[1:])
-        return PoisonedSet(data=data, poison_ids=torch.sort(train.ids[poison_rows]).values,
-                           cover_ids=torch.sort(train.ids[cover_rows]).values,
-                           meta={"trigger_sha256": trigger_hash(pattern, mask), "source": c.source,
+        data = self.relabelled(train, self.stamp(train.images, torch.cat([poison_rows, cover_rows])), poison_rows)
+        return PoisonedSet(data=data, poison_ids=train.ids[poison_rows].clone(),
+                           cover_ids=train.ids[cover_rows].clone(),
+                           meta={"trigger_sha256": self.trigger_sha256(train.images), "source": c.source,
                                  "target": c.target, "cover_classes": list(c.cover_classes),
                                  "requested_poison": want_p, "requested_cover": want_c})
 
-    def poison_test(self, test):
-        """Triggered source-class test images labelled with the target: TaCT's ASR set."""
-        import torch
-
-        c = self.config
-        sub = test.subset(test.labels == c.source)
-        return sub.with_images(self._apply(sub.images, torch.arange(len(sub)))).with_labels(
-            torch.full((len(sub),), c.target, dtype=torch.int64))
-
-    def false_trigger_test(self, test):
-        """Triggered test images of the other classes (neither source nor target), true labels kept:
-        accuracy on it is 1 - the false-trigger rate."""
-        import torch
-
-        c = self.config
-        sub = test.subset((test.labels != c.source) & (test.labels != c.target))
-        return sub.with_images(self._apply(sub.images, torch.arange(len(sub))))
+    def asr_rows(self, test):
+        """TaCT's ASR set: the source-class test images."""
+        return test.labels == self.config.source
 
 
 @hookimpl

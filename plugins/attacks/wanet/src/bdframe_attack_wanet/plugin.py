@@ -30,7 +30,8 @@ import attrs
 
 from bdframe import hookimpl
 from bdframe.config import in_range, one_of
-from bdframe.interfaces import Attack, PoisonedSet
+from bdframe.interfaces import PoisonedSet
+from bdframe_attack_common.base import TriggerAttack, select_rows
 
 
 @attrs.frozen
@@ -83,7 +84,7 @@ def warp(x, grid):
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-class WaNet(Attack):
+class WaNet(TriggerAttack):
     name = "wanet"
     Config = WaNetConfig
     summary = "WaNet warping trigger with noise-mode covers, dirty-label, all-to-one"
@@ -92,14 +93,11 @@ class WaNet(Attack):
         super().__init__(config)
         self._field_seed: Optional[int] = self.config.grid_seed
 
-    def check_dataset(self, info):
-        from bdframe.triggers import class_problems
-
+    def trigger_problems(self, info):
         c = self.config
-        out = class_problems(c, info.num_classes)
         if c.k > min(info.height, info.width):
-            out.append(("k", f"must be <= the image size {info.height}x{info.width}, got {c.k}"))
-        return out
+            return [("k", f"must be <= the image size {info.height}x{info.width}, got {c.k}")]
+        return []
 
     @property
     def field_seed(self) -> int:
@@ -120,18 +118,15 @@ class WaNet(Attack):
 
         from bdframe.data import to_float, to_uint8
         from bdframe.seeding import derive_seed, generator
-        from bdframe.triggers import trigger_hash
+        from bdframe_attack_common.triggers import trigger_hash
 
         c = self.config
         if c.grid_seed is None:
             self._field_seed = derive_seed(seed, "wanet", "field")
         n, _, h, w = train.images.shape
         n_poison, n_cover = int(n * c.poison_rate), int(n * c.cover_rate)
-        order = torch.argsort(train.ids)  # selection depends on the ids, not on the row order
-        perm = order[torch.randperm(n, generator=generator(seed, "wanet", "select"))]
-        # sorted by id, so per-sample noise is drawn in id order
-        poison_rows = perm[:n_poison][torch.argsort(train.ids[perm[:n_poison]])]
-        cover_rows = perm[n_poison:n_poison + n_cover][torch.argsort(train.ids[perm[n_poison:n_poison + n_cover]])]
+        # in id order, so per-sample noise is drawn in id order
+        poison_rows, cover_rows = select_rows(train, [n_poison, n_cover], generator(seed, "wanet", "select"))
 
         identity_grid, noise_grid, grid = self.field(h, w)
         images = train.images.clone()
@@ -143,23 +138,14 @@ class WaNet(Attack):
             ins = torch.rand(count, h, w, 2, generator=g) * 2 - 1
             grid2 = (grid + ins / h).clamp(-1, 1)
             images[cover_rows] = to_uint8(warp(to_float(train.images[cover_rows]), grid2))
-        labels = train.labels.clone()
-        labels[poison_rows] = c.target
-        data = train.with_images(images).with_labels(labels)
+        data = self.relabelled(train, images, poison_rows)
         return PoisonedSet(data=data, poison_ids=train.ids[poison_rows].clone(), cover_ids=train.ids[cover_rows].clone(),
                            meta={"grid_seed": self._field_seed, "field_sha256": trigger_hash(identity_grid, noise_grid),
                                  "target": c.target, "noise": c.noise})
 
-    def poison_test(self, test):
-        import torch
-
-        from bdframe.data import to_float, to_uint8
-
-        c = self.config
-        sub = test.subset(test.labels != c.target)
-        _, _, grid = self.field(*sub.images.shape[2:])
-        images = to_uint8(warp(to_float(sub.images), grid)) if len(sub) else sub.images
-        return sub.with_images(images).with_labels(torch.full((len(sub),), c.target, dtype=torch.int64))
+    def test_trigger(self, channels: int, height: int, width: int):
+        _, _, grid = self.field(height, width)
+        return lambda x: warp(x, grid)
 
 
 @hookimpl

@@ -53,7 +53,8 @@ class _Cifar(DatasetFactory):
     def load(self):
         import torch
 
-        from bdframe.data import ImageSet, class_balanced_subset
+        from bdframe.data import ImageSet
+        from bdframe.scoring import balanced_draw
 
         self.describe()
         cls = self._tv_class()
@@ -70,7 +71,7 @@ class _Cifar(DatasetFactory):
             out.append(ImageSet(images, labels, torch.arange(len(labels), dtype=torch.int64), tuple(ds.classes)))
         train, test = out
         if self.config.train_size is not None:
-            train = class_balanced_subset(train, self.config.train_size, seed=self.config.subset_seed)
+            train = train.subset(balanced_draw(train, self.config.train_size, seed=self.config.subset_seed))
         return train, test
 
 

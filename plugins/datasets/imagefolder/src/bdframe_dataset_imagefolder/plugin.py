@@ -2,7 +2,7 @@
 
 Classes are the sub-folders of ``train/`` in sorted order (label = index). Sample ids are
 positions in the sorted (class, file name) order of each split, so they are stable for a
-given tree. Decoded splits are cached (see :mod:`bdframe.imagefolder`).
+given tree. Decoded splits are cached (see :mod:`bdframe_dataset_imagefolder.decode`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class ImageFolder(DatasetFactory):
         return root, tr, te
 
     def _classes(self):
-        from bdframe.imagefolder import list_classes
+        from bdframe_dataset_imagefolder.decode import list_classes
 
         _, tr, te = self._dirs()
         classes = list_classes(tr)
@@ -75,7 +75,7 @@ class ImageFolder(DatasetFactory):
 
     def describe(self):
         from bdframe.data import DatasetInfo
-        from bdframe.imagefolder import IMAGE_EXTENSIONS, decode_file
+        from bdframe_dataset_imagefolder.decode import IMAGE_EXTENSIONS, decode_file
 
         c = self.config
         classes = self._classes()
@@ -96,7 +96,7 @@ class ImageFolder(DatasetFactory):
     def sample_files(self, split: str):
         """``{id: "train/<class>/<file>"}``: ids are positions in the sorted (class, file) order,
         as :meth:`load` assigns them (before any ``train_size`` subset, which keeps ids)."""
-        from bdframe.imagefolder import list_files
+        from bdframe_dataset_imagefolder.decode import list_files
 
         root, tr, te = self._dirs()
         d = tr if split == "train" else te
@@ -106,8 +106,9 @@ class ImageFolder(DatasetFactory):
     def load(self):
         import torch
 
-        from bdframe.data import DatasetInfo, ImageSet, channel_stats, class_balanced_subset
-        from bdframe.imagefolder import load_split
+        from bdframe.data import DatasetInfo, ImageSet, channel_stats
+        from bdframe.scoring import balanced_draw
+        from bdframe_dataset_imagefolder.decode import load_split
 
         c = self.config
         root, tr, te = self._dirs()
@@ -119,7 +120,7 @@ class ImageFolder(DatasetFactory):
         train = ImageSet(xtr, ytr, torch.arange(len(ytr), dtype=torch.int64), tuple(classes))
         test = ImageSet(xte, yte, torch.arange(len(yte), dtype=torch.int64), tuple(classes))
         if c.train_size is not None:
-            train = class_balanced_subset(train, c.train_size, seed=c.subset_seed)
+            train = train.subset(balanced_draw(train, c.train_size, seed=c.subset_seed))
         if c.mean is None or c.std is None:
             mean, std = channel_stats(train.images)
             self._stats = (c.mean or mean, c.std or std)

@@ -1,4 +1,5 @@
-"""Trigger helpers shared by attack plugins: user trigger images, masks, mask blending.
+"""Trigger helpers shared by attack plugins: user trigger images, masks, mask blending, and the
+dataset checks trigger attacks share.
 
 Conventions (docs/attacks.md, "Conventions"): triggers are float (C,H,W) in [0,1] and masks are
 (1,H,W) in [0,1]. An image file is read as RGB (an alpha channel is dropped, not composited)
@@ -33,11 +34,14 @@ def read_image(path: str, field: str, height: int, width: int, channels: int = 3
 
 
 def image_trigger(path: str, mask_path: Optional[str], field: str, height: int, width: int,
-                  channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pattern, mask)`` from a trigger file and an optional mask file."""
+                  channels: int = 3, *, full_frame: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pattern, mask)`` from a trigger file and an optional mask file. Without a mask file
+    the mask is the trigger's non-black pixels, or every pixel if ``full_frame`` (blends)."""
     pattern = read_image(path, field, height, width, channels)
     if mask_path:
         mask = read_image(mask_path, field.replace("trigger_image", "mask_image"), height, width, channels)[:1]
+    elif full_frame:
+        mask = torch.ones(1, height, width)
     else:
         mask = (pattern > 0).any(dim=0, keepdim=True).float()
     return pattern, mask
@@ -120,7 +124,7 @@ def channel_problems(info, field: str) -> list[tuple[str, str]]:
 def patch_trigger_problems(config, info) -> list[tuple[str, str]]:
     """Checks shared by patch attacks with a ``pattern`` (generated) or a ``trigger_image`` (file):
     supported channel count, pattern size against the image, and trigger/mask files."""
-    from bdframe import patterns
+    from bdframe_attack_common import patterns
 
     out = channel_problems(info, "pattern")
     if not config.trigger_image:

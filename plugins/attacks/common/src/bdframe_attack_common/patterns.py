@@ -3,8 +3,8 @@ backdoor-toolbox trigger files (see docs/attacks.md, "Built-in trigger patterns"
 
 bdframe ships no third-party trigger pictures. Every default trigger an attack plugin uses is
 generated here with torch from a fixed seed, so it is bit-identical on every machine and run;
-attacks record :func:`bdframe.triggers.trigger_hash` of what they applied. A user file
-(``trigger_image`` / ``mask_image`` of an attack, read by :mod:`bdframe.triggers`) replaces
+attacks record :func:`bdframe_attack_common.triggers.trigger_hash` of what they applied. A user file
+(``trigger_image`` / ``mask_image`` of an attack, read by :mod:`bdframe_attack_common.triggers`) replaces
 any of them.
 
 Conventions: ``pattern`` is float (C,H,W) in [0,1], ``mask`` is float (1,H,W) in {0,1}; rows
@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
+from bdframe_attack_common import POSITIONS
 
 # One fixed seed per generated picture (changing one changes that trigger and its hash).
 _SEEDS = {"hellokitty": 20170715, "firefox": 20190318, "phoenix": 20200229, "trojan": 20180226}

@@ -1,8 +1,7 @@
-"""Decoding image files into the in-memory uint8 format, with an on-disk cache.
-
-Used by the ``imagefolder`` dataset plugin and anything else that reads image files. The
-cache key covers the absolute root, the split, the target size and every file's relative
-path, size and modification time, so a changed tree is decoded again.
+"""Decoding image files into the in-memory uint8 format, with an on-disk cache: the reader of
+the ``imagefolder`` dataset. The cache key covers the absolute root, the split, the target
+size and every file's relative path, size and modification time, so a changed tree is decoded
+again.
 """
 
 from __future__ import annotations
