@@ -86,40 +86,19 @@ class _Cfg:
     x: int = 1
 
 
-class GoodScorer(SampleScorer):
-    name = "good-scorer"
-    Config = _Cfg
+_Mutable = attrs.define(type("_Mutable", (), {"__annotations__": {"x": int}, "x": 1}))
 
 
-class NoConfig(SampleScorer):
-    name = "no-config"
-    Config = dict
+def component(base, name, **attrs_):
+    return type(name.title().replace("-", ""), (base,), {"name": name, **attrs_})
 
 
-@attrs.define
-class _Mutable:
-    x: int = 1
-
-
-class MutableConfig(SampleScorer):
-    name = "mutable-config"
-    Config = _Mutable
-
-
-class NotAnAttack:
-    name = "not-an-attack"
-    kind = "attack"
-    Config = EmptyConfig
-
-
-class SecondDefault(Attack):
-    name = "second-default"
-    default = True
-
-
-class FirstDefault(Attack):
-    name = "first-default"
-    default = True
+GoodScorer = component(SampleScorer, "good-scorer", Config=_Cfg)
+NoConfig = component(SampleScorer, "no-config", Config=dict)
+MutableConfig = component(SampleScorer, "mutable-config", Config=_Mutable)
+NotAnAttack = component(object, "not-an-attack", kind="attack", Config=EmptyConfig)
+FirstDefault = component(Attack, "first-default", default=True)
+SecondDefault = component(Attack, "second-default", default=True)
 
 
 def plugin(hook: str, *classes) -> types.ModuleType:
