@@ -31,6 +31,7 @@ PATHS = [(None, k) for k in ("name", "seed", "device")] + [
 
 ODD_VALUES = st.sampled_from([
     "", "x", "false", "true", "10", "0.1", "no", "yes please", "../..", "/etc/passwd", "nonexistent.png",
+    "cuda", "cuda:3", "mps", "cpu", "auto",
     0, -1, 1, 2, 10 ** 12, -(10 ** 12), 0.0, -0.5, 0.5, 1.5, 2.5, 1e12, 1e-12, float("nan"), float("inf"),
     -float("inf"), True, False, [], [1, 2], ["a"], {"name": "x"}, {},
 ])

@@ -341,3 +341,15 @@ def test_suspected_without_scores_or_files_is_in_id_order(tmp_path):
     assert [int(r["id"]) for r in rows] == [57, 55, 51] and rows[0]["path"] == "f57.png"
     with pytest.raises(ValueError):
         write_suspected(tmp_path, data, torch.tensor([57]), torch.zeros(3), None)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:9"])
+def test_validate_refuses_a_device_this_machine_lacks_as_run_does(tmp_path, device):
+    if torch.cuda.is_available() and device == "cuda":
+        pytest.skip("CUDA is available here")
+    f = tmp_path / "r.toml"
+    f.write_text(tiny(tmp_path, **{'device = "cpu"': f'device = "{device}"'}))
+    for command in ("validate", "run"):
+        line = one_clear_line(run_cli(command, str(f)))
+        assert line.startswith(f"bdframe: error: $.device: '{device}' requested"), line
+    assert not (tmp_path / "runs").exists()

@@ -68,11 +68,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from bdframe.nn import device_problem
     from bdframe.plugins import load_recipe
     from bdframe.runs import output_problem
 
     recipe, _ = load_recipe(args.recipe)
-    problem = output_problem(Path(recipe.output_dir) / recipe.name, "$.output_dir")
+    # what `bdframe run` would refuse on this machine before training: the output path, the device
+    problem = output_problem(Path(recipe.output_dir) / recipe.name, "$.output_dir") or device_problem(recipe.device)
     if problem:
         raise UserError(problem)
     if args.print_resolved:

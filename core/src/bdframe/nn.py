@@ -33,6 +33,19 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+def device_problem(device: str) -> str | None:
+    """Why this machine cannot run on ``device`` (None if it can)."""
+    d = resolve_device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"$.device: {device!r} requested but CUDA is not available; use device = \"auto\""
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"$.device: {device!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        return "$.device: 'mps' requested but MPS is not available; use device = \"auto\""
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda if available, else mps, else cpu."""
     if device == "auto":

@@ -17,7 +17,7 @@ from bdframe.data import ImageSet
 from bdframe.errors import UserError
 from bdframe.interfaces import SECTIONS, StageContext
 from bdframe.metrics import accuracy, detection
-from bdframe.nn import Classifier, resolve_device
+from bdframe.nn import Classifier, device_problem, resolve_device
 from bdframe.recipe import Recipe
 from bdframe.registry import Registry
 from bdframe.runs import RunDir, save_atomic, write_json_atomic, write_text_atomic
@@ -191,11 +191,10 @@ def run(recipe: Recipe, registry: Registry, *, out: Optional[Path] = None, resum
     """Run a validated recipe and return its metrics. The run directory is ``out`` or
     ``<output_dir>/<name>``; it appears only when the run completes."""
     t_start = time.perf_counter()
+    problem = device_problem(recipe.device)
+    if problem:
+        raise UserError(problem)
     device = resolve_device(recipe.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"$.device: {recipe.device!r} requested but CUDA is not available; use device = \"auto\"")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("$.device: 'mps' requested but MPS is not available; use device = \"auto\"")
     final = Path(out) if out else Path(recipe.output_dir) / recipe.name
     rd = RunDir(final, resume=resume, overwrite=overwrite, recipe_toml=recipe.to_toml(),
                 field="--out" if out else "$.output_dir")
