@@ -98,6 +98,20 @@ class MeCaConfig:
                                  metadata={"help": "[R] loss whose input-gradient sign gives the perturbation"})
     score_batch_size: int = attrs.field(default=256, validator=in_range(1, None), metadata={
         "help": "batch size of scoring and detection passes"})
+    # -- detection ------------------------------------------------------------------------------
+    detection: str = attrs.field(default="argmax", validator=one_of("argmax", "confidence", "label-aware"), metadata={
+        "help": "argmax: the paper's rule (argmax of the enhanced model = label -> poisoned); confidence: "
+                "logit(p_e(y|x)) above a threshold chosen from the data; label-aware: Otsu's split within the "
+                "classes whose high-confidence share stands out, else the confidence rule"})
+    threshold: str = attrs.field(default="mad", validator=one_of("mad", "otsu"), metadata={
+        "help": "confidence rule (and label-aware when no class stands out): mad (logit(p_e) above median + "
+                "outlier_k robust SDs) or otsu (Otsu's split of logit(p_e))"})
+    outlier_k: float = attrs.field(default=3.0, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "threshold = mad: how many robust standard deviations above the median a flagged sample lies"})
+    confidence_high: float = attrs.field(default=0.99, validator=in_range(0, 1, lo_open=True, hi_open=True),
+                                         metadata={"help": "label-aware: p_e above this counts as fitted with high confidence"})
+    outlier_z: float = attrs.field(default=3.5, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "label-aware: robust z-score (median/MAD over classes) above which a class stands out"})
     # -- relabel and relearn ------------------------------------------------------------------
     relearn: bool = attrs.field(default=False, metadata={
         "help": "[S, optional] relabel detected poisoned samples with the clean model and fine-tune on all"})
@@ -156,6 +170,106 @@ def detect(logits, labels):
     poisoned = logits.argmax(1) == labels
     prob = torch.softmax(logits, 1).gather(1, labels.view(-1, 1)).squeeze(1)
     return poisoned, prob
+
+
+def otsu_threshold(values) -> float | None:
+    """Otsu's threshold on one-dimensional values, computed exactly (no histogram bins).
+
+    Candidate cuts lie halfway between consecutive distinct sorted values; the cut that maximises
+    the between-group variance ``w0 * w1 * (mean1 - mean0)^2`` wins, the lowest on a tie. The
+    result depends only on the multiset of values (not their order) and is ``None`` when there
+    are fewer than two distinct values (nothing to separate).
+    """
+    import torch
+
+    v = torch.sort(torch.as_tensor(values, dtype=torch.float64).flatten().cpu()).values
+    n = len(v)
+    if n < 2 or float(v[0]) == float(v[-1]):
+        return None
+    csum = torch.cumsum(v, 0)
+    k = torch.arange(1, n, dtype=torch.float64)  # size of the lower group for a cut after position k-1
+    distinct = v[1:] > v[:-1]
+    m0 = csum[:-1] / k
+    m1 = (csum[-1] - csum[:-1]) / (n - k)
+    between = (k / n) * (1 - k / n) * (m1 - m0) ** 2
+    between = torch.where(distinct, between, torch.full_like(between, -1.0))
+    i = int(torch.argmax(between))  # first maximum
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def confidence_scores(prob):
+    """``logit(p_e(y|x))`` in float64, with p clamped to [1e-12, 1 - 1e-12] so it stays finite."""
+    import torch
+
+    p = torch.as_tensor(prob, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def outlier_threshold(values, k: float = 3.0) -> float | None:
+    """``median + k * 1.4826 * MAD``: the upper-outlier cut of a robust z-score (None when the
+    MAD is 0, i.e. at least half the values are equal)."""
+    import torch
+
+    v = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
+    if len(v) == 0:
+        return None
+    med = v.median()
+    mad = 1.4826 * (v - med).abs().median()
+    return None if float(mad) <= 0 else float(med + k * mad)
+
+
+def flag_confident(prob, rows=None, *, threshold: str = "mad", k: float = 3.0):
+    """The confidence rule: flag the samples whose ``logit(p_e)`` is above a threshold chosen
+    from the values in ``rows`` (a bool mask; all rows by default): Otsu's split of the values
+    (``"otsu"``) or their robust upper-outlier cut ``median + k * 1.4826 MAD`` (``"mad"``).
+    Needs no poison rate. Returns a bool mask over all rows (False outside ``rows``; nothing
+    flagged when the values cannot be split)."""
+    import torch
+
+    s = confidence_scores(prob)
+    rows = torch.ones(len(s), dtype=torch.bool) if rows is None else torch.as_tensor(rows, dtype=torch.bool)
+    thr = otsu_threshold(s[rows]) if threshold == "otsu" else outlier_threshold(s[rows], k)
+    if thr is None:
+        return torch.zeros(len(s), dtype=torch.bool)
+    return rows & (s > thr)
+
+
+def suspicious_classes(prob, labels, *, high: float = 0.99, z: float = 3.5) -> list[int]:
+    """Classes whose share of samples fitted with ``p_e(y|x) > high`` is an upper outlier among
+    the classes: robust z-score ``(share - median) / (1.4826 MAD) > z`` (the mean absolute
+    deviation replaces a zero MAD; if every class has the same share, none stands out).
+    Classes are the labels present; the answer does not depend on the sample order or on
+    which integers name the classes (only on the grouping)."""
+    import torch
+
+    labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+    confident = torch.as_tensor(prob, dtype=torch.float64).cpu() > high
+    classes = torch.unique(labels)
+    share = torch.stack([confident[labels == c].double().mean() for c in classes])
+    dev = share - share.median()
+    spread = 1.4826 * dev.abs().median()
+    if float(spread) <= 0:
+        spread = dev.abs().mean()
+    if float(spread) <= 0:
+        return []
+    return [int(c) for c, d in zip(classes, dev) if float(d / spread) > z]
+
+
+def flag_label_aware(prob, labels, *, high: float = 0.99, z: float = 3.5, threshold: str = "mad", k: float = 3.0):
+    """Label-aware detection: find the classes that stand out (:func:`suspicious_classes`) and
+    split each of them in two with Otsu's threshold on ``logit(p_e)`` (inside a target class the
+    poison is a large group, not a tail, so an outlier cut would miss it); when no class stands
+    out, the confidence rule over all samples with ``threshold``. Returns ``(flags, classes)``."""
+    import torch
+
+    labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+    classes = suspicious_classes(prob, labels, high=high, z=z)
+    if not classes:
+        return flag_confident(prob, threshold=threshold, k=k), []
+    flags = torch.zeros(len(labels), dtype=torch.bool)
+    for c in classes:
+        flags |= flag_confident(prob, labels == c, threshold="otsu")
+    return flags, classes
 
 
 def _cpu_state(model) -> dict:
@@ -284,8 +398,14 @@ class MeCa(Defense):
             t0 = time.perf_counter()
             logits = scoring.logits(model, data, self._score_ctx(ctx, "detect"), desc="meca detect")
             poisoned, prob = detect(logits, data.labels)
-            ctx.log({"stage": "meca-detect", "detected_clean": int((~poisoned).sum()),
-                     "detected_poison": int(poisoned.sum())})
+            classes = None
+            if c.detection == "confidence":
+                poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
+            elif c.detection == "label-aware":
+                poisoned, classes = flag_label_aware(prob, data.labels.cpu(), high=c.confidence_high, z=c.outlier_z,
+                                                     threshold=c.threshold, k=c.outlier_k)
+            ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
+                     "detected_poison": int(poisoned.sum()), "suspicious_classes": classes})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
                    "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "seconds": time.perf_counter() - t0}
             step.save(det)
