@@ -398,6 +398,7 @@ class MeCa(Defense):
             t0 = time.perf_counter()
             logits = scoring.logits(model, data, self._score_ctx(ctx, "detect"), desc="meca detect")
             poisoned, prob = detect(logits, data.labels)
+            paper_rule = poisoned.clone()
             classes = None
             if c.detection == "confidence":
                 poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
@@ -407,7 +408,8 @@ class MeCa(Defense):
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
-                   "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "seconds": time.perf_counter() - t0}
+                   "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "paper_rule": paper_rule,
+                   "seconds": time.perf_counter() - t0}
             step.save(det)
         seconds["detect"] = det["seconds"]
         if out_dir is not None:
@@ -417,7 +419,8 @@ class MeCa(Defense):
                          "iterations": [r["iteration"] for r in records],
                          "consistency_scores": [r["scores"] for r in records],
                          "forget_ids": [r["forget_ids"] for r in records],
-                         "enhanced_prob": det["prob"], "detected_poison": det["poisoned"]},
+                         "enhanced_prob": det["prob"], "detected_poison": det["poisoned"],
+                         "paper_rule_poison": det.get("paper_rule", det["poisoned"])},
                         out_dir / "meca_scores.pt")
         clean_set = data.subset(data.contains(det["kept_ids"]))
         poison_set = data.subset(data.contains(det["flagged_ids"]))
