@@ -1,0 +1,66 @@
+"""Every MeCa detection rule applied to one finished MeCa run's enhanced model (no retraining).
+
+Reads ``meca_scores.pt`` (the enhanced model's ``p_e(y|x)`` and the paper rule's flags) and
+``poison.json`` of a run directory and prints, per rule, the flagged share and detection recall
+and precision against the poison ids (ground truth is read here only, to score the rules; the
+rules themselves never see it). Clean ACC/ASR need a run with that rule (``--meca
+detection=...`` in ``meca_cifar10.py``); this script shows what each rule would keep.
+
+    python benchmarks/meca_detection_rules.py benchmarks/results/runs/meca-bench-badnet-meca-n10000-...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+
+def rules(scores: dict) -> dict:
+    """rule name -> bool flags over ``scores["ids"]``."""
+    from bdframe_defense_meca.plugin import flag_confident, flag_label_aware
+
+    prob = scores["enhanced_prob"]
+    return {"argmax (paper)": scores["paper_rule_poison"],
+            "confidence, mad": flag_confident(prob, threshold="mad"),
+            "confidence, otsu": flag_confident(prob, threshold="otsu"),
+            "label-aware": flag_label_aware(prob, scores["labels"])[0]}
+
+
+def main(argv=None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="a finished MeCa run directory")
+    ap.add_argument("--out", help="also write the table as JSON here")
+    args = ap.parse_args(argv)
+    d = Path(args.run_dir)
+    s = torch.load(d / "meca_scores.pt", weights_only=False)
+    if "paper_rule_poison" not in s:
+        raise SystemExit(f"{d}/meca_scores.pt predates the saved paper-rule flags; rerun the MeCa row")
+    from bdframe.scan import load_run
+
+    parts, _ = load_run(d, device="cpu")
+    labels = parts.poisoned.labels[parts.poisoned.positions(s["ids"])]
+    truth = torch.isin(s["ids"], torch.as_tensor(json.loads((d / "poison.json").read_text())["poison_ids"]))
+    rows = []
+    for name, flags in rules({**s, "labels": labels}).items():
+        flags = torch.as_tensor(flags, dtype=torch.bool)
+        hit = int((flags & truth).sum())
+        rows.append({"rule": name, "flagged": 100 * float(flags.double().mean()),
+                     "recall": 100 * hit / max(int(truth.sum()), 1),
+                     "precision": 100 * hit / int(flags.sum()) if int(flags.sum()) else None,
+                     "kept": int((~flags).sum())})
+    print_table(rows, [("rule", "rule", "{}"), ("flagged", "flagged %", "{:.1f}"), ("recall", "recall %", "{:.1f}"),
+                       ("precision", "precision %", "{:.1f}"), ("kept", "kept", "{}")])
+    if args.out:
+        write_json(Path(args.out), {"run_dir": str(d), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
