@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from bdframe.scoring import float64_copy
 from bdframe.testing import assert_state_unchanged, score_ctx, state_snapshot
 from bdframe_scorer_adv_kl.plugin import AdvKL, AdvKLConfig
 from scorers.scorer_helpers import make
@@ -120,8 +121,9 @@ def test_random_start_gradient_is_float64():
     sc = scorer(grad_loss="kl_random_start")
     x = data.images.float() / 255
     model.eval()
-    g_all = sc._random_start_grad(model, x, (x + 1e-3).clamp(0, 1))
-    g_one = torch.cat([sc._random_start_grad(model, x[i:i + 1], (x[i:i + 1] + 1e-3).clamp(0, 1)) for i in range(30)])
+    model64 = float64_copy(model)
+    g_all = sc._random_start_grad(model64, x, (x + 1e-3).clamp(0, 1))
+    g_one = torch.cat([sc._random_start_grad(model64, x[i:i + 1], (x[i:i + 1] + 1e-3).clamp(0, 1)) for i in range(30)])
     assert torch.equal(torch.sign(g_all), torch.sign(g_one))
 
 

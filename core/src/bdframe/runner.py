@@ -58,6 +58,7 @@ class RunContext:
         evaluate = make_evaluator(parts.test, parts.asr_set, batch_size=recipe.eval.batch_size, device=device)
         own = {spec.kind: spec for spec in (recipe.model, recipe.train, recipe.defense)}
         build = parts.build_model
+        # a lambda, not the bound method: ``build_model.__self__`` would be the parts, ground truth included
         return cls(parts.registry, seed=recipe.seed, own=own, build_model=lambda **kw: build(**kw), info=parts.info,
                    device=device, artifacts=artifacts, evaluate=evaluate, progress=progress)
 
@@ -172,13 +173,13 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def provenance(registry: Registry, recipe: Recipe, *, sealed: bool = False) -> dict:
-    """Component name, plugin, distribution and version per recipe section (``sealed``: without
-    the attack, as ``run.json`` holds it while the defense runs)."""
+def provenance(registry: Registry, recipe: Recipe, *, without_attack: bool = False) -> dict:
+    """Component name, plugin, distribution and version per recipe section (``without_attack``:
+    as ``run.json`` holds it while the defense runs)."""
     out = {}
     for section in SECTIONS:
         spec = getattr(recipe, section)
-        if spec is None or (sealed and spec.kind == "attack"):
+        if spec is None or (without_attack and spec.kind == "attack"):
             continue
         e = registry.entry(spec.kind, spec.name)
         out[section] = {"name": spec.name, "plugin": e.provider.plugin, "distribution": e.provider.distribution,
@@ -212,7 +213,7 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
     ``run.json``) is written only after the defense has returned, so nothing the defense could
     read while it runs (its context, its data, the run directory) carries the ground truth."""
     run_info = {"name": recipe.name, "seeds": {"run": recipe.seed},
-                "plugins": provenance(registry, recipe, sealed=True),
+                "plugins": provenance(registry, recipe, without_attack=True),
                 "environment": environment(device), "status": "running", "resumed": resume}
     write_json_atomic(rd.file("run.json"), run_info)
 

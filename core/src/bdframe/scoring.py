@@ -163,6 +163,17 @@ def batches(data: ImageSet, ctx, desc: str, *, batch_size: int | None = None
             p.update(len(ids))
 
 
+def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``model`` (same mode, weights frozen); the model itself is untouched.
+    For computations whose result amplifies float32 rounding."""
+    import copy
+
+    net = copy.deepcopy(model).double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
 @torch.no_grad()
 def features(model, data: ImageSet, ctx, desc: str = "features", *, float64: bool = False) -> torch.Tensor:
     """Penultimate features (``model.features``) for every row, float32 on the CPU.
@@ -172,9 +183,7 @@ def features(model, data: ImageSet, ctx, desc: str = "features", *, float64: boo
     inverses, ratios of small spreads), where float32's batch-size-dependent last bits would
     otherwise show in the scores.
     """
-    import copy
-
-    net = copy.deepcopy(model).double() if float64 else model
+    net = float64_copy(model) if float64 else model
     out = []
     with eval_mode(net):
         for x, _, _ in batches(data, ctx, desc):

@@ -8,7 +8,6 @@ compute on a batch; they pass that as ``loss_fn`` to :func:`run_epochs`.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +20,7 @@ from bdframe.data import Augment, Batches, ImageSet
 from bdframe.errors import DivergedError
 from bdframe.interfaces import StageContext
 from bdframe.progress import Progress
+from bdframe.runs import save_atomic
 from bdframe.seeding import generator
 
 
@@ -84,13 +84,6 @@ def amp_dtype(s: OptimSettings, device: torch.device):
     if device.type != "cuda" or s.amp == "off":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -184,7 +177,7 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
             model.train()
         history.append(rec)
         if state_path is not None:
-            _save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scaler": scaler.state_dict() if scaler is not None else None, "history": history},
                          state_path)
         if ctx.on_epoch:

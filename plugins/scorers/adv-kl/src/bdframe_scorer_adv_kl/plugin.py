@@ -84,8 +84,9 @@ class AdvKL(SampleScorer):
         return (in_r[:, :, None] & in_c[:, None, :]).to(torch.float32)[:, None]
 
     # -- one batch ---------------------------------------------------------------------------
-    def perturb(self, model, x, y, ids, seed: int):
-        """``(x_tilde, mask, clean_logits)`` for a batch of [0,1] images (model in eval mode)."""
+    def perturb(self, model, x, y, ids, seed: int, *, model64=None):
+        """``(x_tilde, mask, clean_logits)`` for a batch of [0,1] images (model in eval mode).
+        ``model64``: the model's float64 copy for ``kl_random_start`` (made here if not given)."""
         import torch
         import torch.nn.functional as F
 
@@ -101,7 +102,11 @@ class AdvKL(SampleScorer):
                 with torch.no_grad():
                     clean = model(x).detach()
                 noise = id_normal(self._parts(seed, "start"), ids, x[0].numel(), device=x.device).view_as(x)
-                g = self._random_start_grad(model, x, (x + mask * c.random_start_sigma * noise).clamp(0, 1))
+                if model64 is None:
+                    from bdframe.scoring import float64_copy
+
+                    model64 = float64_copy(model)
+                g = self._random_start_grad(model64, x, (x + mask * c.random_start_sigma * noise).clamp(0, 1))
             else:
                 xg = x.detach().clone().requires_grad_(True)
                 out = model(xg)
@@ -113,34 +118,32 @@ class AdvKL(SampleScorer):
         return x_t.detach(), mask, clean
 
     @staticmethod
-    def _random_start_grad(model, x, x0):
+    def _random_start_grad(model64, x, x0):
         """Input gradient of ``KL(p(x) || p(x0))`` at the random start ``x0``, in float64.
 
         At a start ``sigma`` away from ``x`` the gradient is of order ``sigma`` and is the
         difference of two nearly equal softmax outputs; in float32 its rounding noise (about
         1e-7 of the logits) is then about 1e-3 of its size, so ``sign()`` of its small entries
         would follow the noise and change with the batch size. In float64 the noise is about
-        1e-16 of the logits, far below any entry that matters. Runs a float64 copy of the
-        weights through ``torch.func.functional_call``; the model itself is not changed.
+        1e-16 of the logits, far below any entry that matters. ``model64`` is the model's float64
+        copy (:func:`bdframe.scoring.float64_copy`).
         """
         import torch
         import torch.nn.functional as F
 
-        params = {k: v.detach().double() for k, v in model.named_parameters()}
-        buffers = {k: (v.double() if v.is_floating_point() else v) for k, v in model.named_buffers()}
         x0 = x0.detach().double().requires_grad_(True)
         with torch.no_grad():
-            logp = F.log_softmax(torch.func.functional_call(model, (params, buffers), (x.double(),)), 1)
-        logq = F.log_softmax(torch.func.functional_call(model, (params, buffers), (x0,)), 1)
+            logp = F.log_softmax(model64(x.double()), 1)
+        logq = F.log_softmax(model64(x0), 1)
         loss = (logp.exp() * (logp - logq)).sum()
         return torch.autograd.grad(loss, x0)[0].to(x.dtype)
 
-    def batch_kl(self, model, x, y, ids, seed: int):
+    def batch_kl(self, model, x, y, ids, seed: int, *, model64=None):
         """KL per sample (float64) for one batch."""
         import torch
         import torch.nn.functional as F
 
-        x_t, _, clean = self.perturb(model, x, y, ids, seed)
+        x_t, _, clean = self.perturb(model, x, y, ids, seed, model64=model64)
         same = (x_t == x).flatten(1).all(1)
         with torch.no_grad():
             pert = model(x_t) if not bool(same.all()) else clean
@@ -154,12 +157,14 @@ class AdvKL(SampleScorer):
         """``KL_i`` for every row of ``data`` (float64, >= 0)."""
         import torch
 
-        from bdframe.scoring import batches, eval_mode
+        from bdframe.scoring import batches, eval_mode, float64_copy
 
         out = []
         with eval_mode(model):
+            # the float64 copy for the random start is made once per set, not per batch
+            model64 = float64_copy(model) if self.config.grad_loss == "kl_random_start" else None
             for x, y, ids in batches(data, ctx, "adv-kl"):
-                out.append(self.batch_kl(model, x, y, ids, ctx.seed).cpu())
+                out.append(self.batch_kl(model, x, y, ids, ctx.seed, model64=model64).cpu())
         return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
     def score(self, model, data, ctx):
