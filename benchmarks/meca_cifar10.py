@@ -35,6 +35,13 @@ from _common import (add_meca_table_args, add_results_args, cifar10_tree, cpu_re
                      meca_table_config, print_table, read_json, run_recipe, write_json)
 
 ROWS = ["none", "badnet", "blend", "sig", "wanet", "physicalba", "tact", "adaptive-blend", "adaptive-patch"]
+TRIGGERS = Path(__file__).resolve().parents[2] / "shared" / "triggers"
+#: extra rows: an attack with non-default options (the papers' own trigger image, another target)
+VARIANTS = {
+    "blend-kitty": {"name": "blend", "trigger_image": str(TRIGGERS / "hellokitty_32.png"), "alpha": 0.2},
+    "adaptive-blend-kitty": {"name": "adaptive-blend", "trigger_image": str(TRIGGERS / "hellokitty_32.png")},
+    "badnet-target0": {"name": "badnet", "target": 0},
+}
 
 
 def _score_aurocs(run_dir: Path, poison_ids: list[int]) -> dict:
@@ -73,7 +80,7 @@ def _run(recipe: dict, run_dir: Path, reuse: bool, what: str) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_meca_table_args(ap)
-    ap.add_argument("--only", nargs="+", choices=ROWS, help="rows to run (default: all)")
+    ap.add_argument("--only", nargs="+", choices=ROWS + list(VARIANTS), help="rows to run (default: all)")
     add_results_args(ap, "meca_cifar10.json")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="build a missing row from finished run directories with the same recipe instead of rerunning")
@@ -97,7 +104,9 @@ def main(argv=None) -> dict:
             continue
         base = cpu_recipe(root, train_size=args.train_size, epochs=args.epochs, width=args.width,
                           device=args.device, seed=args.seed)
-        if name != "none":
+        if name in VARIANTS:
+            base["attack"] = {**VARIANTS[name], "poison_rate": args.poison_rate}
+        elif name != "none":
             base["attack"] = {"name": name, "poison_rate": args.poison_rate}
         plain = dict(base, name=f"meca-bench-{name}-nodefense-n{args.train_size}")
         defended = dict(base, name=f"meca-bench-{name}-meca-n{args.train_size}" + (f"-{tag}" if tag else ""),
@@ -129,7 +138,7 @@ def main(argv=None) -> dict:
         print(f"{name}: ACC {row['acc_none']:.2f} -> {row['acc_meca']:.2f} / {row['acc_meca_rl']:.2f}; "
               f"ASR {row['asr_none']} -> {row['asr_meca']} / {row['asr_meca_rl']}; recall {row['recall']}, "
               f"precision {row['precision']}; x{row['x_time']:.2f}", file=sys.stderr, flush=True)
-    table = [dict(rows[n], adv_kl_auroc_1=(rows[n].get("adv_kl_auroc") or [None])[0]) for n in ROWS if n in rows]
+    table = [dict(rows[n], adv_kl_auroc_1=(rows[n].get("adv_kl_auroc") or [None])[0]) for n in ROWS + list(VARIANTS) if n in rows]
     print(f"\nMeCa on CIFAR-10 (train {args.train_size}, test 10,000), {100 * args.poison_rate:g}% poison, "
           f"simple-cnn width {args.width}, {args.epochs} epochs; MeCa options {meca}")
     print_table(table, [("attack", "attack", "{}"), ("acc_none", "ACC none", "{:.2f}"), ("asr_none", "ASR none", "{:.2f}"),

@@ -21,7 +21,8 @@ from _common import REPO, add_results_args, print_table, read_json, run_recipe, 
 RULES = [("argmax (paper)", {"detection": "argmax"}),
          ("confidence, mad", {"detection": "confidence", "threshold": "mad"}),
          ("confidence, otsu", {"detection": "confidence", "threshold": "otsu"}),
-         ("label-aware", {"detection": "label-aware"})]
+         ("label-aware", {"detection": "label-aware"}),
+         ("label-aware, protect 0.99", {"detection": "label-aware", "protect_confident": 0.99})]
 
 
 def main(argv=None) -> int:

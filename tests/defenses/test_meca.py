@@ -93,6 +93,37 @@ def test_partition_sizes_are_exact_disjoint_and_cover(n, k, seed):
     assert set(ids[perm][fp].tolist()) == set(ids[f].tolist())
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 10), st.integers(0, 2**31 - 1))
+def test_partition_never_puts_a_protected_sample_in_the_unlearned_set(n, k, seed):
+    """With ``eligible`` (MeCa's protect_confident), D_c holds the least consistent eligible
+    samples, as many as without protection when enough are eligible, and every protected sample
+    stays in the learned set; with ``skip`` (forget_skip) the least consistent eligible rows are
+    passed over first."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(10 * n, generator=g)[:n]
+    scores = -torch.rand(n, generator=g, dtype=torch.float64).round(decimals=2)
+    eligible = torch.rand(n, generator=g) < 0.6
+    alpha = alpha_at(k, 0.05, 0.5)
+    f, l = partition(scores, ids, alpha, eligible)
+    assert bool(eligible[f].all())
+    assert len(f) == min(forget_count(alpha, n), int(eligible.sum()))
+    assert sorted(f.tolist() + l.tolist()) == list(range(n))
+    rest = l[eligible[l]]
+    if len(f) and len(rest):
+        assert float(scores[f].max()) <= float(scores[rest].min())
+    skip = 0.1
+    fs, ls_ = partition(scores, ids, alpha, eligible, skip=skip)
+    passed = min(forget_count(skip, n), int(eligible.sum()))
+    assert bool(eligible[fs].all()) and len(fs) == min(forget_count(alpha, n), int(eligible.sum()) - passed)
+    if len(fs):  # exactly the passed-over rows are less consistent than D_c among the eligible ones
+        below = [i for i in range(n) if eligible[i] and i not in set(fs.tolist()) and scores[i] < scores[fs].min()]
+        assert len(below) <= passed
+    everyone = torch.ones(n, dtype=torch.bool)
+    assert all(torch.equal(a, b) for a, b in zip(partition(scores, ids, alpha, everyone), partition(scores, ids, alpha)))
+
+
+
 def test_alpha_schedule_and_float_noise():
     assert [alpha_at(k, 0.05, 0.5) for k in (1, 2, 10, 11, 30)] == [0.05, 0.1, 0.5, 0.5, 0.5]
     assert 0.05 * 3 > 0.15 and forget_count(0.05 * 3, 100) == 15  # 0.15000000000000002
@@ -194,6 +225,24 @@ def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(t
     assert torch.equal(res2.suspected_ids, res.suspected_ids)
     assert all(torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), res2.model.state_dict().values()))
     assert all(r.get("replayed") for r in ctx2.history)
+
+
+def test_protected_partition_and_sparse_evaluation_run_end_to_end(tmp_path, bdframe_registry):
+    """``protect_confident`` keeps every sample fitted above it out of D_c (each iteration logs how
+    many were protected and D_c never exceeds ceil(alpha N)); ``evaluate_iterations = false``
+    evaluates only the warm-up and the final enhanced model."""
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry)
+    # this tiny recipe's models stay close to uniform over 10 classes: 0.1 protects a part, not all
+    config = attrs.evolve(recipe.defense.config, protect_confident=0.1, evaluate_iterations=False,
+                          detection="label-aware")
+    res = MeCa(config).run(train, ctx)
+    trend = res.metrics["trend"]
+    assert trend[1]["clean_acc"] is None and trend[0]["clean_acc"] is not None and trend[2]["clean_acc"] is not None
+    recs = [r for r in ctx.history if r.get("meca_iteration", 0) > 0]
+    n = len(train)
+    assert [r["forget_size"] <= math.ceil(r["alpha"] * n) for r in recs] == [True, True]
+    assert all(isinstance(r["protected"], int) and 0 < r["protected"] < n for r in recs), [r["protected"] for r in recs]
+    assert all(r["forget_size"] + r["protected"] <= n for r in recs)
 
 
 def test_a_warm_up_state_without_figures_is_evaluated_not_a_crash(tmp_path, bdframe_registry):

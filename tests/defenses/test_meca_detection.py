@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from bdframe_defense_meca.plugin import (MeCaConfig, flag_confident, flag_label_aware, otsu_threshold,
-                                         outlier_threshold, suspicious_classes)
+                                         outlier_threshold, student_t_quantile, suspicious_classes,
+                                         upper_outliers)
 
 SET = settings(max_examples=60, deadline=None)
 PROBS = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=2, max_size=80)
@@ -98,10 +99,58 @@ def test_a_target_class_that_stands_out_is_found_and_split():
 
 
 def test_the_rules_cannot_see_ground_truth():
-    for fn in (flag_confident, flag_label_aware, suspicious_classes, otsu_threshold, outlier_threshold):
+    for fn in (flag_confident, flag_label_aware, suspicious_classes, otsu_threshold, outlier_threshold,
+               upper_outliers):
         params = set(inspect.signature(fn).parameters)
-        assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "z", "values"}, (fn, params)
+        assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():
     assert MeCaConfig().detection == "argmax"
+
+
+@pytest.mark.parametrize("q,df,want", [(0.975, 10, 2.2281389), (0.995, 8, 3.3553873), (0.995, 1, 63.6567412),
+                                       (0.95, 2, 2.9199856), (0.5, 5, 0.0)])
+def test_student_t_quantiles_match_the_tables(q, df, want):
+    assert student_t_quantile(q, df) == pytest.approx(want, abs=2e-6)
+
+
+def test_grubbs_critical_values_match_the_published_table():
+    """One-sided Grubbs critical values at 5% for n = 10 and n = 20 (2.176 and 2.557 in the
+    published tables): a largest value whose statistic is just above them is an outlier, just
+    below is not."""
+    def with_statistic(n, g):
+        v = torch.zeros(n, dtype=torch.float64)
+        v[: n - 1] = torch.linspace(-1, 1, n - 1, dtype=torch.float64)
+        lo, hi = 1.0, 100.0
+        for _ in range(200):  # the statistic grows with the last value: bisect for G = g
+            v[-1] = (lo + hi) / 2
+            stat = (float(v[-1]) - float(v.mean())) / float(v.std())
+            lo, hi = (float(v[-1]), hi) if stat < g else (lo, float(v[-1]))
+        return v
+
+    for n, crit in ((10, 2.176), (20, 2.557)):
+        assert upper_outliers(with_statistic(n, crit + 0.01)) == [n - 1]
+        assert upper_outliers(with_statistic(n, crit - 0.01)) == []
+
+
+def test_grubbs_stops_at_the_first_value_that_does_not_stand_out():
+    """One target class far above a lower group that is itself two clusters (the shape seen on
+    CIFAR-10: most classes near 0, a few near 0.07): only the target is an outlier."""
+    shares = torch.tensor([0.005, 0.404, 0.002, 0.0, 0.0, 0.066, 0.002, 0.059, 0.108, 0.0], dtype=torch.float64)
+    assert upper_outliers(shares) == [1]
+    assert upper_outliers(torch.full((10,), 0.3)) == []
+    assert upper_outliers(torch.tensor([0.0, 1.0])) == []  # too few values to test
+
+
+@SET
+@given(st.lists(st.floats(0, 1, allow_nan=False), min_size=3, max_size=30), st.randoms())
+def test_outliers_are_order_invariant_a_minority_and_the_largest(values, rnd):
+    v = torch.tensor(values, dtype=torch.float64)
+    perm = rnd.sample(range(len(values)), len(values))
+    out = upper_outliers(v)
+    assert sorted(v[out].tolist()) == sorted(v[perm][upper_outliers(v[perm])].tolist())
+    assert len(out) <= (len(values) - 1) // 2
+    if out:  # the outliers are the largest values
+        rest = [x for i, x in enumerate(values) if i not in out]
+        assert min(v[out].tolist()) >= max(rest)
