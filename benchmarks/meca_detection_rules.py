@@ -28,7 +28,8 @@ def rules(scores: dict) -> dict:
     return {"argmax (paper)": scores["paper_rule_poison"],
             "confidence, mad": flag_confident(prob, threshold="mad"),
             "confidence, otsu": flag_confident(prob, threshold="otsu"),
-            "label-aware": flag_label_aware(prob, scores["labels"])[0]}
+            "label-aware": flag_label_aware(prob, scores["labels"])[0],
+            "label-aware, class_alpha 0.01": flag_label_aware(prob, scores["labels"], alpha=0.01)[0]}
 
 
 def main(argv=None) -> int:
@@ -52,8 +53,8 @@ def main(argv=None) -> int:
         flags = torch.as_tensor(flags, dtype=torch.bool)
         hit = int((flags & truth).sum())
         rows.append({"rule": name, "flagged": 100 * float(flags.double().mean()),
-                     "recall": 100 * hit / max(int(truth.sum()), 1),
-                     "precision": 100 * hit / int(flags.sum()) if int(flags.sum()) else None,
+                     "recall": 100 * hit / int(truth.sum()) if bool(truth.any()) else None,
+                     "precision": 100 * hit / int(flags.sum()) if int(flags.sum()) and bool(truth.any()) else None,
                      "kept": int((~flags).sum())})
     print_table(rows, [("rule", "rule", "{}"), ("flagged", "flagged %", "{:.1f}"), ("recall", "recall %", "{:.1f}"),
                        ("precision", "precision %", "{:.1f}"), ("kept", "kept", "{}")])
