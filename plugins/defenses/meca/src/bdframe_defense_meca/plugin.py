@@ -269,22 +269,23 @@ def student_t_quantile(q: float, df: int) -> float:
     The CDF is 1/2 plus the integral of the density from 0 (composite Simpson rule on the
     substitution t = tan(theta), which maps [0, inf) to [0, pi/2) and keeps the integrand
     bounded), inverted by bisection; accurate to about 1e-9 for the q and df used here."""
+    import torch
+
     if not 0.5 <= q < 1 or df < 1:
         raise ValueError(f"student_t_quantile needs 0.5 <= q < 1 and df >= 1 (got q={q}, df={df})")
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
+    steps = 2000  # even: composite Simpson weights 1, 4, 2, 4, ..., 4, 1
+    weights = torch.full((steps + 1,), 2.0, dtype=torch.float64)
+    weights[1::2] = 4.0
+    weights[0] = weights[-1] = 1.0
+
     def cdf(x: float) -> float:
-        top = math.atan(x)
-        steps = 2000
-        h = top / steps
-        total = 0.0
-        for i in range(steps + 1):
-            th = i * h
-            t = math.tan(th)
-            # density(t) dt = density(tan th) / cos^2 th d th
-            f = math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df)) / math.cos(th) ** 2
-            total += f * (1 if i in (0, steps) else (4 if i % 2 else 2))
-        return 0.5 + total * h / 3
+        # density(t) dt = density(tan th) / cos^2 th d th, th from 0 to atan(x)
+        th = torch.linspace(0.0, math.atan(x), steps + 1, dtype=torch.float64)
+        t = torch.tan(th)
+        f = torch.exp(log_c - (df + 1) / 2 * torch.log1p(t * t / df)) / torch.cos(th) ** 2
+        return 0.5 + float((weights * f).sum()) * (math.atan(x) / steps) / 3
 
     lo, hi = 0.0, 1.0
     while cdf(hi) < q:
@@ -316,7 +317,7 @@ def upper_outliers(values, alpha: float = 0.05) -> list[int]:
         sd = float(x.std())
         if m < 3 or not sd > 0:
             break
-        j = max(range(m), key=lambda r: (float(x[r]), -remaining[r]))
+        j = int(torch.argmax(x))  # first maximum: remaining is in position order, so ties go lowest first
         g = (float(x[j]) - float(x.mean())) / sd
         t = student_t_quantile(1 - alpha / m, m - 2)
         if not g > (m - 1) * t / math.sqrt((m - 2 + t * t) * m):
@@ -332,8 +333,9 @@ def class_shares(prob, labels, *, high: float = 0.99):
 
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
     confident = torch.as_tensor(prob, dtype=torch.float64).cpu() > high
-    classes = torch.unique(labels)
-    return classes, torch.stack([confident[labels == c].double().mean() for c in classes])
+    classes, group = torch.unique(labels, return_inverse=True)
+    sizes = torch.bincount(group, minlength=len(classes)).double()
+    return classes, torch.bincount(group, weights=confident.double(), minlength=len(classes)) / sizes
 
 
 def suspicious_classes(prob, labels, *, high: float = 0.99, alpha: float = 0.05) -> list[int]:
