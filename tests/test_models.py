@@ -14,7 +14,8 @@ INFO = DatasetInfo(10, 3, 32, 32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
 @pytest.mark.parametrize("name,params", [("simple-cnn", {}), ("simple-cnn", {"pool": "avg", "logit_scale": 1.0}),
                                          ("resnet18", {"width": 8}), ("resnet34", {"width": 8}),
                                          ("preact-resnet18", {"width": 8}), ("mobilenetv2", {"width_mult": 0.25}),
-                                         ("timm", {"arch": "resnet10t"})])
+                                         ("timm", {"arch": "resnet10t"}),
+                                         ("fast-cnn", {"widths": [8, 16, 16]}), ("fast-cnn", {"whiten": False})])
 def test_model_shapes_and_feature_head_split(name, params):
     torch.manual_seed(0)
     net = REG.create("model", name, **params).build(INFO)

@@ -41,6 +41,8 @@ class OptimSettings:
     gamma: float = attrs.field(default=0.1, validator=in_range(0, 1, lo_open=True))
     warmup_epochs: float = attrs.field(default=0.0, validator=in_range(0, None))
     label_smoothing: float = attrs.field(default=0.0, validator=in_range(0, 1, hi_open=True))
+    lookahead: float = attrs.field(default=0.0, validator=in_range(0, 1))
+    lookahead_steps: int = attrs.field(default=5, validator=in_range(1, None))
     amp: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
     crop_padding: int = attrs.field(default=4, validator=in_range(0, None))
     flip: bool = True
@@ -49,6 +51,21 @@ class OptimSettings:
         if self.milestones and self.epochs and max(self.milestones) > self.epochs:
             return [("milestones", f"must be <= epochs ({self.epochs}), got {list(self.milestones)}")]
         return []
+
+
+def param_groups(model: torch.nn.Module, s: OptimSettings) -> list[dict]:
+    """The model's trainable parameters grouped by learning-rate multiplier.
+
+    A module may declare ``lr_scale = {"bias": 64.0}`` (its own parameter names): those
+    parameters train at that multiple of the stage's lr, with their weight decay divided by
+    it so the per-step decay stays the stage's. Every group carries its ``lr_scale``."""
+    scales: dict[float, list] = {}
+    for module in model.modules():
+        own = getattr(module, "lr_scale", None) or {}
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                scales.setdefault(float(own.get(pname, 1.0)), []).append(p)
+    return [{"params": ps, "lr_scale": k, "weight_decay": s.weight_decay / k} for k, ps in sorted(scales.items())]
 
 
 def make_optimizer(params, s: OptimSettings) -> torch.optim.Optimizer:
@@ -80,10 +97,100 @@ def lr_factor(s: OptimSettings, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
+class Lookahead:
+    """Lookahead (Zhang et al., 2019) around any optimiser: every ``k`` steps the slow copy of
+    the model's state moves the share ``alpha`` of the way to the fast (trained) weights, and
+    the fast weights restart from it. Floating-point buffers (BatchNorm statistics) are
+    averaged the same way. ``alpha = 1`` is plain training."""
+
+    def __init__(self, model: torch.nn.Module, alpha: float, k: int):
+        self.model, self.alpha, self.k = model, alpha, k
+        self.slow = {n: t.detach().clone() for n, t in model.state_dict().items() if t.is_floating_point()}
+
+    @torch.no_grad()
+    def step(self, step: int) -> None:
+        """Call after optimiser step number ``step`` (0-based, global)."""
+        if (step + 1) % self.k == 0:
+            self.sync()
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Move the slow state towards the fast one and restart the fast one from it (also
+        called once after the last step, so the trained model is the slow one)."""
+        fast = self.model.state_dict()
+        for n, slow in self.slow.items():
+            slow.lerp_(fast[n], self.alpha)
+            fast[n].copy_(slow)
+
+    def state_dict(self) -> dict:
+        return self.slow
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, t in state.items():
+            self.slow[n].copy_(t)
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bfloat16
+    autocast on the CPU is emulated and many times slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def amp_dtype(s: OptimSettings, device: torch.device):
-    if device.type != "cuda" or s.amp == "off":
+    """The autocast dtype of a stage, or None for float32.
+
+    ``auto``: bfloat16 (or float16 where bfloat16 is missing) on CUDA, float32 elsewhere.
+    ``on``: the same on CUDA, bfloat16 on the CPU (fast only where :func:`cpu_bf16_supported`).
+    ``off``: float32.
+    """
+    if s.amp == "off" or device.type not in ("cuda", "cpu"):
         return None
+    if device.type == "cpu":
+        return torch.bfloat16 if s.amp == "on" else None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+DATA_INIT_IMAGES = 5000
+
+
+class _Initialised(Exception):
+    pass
+
+
+def init_from_data(model: torch.nn.Module, data: ImageSet, device: torch.device,
+                   n: int = DATA_INIT_IMAGES) -> list[str]:
+    """Data-dependent initialisation: each module that defines ``init_from_input(x)`` and whose
+    ``initialised`` flag is false receives, once, the input it sees when the first ``n`` images
+    of ``data`` (in the set's order, no augmentation) go through ``model`` in eval mode. The
+    forward pass stops at that module, so nothing after it runs. Returns the modules' names.
+    Deterministic: the same data give the same initialisation whatever the seed."""
+    todo = [(name, m) for name, m in model.named_modules()
+            if callable(getattr(m, "init_from_input", None)) and not bool(getattr(m, "initialised", True))]
+    if not todo or len(data) == 0:
+        return []
+    x = data.images[:n].to(device=device, dtype=torch.float32) / 255.0
+    was_training = model.training
+    model.eval()
+    try:
+        for name, m in todo:
+            def hook(module, args):
+                module.init_from_input(args[0])
+                raise _Initialised
+
+            handle = m.register_forward_pre_hook(hook)
+            try:
+                with torch.no_grad():
+                    model(x)
+            except _Initialised:
+                pass
+            finally:
+                handle.remove()
+    finally:
+        model.train(was_training)
+    return [name for name, _ in todo]
 
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -102,11 +209,12 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
     model.to(device)
     if len(data) == 0 or s.epochs == 0:
         return []
-    optimizer = make_optimizer(model.parameters(), s)
+    optimizer = make_optimizer(param_groups(model, s), s)
     batches_per_epoch = -(-len(data) // s.batch_size)
     dtype = amp_dtype(s, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     history: list[dict] = []
+    lookahead = None
     start_epoch = 0
     state_path = Path(ctx.state_path) if ctx.state_path else None
     if state_path is not None and state_path.exists():
@@ -117,9 +225,16 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
             scaler.load_state_dict(state["scaler"])
         history = state["history"]
         start_epoch = state["epoch"] + 1
+        if s.lookahead and state.get("lookahead") is not None:
+            lookahead = Lookahead(model, s.lookahead, s.lookahead_steps)
+            lookahead.load_state_dict(state["lookahead"])
         if ctx.on_epoch:
             for rec in history:
                 ctx.on_epoch(dict(rec, replayed=True))
+    else:
+        init_from_data(model, data, device)
+    if s.lookahead and lookahead is None:
+        lookahead = Lookahead(model, s.lookahead, s.lookahead_steps)
     augment = Augment(s.crop_padding, s.flip) if (s.crop_padding or s.flip) else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for epoch in range(start_epoch, s.epochs):
@@ -137,7 +252,7 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
             for i, (x, y, ids) in enumerate(loader):
                 step = epoch * batches_per_epoch + i
                 for group in optimizer.param_groups:
-                    group["lr"] = s.lr * lr_factor(s, step, batches_per_epoch)
+                    group["lr"] = s.lr * group["lr_scale"] * lr_factor(s, step, batches_per_epoch)
                 sync()
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -153,6 +268,8 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
                 else:
                     loss.backward()
                     optimizer.step()
+                if lookahead is not None:
+                    lookahead.step(step)
                 sync()
                 compute += time.perf_counter() - t0
                 loss_sum += loss.detach() * len(y)
@@ -169,7 +286,7 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
         if bad is not None:
             raise _diverged(ctx, s, f"weight {bad!r} became non-finite", epoch, None)
         rec = {"stage": ctx.name, "epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
-               "train_acc": float(correct) / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+               "train_acc": float(correct) / max(seen, 1), "lr": s.lr * lr_factor(s, step, batches_per_epoch),
                "images": seen, "seconds": wall, "images_per_s": seen / wall if wall > 0 else 0.0,
                "compute_seconds": compute, "non_compute_share": max(0.0, 1.0 - compute / wall) if wall > 0 else 0.0}
         if ctx.evaluate is not None:
@@ -178,10 +295,13 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
         history.append(rec)
         if state_path is not None:
             save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict() if scaler is not None else None, "history": history},
+                          "scaler": scaler.state_dict() if scaler is not None else None, "history": history,
+                          "lookahead": lookahead.state_dict() if lookahead is not None else None},
                          state_path)
         if ctx.on_epoch:
             ctx.on_epoch(rec)
+    if lookahead is not None:
+        lookahead.sync()
     model.eval()
     return history
 

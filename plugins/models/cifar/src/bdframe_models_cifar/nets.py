@@ -182,3 +182,112 @@ def build(arch: str, in_ch: int, num_classes: int, w: int = 64) -> nn.Module:
     if arch == "preact-resnet18":
         return ResNet(PreActBlock, [2, 2, 2, 2], in_ch, num_classes, w, preact=True)
     raise ValueError(f"unknown architecture {arch!r}")
+
+
+class Whitening(nn.Module):
+    """A frozen 2x2-patch whitening convolution (the first layer of the fast CIFAR nets).
+
+    Its filters are the eigenvectors of the covariance of all 2x2 input patches, each scaled
+    by ``1/sqrt(eigenvalue + eps)``, followed by their negations (so a ReLU-like activation
+    after it loses nothing): ``2 * 4 * channels`` outputs. The filters come from data, not
+    from the seed: :meth:`init_from_input` computes them from the first input the layer
+    sees during data initialisation (the training loop passes the stage's first 5,000
+    training images before the first epoch). Only the bias is trained.
+    """
+
+    def __init__(self, in_ch: int, eps: float = 5e-4):
+        super().__init__()
+        self.eps = eps
+        self.conv = nn.Conv2d(in_ch, 8 * in_ch, 2, bias=True)
+        self.conv.weight.requires_grad_(False)
+        nn.init.zeros_(self.conv.bias)
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_from_input(self, x: torch.Tensor) -> None:
+        """Set the filters from the 2x2 patches of ``x`` (``N x C x H x W``, as this layer sees it)."""
+        c = x.shape[1]
+        patches = F.unfold(x.double(), 2).transpose(1, 2).reshape(-1, 4 * c)  # (N*P, C*2*2), conv's order
+        patches = patches - patches.mean(0, keepdim=True)
+        cov = patches.T @ patches / max(len(patches) - 1, 1)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        # eigh's sign of each eigenvector is arbitrary: fix it so the largest entry is positive
+        sign = torch.sign(eigvec.gather(0, eigvec.abs().argmax(0, keepdim=True)))
+        eigvec = eigvec * torch.where(sign == 0, torch.ones_like(sign), sign)
+        filters = (eigvec / torch.sqrt(eigval + self.eps)).T.reshape(4 * c, c, 2, 2)
+        self.conv.weight.copy_(torch.cat([filters, -filters]).to(self.conv.weight.dtype))
+        self.initialised.fill_(True)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _BN(nn.BatchNorm2d):
+    """BatchNorm with a fixed unit scale; the shift is learned at 64x the stage's lr (it is
+    the only parameter of the layer, and a shift learned at the weights' lr barely moves)."""
+
+    lr_scale = {"bias": 64.0}
+
+    def __init__(self, c, momentum=0.4, eps=1e-12):
+        super().__init__(c, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
+def _identity_init(conv: nn.Conv2d) -> nn.Conv2d:
+    """Default initialisation, then the first ``min(out, in)`` filters set to pass their input
+    channel through (Dirac): the untrained net starts close to an identity map."""
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:conv.in_channels])
+    return conv
+
+
+class _ConvGroup(nn.Module):
+    """conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU (convs identity-initialised)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = _identity_init(nn.Conv2d(cin, cout, 3, padding="same", bias=False))
+        self.bn1 = _BN(cout)
+        self.conv2 = _identity_init(nn.Conv2d(cout, cout, 3, padding="same", bias=False))
+        self.bn2 = _BN(cout)
+
+    def forward(self, x):
+        x = F.gelu(self.bn1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.bn2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    """A lean CIFAR net for fast training: a frozen whitening layer, GELU, three conv groups
+    (widths ``widths``), a final 3x3 max-pool and a bias-free linear head scaled by
+    ``logit_scale``."""
+
+    def __init__(self, in_ch: int, num_classes: int, widths=(64, 256, 256), logit_scale: float = 1 / 9,
+                 whiten: bool = True):
+        super().__init__()
+        self.logit_scale = logit_scale
+        if whiten:
+            self.stem = Whitening(in_ch)
+            stem_out = 8 * in_ch
+        else:
+            self.stem = nn.Conv2d(in_ch, 8 * in_ch, 2, bias=True)
+            stem_out = 8 * in_ch
+        groups, cin = [], stem_out
+        for w in widths:
+            groups.append(_ConvGroup(cin, w))
+            cin = w
+        self.groups = nn.Sequential(*groups)
+        self.fc = nn.Linear(cin, num_classes, bias=False)
+
+    channels_last = True  # input layout (the factory also converts the weights); markedly faster on CPU
+
+    def forward_features(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.groups(F.gelu(self.stem(x)))
+        return torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
+
+    def forward_head(self, f):
+        return self.fc(f) * self.logit_scale
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))

@@ -36,6 +36,40 @@ class SimpleCNN(ModelFactory):
                             self.config.logit_scale).to(memory_format=torch.channels_last)
 
 
+def _widths(instance, attribute, value):
+    if not isinstance(value, (tuple, list)) or len(value) != 3 or any(not isinstance(v, int) or isinstance(v, bool) or not 4 <= v <= 1024 for v in value):
+        raise ValueError(f"must be three integers between 4 and 1024, got {list(value) if isinstance(value, (tuple, list)) else value!r}")
+
+
+@attrs.frozen
+class FastCNNConfig:
+    widths: tuple[int, ...] = attrs.field(default=(24, 96, 96), converter=tuple, validator=_widths, metadata={
+        "help": "channels of the three conv groups"})
+    whiten: bool = attrs.field(default=True, metadata={
+        "help": "first layer: frozen 2x2 whitening filters computed from the training images (false: a trained conv)"})
+    logit_scale: float = attrs.field(default=1 / 9, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "multiplier on the logits"})
+
+
+class FastCNN(ModelFactory):
+    """A lean net for fast CIFAR training on CPUs: a frozen whitening first layer initialised
+    from the training images, three conv groups (conv, max-pool, BN, GELU, conv, BN, GELU),
+    a final max-pool and a scaled linear head."""
+
+    name = "fast-cnn"
+    Config = FastCNNConfig
+    summary = "fast CPU net: whitened 2x2 stem, three GELU conv groups (about 0.28M parameters by default)"
+
+    def build(self, info):
+        from bdframe_models_cifar.nets import FastNet
+
+        import torch
+
+        c = self.config
+        return FastNet(info.channels, info.num_classes, c.widths, c.logit_scale,
+                       c.whiten).to(memory_format=torch.channels_last)
+
+
 @attrs.frozen
 class ResNetConfig:
     width: int = attrs.field(default=64, validator=in_range(4, 512))
@@ -79,5 +113,5 @@ class MobileNetV2(ModelFactory):
 
 @hookimpl
 def bdframe_register_models(registry):
-    for cls in (SimpleCNN, PreActResNet18, ResNet18, ResNet34, MobileNetV2):
+    for cls in (SimpleCNN, FastCNN, PreActResNet18, ResNet18, ResNet34, MobileNetV2):
         registry.add(cls)
