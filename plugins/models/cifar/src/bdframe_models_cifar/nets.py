@@ -223,14 +223,13 @@ class Whitening(nn.Module):
 
 
 class _BN(nn.BatchNorm2d):
-    """BatchNorm with a fixed unit scale; the shift is learned at 64x the stage's lr (it is
-    the only parameter of the layer, and a shift learned at the weights' lr barely moves)."""
+    """BatchNorm with a fixed unit scale; the shift, the layer's only parameter, is learned at
+    ``lr_scale`` times the stage's lr (a shift learned at the weights' lr barely moves)."""
 
-    lr_scale = {"bias": 64.0}
-
-    def __init__(self, c, momentum=0.4, eps=1e-12):
+    def __init__(self, c, lr_scale: float = 64.0, momentum=0.4, eps=1e-12):
         super().__init__(c, eps=eps, momentum=momentum)
         self.weight.requires_grad_(False)
+        self.lr_scale = {"bias": lr_scale}
 
 
 def _identity_init(conv: nn.Conv2d) -> nn.Conv2d:
@@ -244,12 +243,12 @@ def _identity_init(conv: nn.Conv2d) -> nn.Conv2d:
 class _ConvGroup(nn.Module):
     """conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU (convs identity-initialised)."""
 
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, bn_lr_scale: float = 64.0):
         super().__init__()
         self.conv1 = _identity_init(nn.Conv2d(cin, cout, 3, padding="same", bias=False))
-        self.bn1 = _BN(cout)
+        self.bn1 = _BN(cout, bn_lr_scale)
         self.conv2 = _identity_init(nn.Conv2d(cout, cout, 3, padding="same", bias=False))
-        self.bn2 = _BN(cout)
+        self.bn2 = _BN(cout, bn_lr_scale)
 
     def forward(self, x):
         x = F.gelu(self.bn1(F.max_pool2d(self.conv1(x), 2)))
@@ -262,7 +261,7 @@ class FastNet(nn.Module):
     ``logit_scale``."""
 
     def __init__(self, in_ch: int, num_classes: int, widths=(64, 256, 256), logit_scale: float = 1 / 9,
-                 whiten: bool = True):
+                 whiten: bool = True, bn_lr_scale: float = 64.0):
         super().__init__()
         self.logit_scale = logit_scale
         if whiten:
@@ -273,7 +272,7 @@ class FastNet(nn.Module):
             stem_out = 8 * in_ch
         groups, cin = [], stem_out
         for w in widths:
-            groups.append(_ConvGroup(cin, w))
+            groups.append(_ConvGroup(cin, w, bn_lr_scale))
             cin = w
         self.groups = nn.Sequential(*groups)
         self.fc = nn.Linear(cin, num_classes, bias=False)

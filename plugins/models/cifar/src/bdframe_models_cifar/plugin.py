@@ -37,8 +37,10 @@ class SimpleCNN(ModelFactory):
 
 
 def _widths(instance, attribute, value):
-    if not isinstance(value, (tuple, list)) or len(value) != 3 or any(not isinstance(v, int) or isinstance(v, bool) or not 4 <= v <= 1024 for v in value):
-        raise ValueError(f"must be three integers between 4 and 1024, got {list(value) if isinstance(value, (tuple, list)) else value!r}")
+    sequence = isinstance(value, (tuple, list))
+    if not sequence or len(value) != 3 or any(
+            not isinstance(v, int) or isinstance(v, bool) or not 4 <= v <= 1024 for v in value):
+        raise ValueError(f"must be three integers between 4 and 1024, got {list(value) if sequence else value!r}")
 
 
 @attrs.frozen
@@ -49,6 +51,8 @@ class FastCNNConfig:
         "help": "first layer: frozen 2x2 whitening filters computed from the training images (false: a trained conv)"})
     logit_scale: float = attrs.field(default=1 / 9, validator=in_range(0, None, lo_open=True), metadata={
         "help": "multiplier on the logits"})
+    bn_lr_scale: float = attrs.field(default=64.0, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "learning-rate multiplier of the BatchNorm shifts (their scales are fixed at 1)"})
 
 
 class FastCNN(ModelFactory):
@@ -66,8 +70,8 @@ class FastCNN(ModelFactory):
         import torch
 
         c = self.config
-        return FastNet(info.channels, info.num_classes, c.widths, c.logit_scale,
-                       c.whiten).to(memory_format=torch.channels_last)
+        return FastNet(info.channels, info.num_classes, c.widths, c.logit_scale, c.whiten,
+                       c.bn_lr_scale).to(memory_format=torch.channels_last)
 
 
 @attrs.frozen
