@@ -110,6 +110,8 @@ def test_param_groups_scale_lr_and_keep_the_per_step_decay():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in groups for p in g["params"]} == trainable
     assert id(model.net.stem.conv.weight) not in trainable
+    # the model option sets the multiplier
+    assert {g["lr_scale"] for g in param_groups(_fast(bn_lr_scale=8.0), s)} == {1.0, 8.0}
 
 
 @pytest.mark.parametrize("widths", [[8, 16], [8, 16, 2000], [8, 16, True]])
