@@ -125,10 +125,10 @@ def cpu_recipe(root: Path, *, train_size: int, epochs: int, width: int, device: 
 
 
 def fast_recipe(root: Path, *, train_size: int | None, epochs: int, widths: tuple[int, int, int], lr: float,
-                device: str, seed: int) -> dict:
+                device: str, seed: int, bn_lr_scale: float = 64.0) -> dict:
     """The fast CPU configuration: ``fast-cnn`` (whitened stem, three conv groups of
     ``widths``), batch 256, Nesterov SGD (peak ``lr``, momentum 0.85,
-    weight decay 1.3e-3, BatchNorm shifts at 64x the lr), one-cycle schedule, label smoothing
+    weight decay 1.3e-3, BatchNorm shifts at ``bn_lr_scale`` times the lr), one-cycle schedule, label smoothing
     0.2, random crop with padding 2 and horizontal flip. ``train_size`` None: all training
     images."""
     dataset = {"name": "imagefolder", "root": str(root)}
@@ -136,7 +136,7 @@ def fast_recipe(root: Path, *, train_size: int | None, epochs: int, widths: tupl
         dataset["train_size"] = train_size
     return {
         "seed": seed, "device": device, "dataset": dataset,
-        "model": {"name": "fast-cnn", "widths": list(widths)},
+        "model": {"name": "fast-cnn", "widths": list(widths), "bn_lr_scale": bn_lr_scale},
         "train": {"name": "standard", "epochs": epochs, "batch_size": 256, "lr": lr, "momentum": 0.85,
                   "nesterov": True, "weight_decay": 1.3e-3, "schedule": "onecycle", "label_smoothing": 0.2,
                   "crop_padding": 2},

@@ -47,10 +47,11 @@ def row_recipe(name: str, root: Path, args) -> dict:
         r = cpu_recipe(root, train_size=10000, epochs=15, width=16, device=args.device, seed=args.seed)
     elif name == "fast-short":
         r = fast_recipe(root, train_size=None, epochs=args.short_epochs, widths=args.short_widths,
-                        lr=args.short_lr, device=args.device, seed=args.seed)
+                        lr=args.short_lr, device=args.device, seed=args.seed,
+                        bn_lr_scale=args.short_bn_lr_scale)
     else:
         r = fast_recipe(root, train_size=None, epochs=args.epochs, widths=args.widths, lr=args.lr,
-                        device=args.device, seed=args.seed)
+                        device=args.device, seed=args.seed, bn_lr_scale=args.bn_lr_scale)
     r["defense"] = {"name": "none", "evaluate_each_epoch": True}
     r["name"] = name
     return r
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.375, help="peak lr of the fast-50k row")
     ap.add_argument("--short-epochs", type=int, default=2, help="epochs of the fast-short row")
     ap.add_argument("--short-lr", type=float, default=0.75, help="peak lr of the fast-short row")
+    ap.add_argument("--bn-lr-scale", type=float, default=64.0, help="fast-cnn bn_lr_scale of the fast-50k row")
+    ap.add_argument("--short-bn-lr-scale", type=float, default=64.0, help="fast-cnn bn_lr_scale of the fast-short row")
     ap.add_argument("--short-widths", type=int, nargs=3, default=[16, 64, 64],
                     help="fast-cnn widths of the fast-short row")
     ap.add_argument("--device", default="auto")
@@ -212,6 +215,7 @@ def main(argv=None) -> int:
                    "--epochs", str(args.epochs), "--short-epochs", str(args.short_epochs),
                    "--widths", *map(str, args.widths), "--short-widths", *map(str, args.short_widths),
                    "--lr", str(args.lr), "--short-lr", str(args.short_lr),
+                   "--bn-lr-scale", str(args.bn_lr_scale), "--short-bn-lr-scale", str(args.short_bn_lr_scale),
                    "--device", args.device, "--seed", str(args.seed)] + (["--progress"] if args.progress else [])
             subprocess.run(cmd, check=True)
             rows[name] = json.loads(row_out.read_text())
