@@ -108,7 +108,6 @@ def step_throughput(widths=None, *, simple_width=None, batch=256, channels_last=
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(REPO / "plugins" / "models" / "cifar" / "src"))
     from bdframe_models_cifar.nets import FastNet, SimpleCNNNet
 
     torch.manual_seed(0)

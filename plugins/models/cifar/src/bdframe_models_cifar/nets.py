@@ -207,9 +207,21 @@ class Whitening(nn.Module):
     def init_from_input(self, x: torch.Tensor) -> None:
         """Set the filters from the 2x2 patches of ``x`` (``N x C x H x W``, as this layer sees it)."""
         c = x.shape[1]
-        patches = F.unfold(x.double(), 2).transpose(1, 2).reshape(-1, 4 * c)  # (N*P, C*2*2), conv's order
-        patches = patches - patches.mean(0, keepdim=True)
-        cov = patches.T @ patches / max(len(patches) - 1, 1)
+        # patch sums and Gram matrix accumulated over chunks of images: the patches of 5,000
+        # images at once would take half a gigabyte in float64
+        # (shifted by the first chunk's mean, so the final subtraction loses no precision)
+        total, gram, n = torch.zeros(4 * c, dtype=torch.float64), torch.zeros(4 * c, 4 * c, dtype=torch.float64), 0
+        shift = None
+        for chunk in x.split(500):
+            patches = F.unfold(chunk.double(), 2).transpose(1, 2).reshape(-1, 4 * c)  # (N*P, C*2*2), conv's order
+            if shift is None:
+                shift = patches.mean(0, keepdim=True)
+            patches = patches - shift
+            total += patches.sum(0).cpu()
+            gram += (patches.T @ patches).cpu()
+            n += len(patches)
+        mean = total / n
+        cov = (gram - n * torch.outer(mean, mean)) / max(n - 1, 1)
         eigval, eigvec = torch.linalg.eigh(cov)
         # eigh's sign of each eigenvector is arbitrary: fix it so the largest entry is positive
         sign = torch.sign(eigvec.gather(0, eigvec.abs().argmax(0, keepdim=True)))
@@ -264,13 +276,8 @@ class FastNet(nn.Module):
                  whiten: bool = True, bn_lr_scale: float = 64.0):
         super().__init__()
         self.logit_scale = logit_scale
-        if whiten:
-            self.stem = Whitening(in_ch)
-            stem_out = 8 * in_ch
-        else:
-            self.stem = nn.Conv2d(in_ch, 8 * in_ch, 2, bias=True)
-            stem_out = 8 * in_ch
-        groups, cin = [], stem_out
+        self.stem = Whitening(in_ch) if whiten else nn.Conv2d(in_ch, 8 * in_ch, 2, bias=True)
+        groups, cin = [], 8 * in_ch
         for w in widths:
             groups.append(_ConvGroup(cin, w, bn_lr_scale))
             cin = w
