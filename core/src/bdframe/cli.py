@@ -1,4 +1,4 @@
-"""The ``bdframe`` command line: run, validate, plugins, --version.
+"""The ``bdframe`` command line: run, validate, plugins, poison, scan, sweep, report, --version.
 
 User errors print one message to stderr and exit with status 2; no traceback, no run
 directory left behind (runs are written to ``<dir>.partial`` until they complete).
@@ -37,10 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list installed plugins and their components")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
 
-    from bdframe import poison, scan
+    from bdframe import poison, report, scan, sweep
 
     poison.add_parser(sub)
     scan.add_parser(sub)
+    sweep.add_parser(sub)
+    report.add_parser(sub)
     return p
 
 
@@ -123,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from bdframe import poison, scan
+        from bdframe import poison, report, scan, sweep
 
-        return {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins,
-                "scan": scan.main, "poison": poison.main}[args.command](args)
+        return {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "scan": scan.main,
+                "poison": poison.main, "sweep": sweep.main, "report": report.main}[args.command](args)
     except UserError as e:
         print(f"bdframe: error: {e}", file=sys.stderr)
         return 2

@@ -244,6 +244,8 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
         metrics["train_images_per_s"] = sum(r["images"] for r in trained) / secs if secs else 0.0
         metrics["train_non_compute_share"] = 1.0 - comp / secs if secs else 0.0
     if result.suspected_ids is not None:
+        n_flagged = len({int(i) for i in result.suspected_ids})
+        metrics["suspected"] = {"count": n_flagged, "share": n_flagged / len(poisoned_train) if len(poisoned_train) else 0.0}
         files = parts.dataset.sample_files("train")
         write_suspected(rd.path, poisoned_train, result.suspected_ids, result.scores, files)
         if recipe.attack is not None:
