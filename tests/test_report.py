@@ -33,7 +33,7 @@ def fake_metrics(labels: dict) -> dict:
         m["asr"] = (0.97 - 0.02 * s - 0.01 * ai) if d == "none" else (0.015 + 0.007 * s * s + 0.003 * ai)
         if d == "meca":
             m["detection"] = {"flagged": 50 + s, "recall": 0.9 + 0.03 * s - 0.01 * ai,
-                              "precision": 0.8 - 0.05 * s * s + 0.02 * ai}
+                              "precision": 0.8 - 0.05 * s * s + 0.02 * ai, "auroc": 0.95 - 0.013 * s * s + 0.01 * ai}
     if d == "meca":  # the flagged share comes with or without an attack
         m["suspected"] = {"count": 50 + s + 7 * ai, "share": (50 + s + 7 * ai) / 1000}
     return m
@@ -66,18 +66,18 @@ def make_sweep(root, axes=AXES, metrics=fake_metrics, *, failed=FAILED, interrup
     return finished
 
 
-def expect(values):
+def expect(values, digits=2):
     """The cell text for a list of values, computed independently of bdframe.report."""
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def expected_values(finished: dict, attack: str, defense: str) -> dict:
     """Per quantity, the values of the finished runs of one (attack, defense) cell."""
-    out = {"acc": [], "asr": [], "flagged": [], "recall": [], "precision": [], "multiple": []}
+    out = {"acc": [], "asr": [], "flagged": [], "recall": [], "precision": [], "auroc": [], "multiple": []}
     for n, lab in finished.items():
         if lab["attack"] != attack or lab["defense"] != defense:
             continue
@@ -90,6 +90,7 @@ def expected_values(finished: dict, attack: str, defense: str) -> dict:
         if "detection" in m:
             out["recall"].append(100 * m["detection"]["recall"])
             out["precision"].append(100 * m["detection"]["precision"])
+            out["auroc"].append(m["detection"]["auroc"])
         ref = run_name({"attack": attack, "defense": "none", "seed": lab["seed"]})
         if ref in finished:
             out["multiple"].append(m["seconds"]["total"] / fake_metrics(finished[ref])["seconds"]["total"])
@@ -133,7 +134,7 @@ def test_markdown_cells_match_the_metrics(tmp_path, capsys):
     assert head == ["attack", "none ACC", "none ASR", "meca ACC", "meca ASR"]
     assert list(body) == ["none", "badnet", "blend"]
     det_head, det = section(tables, "Detection")
-    assert det_head == ["attack", "meca flagged", "meca recall", "meca precision"]
+    assert det_head == ["attack", "meca flagged", "meca recall", "meca precision", "meca AUROC"]
     time_head, times = section(tables, "Wall time")
     assert time_head == ["attack", "none time", "meca time"]
     checked = 0
@@ -144,12 +145,13 @@ def test_markdown_cells_match_the_metrics(tmp_path, capsys):
             assert body[a][2 * j + 1] == expect(ev["asr"]), (a, dfn)
             assert times[a][j] == expect(ev["multiple"]), (a, dfn)
             if dfn == "meca":
-                assert det[a] == [expect(ev["flagged"]), expect(ev["recall"]), expect(ev["precision"])], a
+                assert det[a] == [expect(ev["flagged"]), expect(ev["recall"]), expect(ev["precision"]),
+                                  expect(ev["auroc"], 3)], a
             checked += 1
     assert checked == 6
     # spot checks of what the expectations above cover
-    assert body["blend"][2:] == ["–", "–"] and times["blend"][1] == "–" and det["blend"] == ["–", "–", "–"]
-    assert body["none"][1] == "–" and det["none"][1:] == ["–", "–"]  # no attack: no ASR, no recall/precision
+    assert body["blend"][2:] == ["–", "–"] and times["blend"][1] == "–" and det["blend"] == ["–", "–", "–", "–"]
+    assert body["none"][1] == "–" and det["none"][1:] == ["–", "–", "–"]  # no attack: no ASR, no recall/precision
     assert det["none"][0] == "5.10 ± 0.10"  # but a flagged share: 50 + seed of 1,000
     assert times["badnet"][0] == "1.00 ± 0.00" and times["none"][0] == "1.00 ± 0.00"  # their own reference
     # the notes
@@ -209,7 +211,7 @@ def test_csv_is_one_line_per_cell(tmp_path, capsys):
         names = [n for n, lab in finished.items() if (lab["attack"], lab["defense"]) == (r["attack"], r["defense"])]
         assert int(r["n"]) == len(ev["acc"]) and r["runs"] == ";".join(names)
         for key, col in (("acc", "acc"), ("asr", "asr"), ("flagged", "flagged"), ("recall", "recall"),
-                         ("precision", "precision"), ("multiple", "time_multiple")):
+                         ("precision", "precision"), ("auroc", "auroc"), ("multiple", "time_multiple")):
             vals = ev[key]
             if not vals:
                 assert r[f"{col}_mean"] == "" and r[f"{col}_std"] == "", (r, key)

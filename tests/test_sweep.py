@@ -141,6 +141,25 @@ defense = "plain"
     assert (s.excluded, s.included) == (1, 1)
 
 
+def test_exclude_by_name_or_table_and_settings_of_a_left_out_section(tmp_path):
+    s = sweep.load(write_sweep(tmp_path, """
+[axes]
+attack = ["badnet", "blend", false]
+"attack.poison_rate" = [0.05, 0.1]
+[[exclude]]
+attack = {name = "blend"}
+"attack.poison_rate" = 0.1
+[[exclude]]
+attack = "blend"
+"attack.poison_rate" = 0.1
+"""))
+    names = [r.name for r in s.runs]
+    assert "attack=blend,attack.poison_rate=0.1" not in names and len(names) == 5  # both entries match the same run
+    by = {r.name: r.data for r in s.runs}
+    assert by["attack=badnet,attack.poison_rate=0.1"]["attack"] == {"name": "badnet", "poison_rate": 0.1}
+    assert "attack" not in by["attack=none,attack.poison_rate=0.1"]  # no attack to set a rate on
+
+
 def test_a_parameter_axis_applies_after_its_section_axis(tmp_path):
     s = sweep.load(write_sweep(tmp_path, """
 [axes]
@@ -157,6 +176,7 @@ defense = ["meca"]
     ('[axes]\nseed = [1, "1"]', "values 1 and 2 both get the label '1'"),
     ('[axes]\nseed = [1]\n[[exclude]]\nattack = "x"', "$.exclude[1]: 'attack' is not an axis"),
     ('[axes]\nseed = [1, 2]\n[[exclude]]\nseed = 5', "$.exclude[1]: matches no run"),
+    ('[axes]\nattack = ["badnet"]\nseed = [1, 2]\n[[exclude]]\nattack = {name = "blend"}', "$.exclude[1]: matches no run"),
     ('[axes]\nseed = [1]\n"train.lr" = [0.1]\n[[include]]\nseed = 4', "$.include[1]: gives no value for the axis 'train.lr'"),
     ('bogus = 1\n[axes]\nseed = [1]', "$.bogus: unknown key"),
     ('[axes]\nseed = [1]\nbogus = 1', "$.axes.bogus: must be a list of values"),

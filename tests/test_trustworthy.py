@@ -353,3 +353,16 @@ def test_validate_refuses_a_device_this_machine_lacks_as_run_does(tmp_path, devi
         line = one_clear_line(run_cli(command, str(f)))
         assert line.startswith(f"bdframe: error: $.device: '{device}' requested"), line
     assert not (tmp_path / "runs").exists()
+
+
+def test_score_quality_of_a_defense_s_scores():
+    """AUROC and TPR@FPR of a defense's scores against the poison ids (cover rows count as clean)."""
+    from bdframe.runner import score_quality
+
+    ids = torch.tensor([10, 11, 12, 13, 14, 15])
+    poison = torch.tensor([12, 15])
+    perfect = score_quality(torch.tensor([0.1, 0.2, 0.9, 0.3, 0.0, 0.8]), ids, poison)
+    assert perfect["auroc"] == 1.0 and perfect["tpr_at_fpr"]["0.05"] == 1.0
+    # one poisoned row ranked below one clean row: 7 of 8 pairs in order
+    assert score_quality(torch.tensor([0.1, 0.5, 0.9, 0.3, 0.0, 0.4]), ids, poison)["auroc"] == pytest.approx(7 / 8)
+    assert score_quality(torch.zeros(6), ids, torch.tensor([], dtype=torch.long)) == {}

@@ -110,6 +110,7 @@ class Cell:
     recall: Optional[Stat] = None
     precision: Optional[Stat] = None
     flagged: Optional[Stat] = None
+    auroc: Optional[Stat] = None
     multiple: Optional[Stat] = None
     acc_loss: Optional[Stat] = None
     planned: tuple = ()  # every run of the sweep with these labels, finished or not
@@ -363,6 +364,8 @@ def collect(sweep_dir, rows=None, cols=None) -> Table:
             for k in ("recall", "precision"):
                 if _number(det.get(k)):
                     v[k] = 100 * det[k]
+        if isinstance(det, dict) and _number(det.get("auroc")):
+            v["auroc"] = det["auroc"]
         sus = m.get("suspected")
         if isinstance(sus, dict) and _number(sus.get("share")):
             v["flagged"] = 100 * sus["share"]
@@ -384,7 +387,7 @@ def collect(sweep_dir, rows=None, cols=None) -> Table:
         for ck in col_keys:
             inside = [r for r in done if row_of(r) == rk and col_of(r) == ck]
             stats = {k: Stat.of([values[r.name][k] for r in inside if k in values[r.name]])
-                     for k in ("acc", "asr", "recall", "precision", "flagged", "multiple", "acc_loss")}
+                     for k in ("acc", "asr", "recall", "precision", "flagged", "auroc", "multiple", "acc_loss")}
             planned_here = tuple(r.name for r in runs if row_of(r) == rk and col_of(r) == ck)
             cells[(rk, ck)] = Cell(rk, ck, tuple(r.name for r in inside), **stats, planned=planned_here)
     aggregated = [(p, len(axes[p])) for p in axes if p not in row_axes and p not in col_axes]
@@ -394,13 +397,13 @@ def collect(sweep_dir, rows=None, cols=None) -> Table:
 
 # -- text ---------------------------------------------------------------------------------------
 
-def fmt(stat: Optional[Stat]) -> str:
-    """``mean ± std`` with two decimals, the mean alone for one value, "–" for none."""
+def fmt(stat: Optional[Stat], digits: int = 2) -> str:
+    """``mean ± std`` with ``digits`` decimals, the mean alone for one value, "–" for none."""
     if stat is None:
         return DASH
     if stat.std is None:
-        return f"{stat.mean:.2f}"
-    return f"{stat.mean:.2f} ± {stat.std:.2f}"
+        return f"{stat.mean:.{digits}f}"
+    return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
 
 
 def sections(t: Table) -> list:
@@ -413,11 +416,14 @@ def sections(t: Table) -> list:
     out.append(("Clean accuracy (ACC) and attack success rate (ASR), %", main_head, main_body))
     dcols = t.detection_cols()
     if dcols:
+        keys = ["flagged", "recall", "precision"]
+        if any(t.cells[(r, c)].auroc is not None for r in t.rows for c in dcols):
+            keys.append("AUROC")
         out.append(("Detection: share of the training set flagged, and recall and precision of the flagged "
-                    "samples, %",
-                    [head] + [f"{label(c)} {k}" for c in dcols for k in ("flagged", "recall", "precision")],
-                    [[label(r)] + [fmt(getattr(t.cells[(r, c)], k)) for c in dcols
-                                   for k in ("flagged", "recall", "precision")]
+                    "samples, %; AUROC of the defense's scores",
+                    [head] + [f"{label(c)} {k}" for c in dcols for k in keys],
+                    [[label(r)] + [fmt(t.cells[(r, c)].auroc, 3) if k == "AUROC" else fmt(getattr(t.cells[(r, c)], k))
+                                   for c in dcols for k in keys]
                      for r in t.rows]))
     out.append(("Wall time: total seconds as a multiple of the no-defense run of the same row",
                 [head] + [f"{label(c)} time" for c in t.cols],
@@ -486,7 +492,8 @@ def to_markdown(t: Table) -> str:
 
 
 CSV_FIELDS = ("n", "acc_mean", "acc_std", "asr_mean", "asr_std", "flagged_mean", "flagged_std", "recall_mean",
-              "recall_std", "precision_mean", "precision_std", "time_multiple_mean", "time_multiple_std", "runs")
+              "recall_std", "precision_mean", "precision_std", "auroc_mean", "auroc_std", "time_multiple_mean",
+              "time_multiple_std", "runs")
 
 
 def to_csv(t: Table) -> str:
@@ -506,7 +513,7 @@ def to_csv(t: Table) -> str:
             if not cell.planned:  # an excluded combination
                 continue
             line = list(r) + list(c) + [str(cell.n)]
-            for k in ("acc", "asr", "flagged", "recall", "precision", "multiple"):
+            for k in ("acc", "asr", "flagged", "recall", "precision", "auroc", "multiple"):
                 s = getattr(cell, k)
                 line += [num(s.mean if s else None), num(s.std if s else None)]
             w.writerow(line + [";".join(cell.runs)])

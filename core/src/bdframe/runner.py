@@ -251,6 +251,8 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
         if recipe.attack is not None:
             metrics["detection"] = detection(sorted(int(i) for i in result.suspected_ids), poison_ids,
                                              poisoned_train.ids)
+    if result.scores is not None and recipe.attack is not None:
+        metrics.setdefault("detection", {}).update(score_quality(result.scores, poisoned_train.ids, poison_ids))
     metrics["defense_metrics"] = result.metrics
     if result.summary:
         metrics["defense_summary"] = [str(line) for line in result.summary]
@@ -265,6 +267,19 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
     final_path = rd.finish()
     metrics["run_dir"] = str(final_path)
     return metrics
+
+
+def score_quality(scores, ids, poison_ids) -> dict:
+    """AUROC and TPR at 1/5/10% FPR of a defense's per-sample scores (one per row of the
+    training set, higher = more suspicious) against the poison ids; cover samples count as
+    clean. Empty when the set has no poison or nothing else."""
+    from bdframe.detection import summary
+
+    truth = torch.isin(torch.as_tensor(ids), torch.as_tensor(poison_ids, dtype=torch.int64))
+    if not bool(truth.any()) or bool(truth.all()):
+        return {}
+    s = summary(torch.as_tensor(scores).detach().double().cpu(), truth)
+    return {"auroc": s["auroc"], "tpr_at_fpr": s["tpr_at_fpr"]}
 
 
 def write_suspected(run_dir: Path, data: ImageSet, suspected_ids, scores, files: Optional[dict]) -> None:

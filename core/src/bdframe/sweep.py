@@ -163,12 +163,17 @@ def _is_section(path: str) -> bool:
     return path in SECTIONS
 
 
-def _apply(data: dict, path: str, value, problems: list, where: str) -> None:
-    """Set ``path`` (dot-separated) in the recipe dict ``data`` to ``value``."""
+def _apply(data: dict, path: str, value, problems: list, where: str, left_out: set) -> None:
+    """Set ``path`` (dot-separated) in the recipe dict ``data`` to ``value``. A setting inside a
+    section that another axis left out (``attack = false``) is not set: there is nothing to set
+    it on."""
     parts = path.split(".")
+    if len(parts) > 1 and _is_section(parts[0]) and parts[0] in left_out:
+        return
     if _is_section(path):
         if value is False:
             data.pop(path, None)
+            left_out.add(path)
         elif isinstance(value, str):
             data[path] = {"name": value}
         elif isinstance(value, dict):
@@ -239,24 +244,33 @@ def _read_axes(raw, problems: list) -> list[Axis]:
     return axes
 
 
+def _norm(axis: Axis, value):
+    """A section value in one form: a component name means ``{name = ...}``."""
+    if _is_section(axis.path) and isinstance(value, str):
+        return {"name": value}
+    return value
+
+
 def _resolve(axis: Axis, value) -> tuple[str, Any]:
     """An exclude/include value: one of the axis's labels, or a value of its own."""
     if isinstance(value, str) and value in axis.labels:
         i = axis.labels.index(value)
         return axis.labels[i], axis.values[i]
     for lab, v in zip(axis.labels, axis.values):
-        if v == value:
+        if _norm(axis, v) == _norm(axis, value):
             return lab, v
     return value_label(value, section=_is_section(axis.path)), value
 
 
 def _matches(axis: Axis, label: str, value, want) -> bool:
+    """Whether an exclude entry's ``want`` picks the axis value ``value`` (labelled ``label``): by
+    label, by value, or for a section by component name."""
     if isinstance(want, str) and want in axis.labels:
         return want == label
     if _is_section(axis.path) and isinstance(want, str) and isinstance(value, (str, dict)):
         name = value if isinstance(value, str) else value.get("name")
         return want == name
-    return want == value
+    return _norm(axis, want) == _norm(axis, value)
 
 
 def load(path: str | Path) -> Sweep:
@@ -265,8 +279,8 @@ def load(path: str | Path) -> Sweep:
     from bdframe.recipe import parse_toml
 
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"sweep file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise UserError(f"sweep file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
     try:
         raw = parse_toml(path)
     except UserError as e:
@@ -308,7 +322,8 @@ def load(path: str | Path) -> Sweep:
                         + [f"  {p}" for p in problems])
 
     by_path = {a.path: a for a in axes}
-    combos = [dict(zip(by_path, combo)) for combo in itertools.product(*[range(len(a.values)) for a in axes])]
+    product = [dict(zip(by_path, combo)) for combo in itertools.product(*[range(len(a.values)) for a in axes])]
+    combos = list(product)
 
     def entries(key):
         val = raw.get(key, [])
@@ -324,9 +339,12 @@ def load(path: str | Path) -> Sweep:
             problems.append(f"$.exclude[{n}]: " + (f"{unknown[0]!r} is not an axis; axes: {', '.join(by_path)}"
                                                    if unknown else "is empty"))
             continue
-        keep = [c for c in combos if not all(
-            _matches(by_path[k], by_path[k].labels[c[k]], by_path[k].values[c[k]], want) for k, want in entry.items())]
-        if len(keep) == len(combos):
+        def hit(c):
+            return all(_matches(by_path[k], by_path[k].labels[c[k]], by_path[k].values[c[k]], want)
+                       for k, want in entry.items())
+
+        keep = [c for c in combos if not hit(c)]
+        if not any(hit(c) for c in product):
             problems.append(f"$.exclude[{n}]: matches no run ({entry!r}); check its values against the axis labels")
         excluded += len(combos) - len(keep)
         combos = keep
@@ -358,8 +376,9 @@ def load(path: str | Path) -> Sweep:
         rname = run_name(labels)
         data = json.loads(json.dumps(base, default=str))
         where = f"run {rname}"
+        left_out: set = set()
         for p in sorted(values, key=lambda q: q.count(".")):
-            _apply(data, p, values[p], problems, where)
+            _apply(data, p, values[p], problems, where, left_out)
         data["name"] = rname
         data["output_dir"] = str(directory / "runs")  # as given: relative to the working directory
         if rname in runs:
