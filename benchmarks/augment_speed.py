@@ -12,7 +12,6 @@ batch, images/s, ratio to bdframe's) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
