@@ -630,7 +630,7 @@ def _error_line(log: Path, offset: int, rc: int) -> str:
 def worker_command(name: str, directory: Path, state: str) -> list[str]:
     """The command that runs one run of the sweep in its own process."""
     cmd = [sys.executable, "-m", "bdframe.sweep", str(directory / "locks" / f"{name}.lock"), "run",
-           str(directory / "recipes" / f"{name}.toml"), "--out", str(directory / "runs" / name), "--quiet"]
+           str(directory / "recipes" / f"{name}.toml"), "--out", str(directory / "runs" / name)]
     if state == "resume":
         cmd.append("--resume")
     elif state == "restart":
@@ -642,8 +642,7 @@ def _env(threads: int) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
-    env["BDFRAME_PROGRESS"] = "0"
-    return env
+    return env  # progress bars print a line every 10 s into the run's log (not a terminal)
 
 
 def _prepare(sweep: Sweep, resolved: dict, chosen: set) -> tuple[list[tuple[str, str]], int, list[str]]:
