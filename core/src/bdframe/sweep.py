@@ -929,6 +929,9 @@ def main(args) -> int:
         sweep = load(args.sweep_file)
         resolved = validate(sweep)
         states = {r.name: run_state(sweep.directory, r.name, resolved[r.name]) for r in sweep.runs}
+        for name, state in states.items():
+            if state in ("resume", "restart", "new") and _locked(sweep.directory / "locks" / f"{name}.lock"):
+                states[name] = "running"
         stale = [n for n, s in states.items() if s == "stale"]
         if stale:
             raise UserError([f"{len(stale)} finished run(s) were made from a different recipe; remove them to run "
@@ -936,9 +939,11 @@ def main(args) -> int:
         if args.list:
             for name, state in states.items():
                 print(f"{state:9s} {name}")
-        counts = {s: sum(1 for x in states.values() if x == s) for s in ("finished", "resume", "restart", "new")}
+        counts = {s: sum(1 for x in states.values() if x == s)
+                  for s in ("finished", "running", "resume", "restart", "new")}
         print(f"{args.sweep_file}: ok, {sweep.describe()}; {counts['finished']} finished, "
-              f"{counts['resume'] + counts['restart']} interrupted, {counts['new']} not started")
+              + (f"{counts['running']} running, " if counts["running"] else "")
+              + f"{counts['resume'] + counts['restart']} interrupted, {counts['new']} not started")
         return 0
     if args.executor == "local" and args.address:
         raise UserError("--address: only with --executor ray")
