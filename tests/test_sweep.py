@@ -309,6 +309,22 @@ def test_changed_recipes_of_finished_runs_are_refused(tmp_path, capsys):
     assert "made from a different recipe" in capsys.readouterr().err
 
 
+def test_a_run_made_before_an_option_was_added_still_counts_as_finished(tmp_path):
+    """A finished run's recipe.toml lacks an option added to a component since it ran: resolved
+    again, the option takes its default and the run is this recipe's."""
+    f = write_sweep(tmp_path, '[axes]\nseed = [0]\n')
+    assert main(["sweep", "run", str(f), "--quiet"]) == 0
+    d = tmp_path / "out" / "grid"
+    saved = d / "runs" / "seed=0" / "recipe.toml"
+    text = saved.read_text()
+    assert "cutmix_prob = 0.0\n" in text
+    saved.write_text(text.replace("cutmix_prob = 0.0\n", ""))
+    s = sweep.load(f)
+    assert sweep.run_state(d, "seed=0", sweep.validate(s)["seed=0"]) == "finished"
+    saved.write_text(text.replace("cutmix_prob = 0.0\n", "cutmix_prob = 0.5\n"))  # a real difference
+    assert sweep.run_state(d, "seed=0", sweep.validate(s)["seed=0"]) == "stale"
+
+
 def test_ray_executor_without_ray_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     f = write_sweep(tmp_path, '[axes]\nseed = [0]\n')

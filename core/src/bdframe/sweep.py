@@ -468,16 +468,47 @@ def same_recipe(a: str, b: str) -> bool:
     return da == db
 
 
+def _reresolved(text: str) -> Optional[str]:
+    """A finished run's resolved recipe resolved again by the installed plugins: a parameter
+    added since (with its default) is filled in, so the run still counts as this recipe's.
+    None if it no longer validates."""
+    import tomllib
+
+    from bdframe import recipe as rmod
+    from bdframe.errors import UserError as _UserError
+    from bdframe.plugins import load_registry
+
+    try:
+        data = tomllib.loads(text)
+        settings, problems = rmod.plugin_settings(data)
+        if problems:
+            return None
+        key = (settings.block, settings.modules)
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = load_registry(block=settings.block, modules=settings.modules)
+        return rmod.loads_dict(data, _REGISTRIES[key], check_dataset=False).to_toml()
+    except (tomllib.TOMLDecodeError, _UserError):
+        return None
+
+
+_REGISTRIES: dict = {}
+
+
 def run_state(directory: Path, name: str, toml_text: str) -> str:
     """``finished``, ``stale`` (finished with another recipe), ``resume`` (a matching
-    ``.partial``), ``restart`` (a ``.partial`` of another recipe) or ``new``."""
+    ``.partial``), ``restart`` (a ``.partial`` of another recipe) or ``new``. A finished run's
+    recipe matches when it is the same apart from ``output_dir``, also after resolving it again
+    (options added to a component since it ran take their defaults)."""
     final = directory / "runs" / name
     if (final / "metrics.json").is_file():
         try:
-            same = same_recipe((final / "recipe.toml").read_text(encoding="utf-8"), toml_text)
+            saved = (final / "recipe.toml").read_text(encoding="utf-8")
         except OSError:
-            same = False
-        return "finished" if same else "stale"
+            return "stale"
+        if same_recipe(saved, toml_text):
+            return "finished"
+        again = _reresolved(saved)
+        return "finished" if again is not None and same_recipe(again, toml_text) else "stale"
     partial = directory / "runs" / f"{name}.partial"
     if partial.is_dir():
         try:

@@ -1,0 +1,106 @@
+"""``cutmix``: CutMix as a defense (Borgnia et al., ICASSP 2021).
+
+Pasting a box from another image of the batch over each image, with the labels mixed in
+proportion to the areas, breaks up small local triggers; large or global triggers survive it.
+
+- ``mode = "scratch"``: a fresh model trained with the recipe's ``[train]`` stage with CutMix
+  on every batch (``prob``).
+- ``mode = "repair"``: the model plain training gives (the recipe's ``[train]`` stage, no
+  CutMix: the backdoored model), then ``repair_epochs`` more epochs of the same stage at
+  ``repair_lr`` with CutMix, as the MeCa paper's tables use it.
+
+The ``[train]`` stage must have CutMix options (the ``standard`` stage). The defense flags no
+samples. Each step is a checkpoint for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+
+from bdframe import hookimpl
+from bdframe.config import in_range, one_of
+from bdframe.errors import UserError
+from bdframe.interfaces import Defense, DefenseResult
+
+
+@attrs.frozen
+class CutMixConfig:
+    mode: str = attrs.field(default="scratch", validator=one_of("scratch", "repair"), metadata={
+        "help": "scratch: train a fresh model with CutMix; repair: plain training, then CutMix fine-tuning"})
+    prob: float = attrs.field(default=1.0, validator=in_range(0, 1), metadata={
+        "help": "probability that a batch is CutMix-ed"})
+    beta: float = attrs.field(default=1.0, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "the kept share lambda ~ Beta(beta, beta)"})
+    clip: tuple[float, ...] = attrs.field(default=(), metadata={
+        "help": "[lo, hi] to clip lambda to (one implementation uses [0.3, 0.7]); empty: no clip"})
+    repair_epochs: int = attrs.field(default=20, validator=in_range(0, None), metadata={
+        "help": "repair mode: epochs of CutMix fine-tuning"})
+    repair_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "repair mode: peak learning rate of the CutMix fine-tuning"})
+    evaluate_each_epoch: bool = attrs.field(default=True, metadata={
+        "help": "log clean ACC and ASR after every epoch (costs one pass over the test sets)"})
+
+    def check(self):
+        if self.clip and (len(self.clip) != 2 or not 0 <= self.clip[0] <= self.clip[1] <= 1):
+            return [("clip", f"must be empty or [lo, hi] with 0 <= lo <= hi <= 1, got {list(self.clip)}")]
+        return []
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+class CutMix(Defense):
+    name = "cutmix"
+    Config = CutMixConfig
+    summary = "CutMix training, from scratch or as a repair phase after plain training"
+
+    def run(self, data, ctx):
+        c = self.config
+        mix = {"cutmix_prob": c.prob, "cutmix_beta": c.beta, "cutmix_clip": c.clip}
+        try:
+            mixed = (ctx.component("trainer", **mix) if c.mode == "scratch" else
+                     ctx.component("trainer", epochs=c.repair_epochs, lr=c.repair_lr, **mix))
+        except (TypeError, ValueError, UserError) as e:
+            raise UserError(f"$.defense: cutmix needs a [train] stage with CutMix options (name = \"standard\"): "
+                            f"{str(e).splitlines()[0]}") from None
+        plain = ctx.component("trainer") if c.mode == "repair" else None
+        model = ctx.new_model()
+        trend, seconds = [], {}
+
+        def step(name, trainer, setting):
+            cp = ctx.checkpoint(name)
+            done = cp.load()
+            if done is not None:
+                model.load_state_dict(done["model"])
+            else:
+                t0 = time.perf_counter()
+                trainer.fit(model, data, ctx.stage(name, evaluate_each_epoch=c.evaluate_each_epoch,
+                                                   lr_setting=setting))
+                ev = ctx.evaluate(model)
+                ctx.log({"stage": name, **ev})
+                done = {"model": _cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0}
+                cp.save(done)
+            trend.append({"step": name.removeprefix("cutmix-"), **done["eval"]})
+            seconds[name.removeprefix("cutmix-")] = done["seconds"]
+
+        if plain is not None:
+            step("cutmix-plain", plain, "[train] lr")
+        step("cutmix-train" if plain is None else "cutmix-repair", mixed,
+             "[train] lr" if plain is None else "[defense] repair_lr")
+
+        def fig(ev) -> str:
+            line = f"ACC {100 * ev['clean_acc']:.2f}%"
+            return line + (f", ASR {100 * ev['asr']:.2f}%" if ev.get("asr") is not None else "")
+
+        summary = ([f"cutmix: plain training (no defense yet): {fig(trend[0])}",
+                    f"cutmix: after {c.repair_epochs} epochs of CutMix repair: {fig(trend[1])}"]
+                   if plain is not None else [f"cutmix: trained from scratch with CutMix: {fig(trend[0])}"])
+        return DefenseResult(model=model, metrics={"trend": trend, "stage_seconds": seconds}, summary=summary)
+
+
+@hookimpl
+def bdframe_register_defenses(registry):
+    registry.add(CutMix)
