@@ -2,7 +2,8 @@
 
 Reads ``meca_scores.pt`` (the enhanced model's ``p_e(y|x)`` and the paper rule's flags) and
 ``poison.json`` of a run directory and prints, per rule, the flagged share and detection recall
-and precision against the poison ids (ground truth is read here only, to score the rules; the
+and precision against the poison ids, then per class (by the label each sample carries) the
+share above the label-aware rule's confidence thresholds (ground truth is read here only, to score the rules; the
 rules themselves never see it). Clean ACC/ASR need a run with that rule (``--meca
 detection=...`` in ``meca_cifar10.py``); this script shows what each rule would keep.
 
@@ -29,7 +30,8 @@ def rules(scores: dict) -> dict:
             "confidence, mad": flag_confident(prob, threshold="mad"),
             "confidence, otsu": flag_confident(prob, threshold="otsu"),
             "label-aware": flag_label_aware(prob, scores["labels"])[0],
-            "label-aware, class_alpha 0.01": flag_label_aware(prob, scores["labels"], alpha=0.01)[0]}
+            "label-aware, class_alpha 0.01": flag_label_aware(prob, scores["labels"], alpha=0.01)[0],
+            "label-aware, confidence_high 0.999": flag_label_aware(prob, scores["labels"], high=0.999)[0]}
 
 
 def main(argv=None) -> int:
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
 
     parts, _ = load_run(d, device="cpu")
     labels = parts.poisoned.labels[parts.poisoned.positions(s["ids"])]
-    truth = torch.isin(s["ids"], torch.as_tensor(json.loads((d / "poison.json").read_text())["poison_ids"]))
+    truth = torch.isin(s["ids"], torch.as_tensor(json.loads((d / "poison.json").read_text()).get("poison_ids", []), dtype=torch.int64))
     rows = []
     for name, flags in rules({**s, "labels": labels}).items():
         flags = torch.as_tensor(flags, dtype=torch.bool)
@@ -58,8 +60,24 @@ def main(argv=None) -> int:
                      "kept": int((~flags).sum())})
     print_table(rows, [("rule", "rule", "{}"), ("flagged", "flagged %", "{:.1f}"), ("recall", "recall %", "{:.1f}"),
                        ("precision", "precision %", "{:.1f}"), ("kept", "kept", "{}")])
+    # the label-aware rule's class statistic: per class, the share of samples above the
+    # confidence_high threshold (the poisoned count comes from the ground truth, for reading only)
+    prob = s["enhanced_prob"]
+    classes = parts.poisoned.classes
+    per_class = []
+    for c in range(len(classes)):
+        m = labels == c
+        if not bool(m.any()):
+            continue
+        per_class.append({"class": classes[c], "samples": int(m.sum()), "poisoned": int((m & truth).sum()),
+                          "share_099": 100 * float((prob[m] > 0.99).double().mean()),
+                          "share_0999": 100 * float((prob[m] > 0.999).double().mean())})
+    print()
+    print_table(per_class, [("class", "class (label)", "{}"), ("samples", "samples", "{}"),
+                            ("poisoned", "poisoned", "{}"), ("share_099", "p_e > 0.99 %", "{:.1f}"),
+                            ("share_0999", "p_e > 0.999 %", "{:.1f}")])
     if args.out:
-        write_json(Path(args.out), {"run_dir": str(d), "rows": rows})
+        write_json(Path(args.out), {"run_dir": str(d), "rows": rows, "classes": per_class})
     return 0
 
 
