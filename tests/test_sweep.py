@@ -17,35 +17,14 @@ import toml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import TINY
 from bdframe import report, sweep
 from bdframe.cli import main
 from bdframe.errors import UserError
 
-BASE = """
-seed = 3
-device = "cpu"
-
-[dataset]
-name = "synthetic"
-train_size = 200
-test_size = 100
-image_size = 16
-
-[model]
-name = "simple-cnn"
-width = 4
-
-[attack]
-name = "badnet"
-poison_rate = 0.1
-target = 1
-
-[train]
-name = "standard"
-epochs = {epochs}
-batch_size = 64
-lr = 0.05
-"""
+# the tiny recipe without the two settings a sweep sets itself (name and output_dir)
+BASE = "\n".join(line for line in TINY.replace("train_size = 300", "train_size = 200").splitlines()
+                 if not line.startswith(("name = \"tiny\"", "output_dir"))) + "\n"
 
 
 def write_sweep(tmp_path: Path, body: str, *, epochs: int = 1, name: str = "grid", out: str = "out") -> Path:

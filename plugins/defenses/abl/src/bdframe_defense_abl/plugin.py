@@ -23,11 +23,9 @@ precision), their scores its per-sample suspicion. Each finished step is a check
 
 from __future__ import annotations
 
-import time
-
 import attrs
 
-from bdframe import hookimpl
+from bdframe import hookimpl, steps
 from bdframe.config import in_range, one_of
 from bdframe.interfaces import Defense, DefenseResult
 
@@ -64,10 +62,6 @@ class ABLConfig:
     score_batch_size: int = attrs.field(default=512, validator=in_range(1, None))
 
 
-def _cpu_state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 class ABL(Defense):
     name = "abl"
     Config = ABLConfig
@@ -101,23 +95,9 @@ class ABL(Defense):
         seconds: dict = {}
         trend: list = []
 
-        def stage(name: str, setting: str):
-            return ctx.stage(name, evaluate_each_epoch=c.evaluate_each_epoch, lr_setting=setting)
-
         def step(name: str, model, trainer, train_set, setting: str) -> None:
-            """Train ``model`` with ``trainer`` on ``train_set`` unless the checkpoint ``name`` has
-            the result; evaluate (reporting only) and log."""
-            cp = ctx.checkpoint(name)
-            done = cp.load()
-            if done is not None:
-                model.load_state_dict(done["model"])
-            else:
-                t0 = time.perf_counter()
-                trainer.fit(model, train_set, stage(name, setting))
-                ev = ctx.evaluate(model)
-                ctx.log({"stage": name, "train_size": len(train_set), **ev})
-                done = {"model": _cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0}
-                cp.save(done)
+            done = steps.train(ctx, name, model, trainer, train_set, lr_setting=setting,
+                               evaluate_each_epoch=c.evaluate_each_epoch)
             seconds[name.removeprefix("abl-")] = done["seconds"]
             trend.append({"step": name.removeprefix("abl-"), **done["eval"]})
 
@@ -146,14 +126,10 @@ class ABL(Defense):
         if len(isolated) and c.unlearn_epochs:
             step("abl-unlearn", model, unlearner, isolated, "[defense] unlearn_lr")
 
-        def fig(ev) -> str:
-            line = f"ACC {100 * ev['clean_acc']:.2f}%"
-            return line + (f", ASR {100 * ev['asr']:.2f}%" if ev.get("asr") is not None else "")
-
-        summary = [f"abl: after {c.isolation_epochs} epochs of {c.isolation_objective} training: {fig(trend[0])}",
+        summary = [f"abl: after {c.isolation_epochs} epochs of {c.isolation_objective} training: {steps.figures(trend[0])}",
                    f"abl: isolated {len(isolated)} of {n} samples ({100 * len(isolated) / n:.1f}%) with the lowest loss"]
         what = {"finetune": "fine-tuning on the other samples", "unlearn": "unlearning the isolated samples"}
-        summary += [f"abl: after {what[t['step']]}: {fig(t)}" for t in trend[1:]]
+        summary += [f"abl: after {what[t['step']]}: {steps.figures(t)}" for t in trend[1:]]
         metrics = {"trend": trend, "split": {"isolated": len(isolated), "kept": len(others)},
                    "stage_seconds": seconds}
         return DefenseResult(model=model, suspected_ids=torch.as_tensor(isolated_ids).clone(), scores=scores,

@@ -25,11 +25,9 @@ would otherwise deploy), prunes it and optionally fine-tunes it for ``repair_epo
 
 from __future__ import annotations
 
-import time
-
 import attrs
 
-from bdframe import hookimpl
+from bdframe import hookimpl, steps
 from bdframe.config import in_range
 from bdframe.errors import UserError
 from bdframe.interfaces import Defense, DefenseResult
@@ -116,10 +114,6 @@ def prune(model, u: float) -> list[dict]:
     return report
 
 
-def _cpu_state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 class CLP(Defense):
     name = "clp"
     Config = CLPConfig
@@ -138,41 +132,27 @@ class CLP(Defense):
             raise UserError("$.model: clp needs convolutions followed directly by BatchNorm; this model has none")
         trend, seconds = [], {}
 
-        def step(name, work):
-            cp = ctx.checkpoint(name)
-            done = cp.load()
-            if done is not None:
-                model.load_state_dict(done["model"])
-            else:
-                t0 = time.perf_counter()
-                extra = work() or {}
-                ev = ctx.evaluate(model)
-                ctx.log({"stage": name, **ev})
-                done = {"model": _cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0, **extra}
-                cp.save(done)
+        def record(name, done):
             trend.append({"step": name.removeprefix("clp-"), **done["eval"]})
             seconds[name.removeprefix("clp-")] = done["seconds"]
             return done
 
-        def stage(name, setting):
-            return ctx.stage(name, evaluate_each_epoch=c.evaluate_each_epoch, lr_setting=setting)
+        def train(name, trainer, setting):
+            return record(name, steps.train(ctx, name, model, trainer, data, lr_setting=setting,
+                                            evaluate_each_epoch=c.evaluate_each_epoch))
 
-        step("clp-train", lambda: trainer.fit(model, data, stage("clp-train", "[train] lr")) and None)
-        pruned = step("clp-prune", lambda: {"layers": prune(model, c.u)})["layers"]
+        train("clp-train", trainer, "[train] lr")
+        pruned = record("clp-prune", steps.run(ctx, "clp-prune", model, lambda: {"layers": prune(model, c.u)}))["layers"]
         if repairer is not None:
-            step("clp-repair", lambda: repairer.fit(model, data, stage("clp-repair", "[defense] repair_lr")) and None)
+            train("clp-repair", repairer, "[defense] repair_lr")
 
         total = sum(len(layer["pruned"]) for layer in pruned)
         channels = sum(layer["channels"] for layer in pruned)
 
-        def fig(ev) -> str:
-            line = f"ACC {100 * ev['clean_acc']:.2f}%"
-            return line + (f", ASR {100 * ev['asr']:.2f}%" if ev.get("asr") is not None else "")
-
-        summary = [f"clp: plain training (no defense yet): {fig(trend[0])}",
-                   f"clp: pruned {total} of {channels} channels in {len(pruned)} layers (u = {c.u:g}): {fig(trend[1])}"]
+        summary = [f"clp: plain training (no defense yet): {steps.figures(trend[0])}",
+                   f"clp: pruned {total} of {channels} channels in {len(pruned)} layers (u = {c.u:g}): {steps.figures(trend[1])}"]
         if repairer is not None:
-            summary.append(f"clp: after {c.repair_epochs} epochs of repair: {fig(trend[2])}")
+            summary.append(f"clp: after {c.repair_epochs} epochs of repair: {steps.figures(trend[2])}")
         metrics = {"trend": trend, "pruned_channels": total, "channels": channels, "layers": pruned,
                    "stage_seconds": seconds}
         return DefenseResult(model=model, metrics=metrics, summary=summary)

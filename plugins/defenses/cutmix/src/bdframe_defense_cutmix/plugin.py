@@ -15,11 +15,9 @@ samples. Each step is a checkpoint for ``--resume``.
 
 from __future__ import annotations
 
-import time
-
 import attrs
 
-from bdframe import hookimpl
+from bdframe import hookimpl, steps
 from bdframe.config import in_range, one_of
 from bdframe.errors import UserError
 from bdframe.interfaces import Defense, DefenseResult
@@ -48,10 +46,6 @@ class CutMixConfig:
         return []
 
 
-def _cpu_state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 class CutMix(Defense):
     name = "cutmix"
     Config = CutMixConfig
@@ -71,18 +65,8 @@ class CutMix(Defense):
         trend, seconds = [], {}
 
         def step(name, trainer, setting):
-            cp = ctx.checkpoint(name)
-            done = cp.load()
-            if done is not None:
-                model.load_state_dict(done["model"])
-            else:
-                t0 = time.perf_counter()
-                trainer.fit(model, data, ctx.stage(name, evaluate_each_epoch=c.evaluate_each_epoch,
-                                                   lr_setting=setting))
-                ev = ctx.evaluate(model)
-                ctx.log({"stage": name, **ev})
-                done = {"model": _cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0}
-                cp.save(done)
+            done = steps.train(ctx, name, model, trainer, data, lr_setting=setting,
+                               evaluate_each_epoch=c.evaluate_each_epoch)
             trend.append({"step": name.removeprefix("cutmix-"), **done["eval"]})
             seconds[name.removeprefix("cutmix-")] = done["seconds"]
 
@@ -91,13 +75,9 @@ class CutMix(Defense):
         step("cutmix-train" if plain is None else "cutmix-repair", mixed,
              "[train] lr" if plain is None else "[defense] repair_lr")
 
-        def fig(ev) -> str:
-            line = f"ACC {100 * ev['clean_acc']:.2f}%"
-            return line + (f", ASR {100 * ev['asr']:.2f}%" if ev.get("asr") is not None else "")
-
-        summary = ([f"cutmix: plain training (no defense yet): {fig(trend[0])}",
-                    f"cutmix: after {c.repair_epochs} epochs of CutMix repair: {fig(trend[1])}"]
-                   if plain is not None else [f"cutmix: trained from scratch with CutMix: {fig(trend[0])}"])
+        summary = ([f"cutmix: plain training (no defense yet): {steps.figures(trend[0])}",
+                    f"cutmix: after {c.repair_epochs} epochs of CutMix repair: {steps.figures(trend[1])}"]
+                   if plain is not None else [f"cutmix: trained from scratch with CutMix: {steps.figures(trend[0])}"])
         return DefenseResult(model=model, metrics={"trend": trend, "stage_seconds": seconds}, summary=summary)
 
 
