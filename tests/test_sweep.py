@@ -139,6 +139,18 @@ attack = "blend"
     assert "attack" not in by["attack=none,attack.poison_rate=0.1"]  # no attack to set a rate on
 
 
+def test_templates_take_the_run_s_labels(tmp_path):
+    s = sweep.load(write_sweep(tmp_path, """
+[axes]
+attack = ["badnet", "blend"]
+[axes.defense]
+loss = {name = "detect", scorer = "loss", model = "runs/attack=${attack}/model.pt"}
+"""))
+    assert [r.data["defense"]["model"] for r in s.runs] == ["runs/attack=badnet/model.pt", "runs/attack=blend/model.pt"]
+    with pytest.raises(UserError, match=r"\$\{seed\} in 'x\$\{seed\}' names no axis"):
+        sweep.load(write_sweep(tmp_path, '[axes]\nattack = ["badnet"]\n"defense.model" = ["x${seed}"]\n'))
+
+
 def test_a_parameter_axis_applies_after_its_section_axis(tmp_path):
     s = sweep.load(write_sweep(tmp_path, """
 [axes]

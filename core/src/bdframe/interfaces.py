@@ -53,6 +53,13 @@ class Component:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
+    @classmethod
+    def check_components(cls, config: Any, registry: Any) -> list[tuple[str, str]]:
+        """Validation that needs the installed components, run when a recipe is validated: a
+        component that creates another by name from its config checks here that it exists and
+        takes the given parameters. ``(field, message)`` pairs; none by default."""
+        return []
+
 
 class DatasetFactory(Component):
     kind = "dataset"

@@ -249,7 +249,12 @@ def loads_dict(data: dict, registry, *, source: str | None = None, default_name:
         if p:
             problems += p
             continue
-        specs[section] = ComponentSpec(kind, name, _structure(cls.Config, params))
+        spec = ComponentSpec(kind, name, _structure(cls.Config, params))
+        p = [f"{path}.{f}: {m}" for f, m in cls.check_components(spec.config, registry)]
+        if p:
+            problems += p
+            continue
+        specs[section] = spec
 
     eval_raw = data.get("eval", {})
     eval_settings = EvalSettings()

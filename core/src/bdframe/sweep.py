@@ -26,7 +26,8 @@ A sweep file (TOML) names a base recipe and the settings to vary::
     seed = 0
 
 Axes are combined as a product (in file order), then ``exclude`` removes runs and ``include``
-adds runs. An axis path is a recipe path: a section (``attack``: a component name, a table
+adds runs. ``${PATH}`` in a string of the base recipe or of an axis value becomes the run's
+label on the axis ``PATH`` (``model = "sweeps/a/runs/attack=${attack}/model.pt"``). An axis path is a recipe path: a section (``attack``: a component name, a table
 ``{name = ..., ...}`` replacing the whole section, or ``false`` to leave the section out) or a
 setting inside one (``defense.lam``, ``train.epochs``) or a top-level key (``seed``, ``device``).
 Paths are applied shortest first, so ``defense.lam`` sets a parameter of whichever defense the
@@ -194,6 +195,27 @@ def _apply(data: dict, path: str, value, problems: list, where: str, left_out: s
             child = node[key] = dict(child)
         node = child
     node[parts[-1]] = value
+
+
+_TEMPLATE = re.compile(r"\$\{([^}]*)\}")
+
+
+def _substitute(obj, labels: dict, problems: list, where: str):
+    """``${PATH}`` in any string of a run's recipe becomes the run's label on the axis PATH (a
+    setting that follows another axis, e.g. the model file of an earlier sweep's run)."""
+    if isinstance(obj, dict):
+        return {k: _substitute(v, labels, problems, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, labels, problems, where) for v in obj]
+    if isinstance(obj, str) and "${" in obj:
+        def repl(m):
+            if m.group(1) not in labels:
+                problems.append(f"{where}: ${{{m.group(1)}}} in {obj!r} names no axis; axes: {', '.join(labels)}")
+                return m.group(0)
+            return labels[m.group(1)]
+
+        return _TEMPLATE.sub(repl, obj)
+    return obj
 
 
 def _check_path(path, where: str) -> Optional[str]:
@@ -379,6 +401,7 @@ def load(path: str | Path) -> Sweep:
         left_out: set = set()
         for p in sorted(values, key=lambda q: q.count(".")):
             _apply(data, p, values[p], problems, where, left_out)
+        data = _substitute(data, labels, problems, where)
         data["name"] = rname
         data["output_dir"] = str(directory / "runs")  # as given: relative to the working directory
         if rname in runs:
