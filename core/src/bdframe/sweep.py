@@ -46,7 +46,7 @@ Each run is an ordinary run directory, named from its axis labels in axis order
 
 ``bdframe sweep run`` validates every run before any starts, skips finished runs, resumes
 interrupted ones (a ``.partial`` directory whose recipe matches) and retries failed ones. Each run
-is its own process (``python -m bdframe.sweep``), holding a lock on ``locks/<run>.lock`` while it
+is its own process (``python -m bdframe.sweep_worker``), holding a lock on ``locks/<run>.lock`` while it
 runs, so a killed worker loses only its own unfinished run and two sweeps never run the same run
 at once. Executors: ``local`` (a pool of processes on this machine) and ``ray`` (one Ray task
 per run; the optional ``bdframe[ray]`` extra).
@@ -683,7 +683,7 @@ def _error_line(log: Path, offset: int, rc: int) -> str:
 
 def worker_command(name: str, directory: Path, state: str) -> list[str]:
     """The command that runs one run of the sweep in its own process."""
-    cmd = [sys.executable, "-m", "bdframe.sweep", str(directory / "locks" / f"{name}.lock"), "run",
+    cmd = [sys.executable, "-m", "bdframe.sweep_worker", str(directory / "locks" / f"{name}.lock"), "run",
            str(directory / "recipes" / f"{name}.toml"), "--out", str(directory / "runs" / name)]
     if state == "resume":
         cmd.append("--resume")
@@ -1013,49 +1013,3 @@ def main(args) -> int:
     print(f"sweep {res['directory']}: {res['finished']} of {res['runs']} runs finished, {res['failed']} failed{busy}; "
           f"table: bdframe report {res['directory']}")
     return min(res["failed"], 100)
-
-
-# -- one run in its own process -----------------------------------------------------------------
-
-def _set_parent_death_signal() -> None:
-    """On Linux, ask to receive SIGTERM when the sweep process dies (kill -9 included), so no run
-    outlives the sweep that started it; the run's ``.partial`` directory is resumed next time."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover
-        pass
-
-
-def _worker(argv: list[str]) -> int:
-    """``python -m bdframe.sweep LOCKFILE run RECIPE ...``: take the run's lock, then ``bdframe run``."""
-    parent = os.getppid()
-    _set_parent_death_signal()
-    if os.getppid() != parent:  # the sweep died before the signal was armed
-        return 143
-    lock_path, rest = Path(argv[0]), argv[1:]
-    fd = None
-    try:
-        import fcntl
-
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            print(f"bdframe: error: {lock_path.name[:-5]} is being run by another process", file=sys.stderr)
-            return 75
-    except ImportError:  # pragma: no cover - Windows: no lock
-        pass
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from bdframe.cli import main
-
-    return main(rest)
-
-
-if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1:]))
