@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from helpers import TINY
 from bdframe import runner
@@ -26,12 +25,7 @@ def recipe(tmp_path, ratio=0.02):
     return f
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def test_isolates_floor_ratio_n_lowest_loss_samples_and_reports_them(tmp_path):

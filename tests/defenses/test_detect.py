@@ -4,7 +4,6 @@ and refuses a bad scorer, bad parameters or a model that does not fit, with the 
 import json
 
 import pytest
-import torch
 
 from helpers import TINY
 from bdframe.cli import main
@@ -17,12 +16,7 @@ def recipe(tmp_path, defense: str, name="tiny", width=4):
     return f
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def read(tmp_path, name):
