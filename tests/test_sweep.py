@@ -327,7 +327,7 @@ def test_ray_executor_without_ray_is_one_clear_line(tmp_path, monkeypatch, capsy
 def test_a_run_shipped_back_by_a_worker_without_the_shared_directory_lands_in_place(tmp_path):
     f = write_sweep(tmp_path, '[axes]\nseed = [0]\n')
     s = sweep.load(f)
-    sweep.write_layout(s, sweep.validate(s))
+    sweep.write_layout(s)
     d = s.directory.absolute()
     payload = {"name": "seed=0", "state": "new", "directory": str(d), "marker": "not this sweep", "threads": 1,
                "cwd": os.getcwd(), "recipe": (d / "recipes" / "seed=0.toml").read_text()}

@@ -52,6 +52,17 @@ def one_of(*choices: Any):
     return check
 
 
+def optional_interval(lo: float, hi: float):
+    """Value must be empty (no interval) or ``[a, b]`` with ``lo <= a <= b <= hi``."""
+
+    def check(inst, attr, value):
+        if value and (len(value) != 2 or not lo <= value[0] <= value[1] <= hi):
+            raise ValueError(f"must be empty or [lo, hi] with {_fmt(lo)} <= lo <= hi <= {_fmt(hi)}, "
+                             f"got {list(value)}")
+
+    return check
+
+
 def each(validator):
     """Apply ``validator`` to every element of a sequence."""
 

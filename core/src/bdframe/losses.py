@@ -127,14 +127,20 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logp - logp.logsumexp(1, keepdim=True)).exp()
 
 
+def beta_draw(alpha: float, beta: float, generator: torch.Generator) -> float:
+    """One draw from Beta(alpha, beta) that follows ``generator`` (torch has no generator-driven
+    Beta sampler; the draw seeds Python's)."""
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    return random.Random(seed).betavariate(alpha, beta)
+
+
 def mixup_weight(alpha: float, generator: torch.Generator) -> float:
     """``lambda' = max(lambda, 1 - lambda)`` with ``lambda ~ Beta(alpha, alpha)``, drawn from
     ``generator`` (so a run's sequence of weights follows its seed). Always >= 0.5: the mix
     stays closer to its first input."""
     if alpha <= 0:
         return 1.0
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-    lam = random.Random(seed).betavariate(alpha, alpha)
+    lam = beta_draw(alpha, alpha, generator)
     return max(lam, 1.0 - lam)
 
 
@@ -163,4 +169,4 @@ def mixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_u: tor
 
 
 __all__ = ["soft_cross_entropy", "symmetric_cross_entropy", "positive_mask", "info_nce", "sharpen",
-           "mixup_weight", "mixup", "linear_ramp", "mixmatch_loss", "RCE_CLAMP", "RCE_MAX"]
+           "beta_draw", "mixup_weight", "mixup", "linear_ramp", "mixmatch_loss", "RCE_CLAMP", "RCE_MAX"]

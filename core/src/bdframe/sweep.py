@@ -427,10 +427,8 @@ def validate(sweep: Sweep, *, check_dataset: bool = True) -> dict:
     from bdframe import recipe as rmod
     from bdframe.errors import RecipeError
     from bdframe.nn import device_problem
-    from bdframe.plugins import load_registry
     from bdframe.runs import output_problem
 
-    registries: dict = {}
     checked_data: set = set()
     out, problems = {}, []
     for run in sweep.runs:
@@ -439,11 +437,8 @@ def validate(sweep: Sweep, *, check_dataset: bool = True) -> dict:
         if p:
             problems += [f"{where}: {m}" for m in p]
             continue
-        key = (settings.block, settings.modules)
         try:
-            if key not in registries:
-                registries[key] = load_registry(block=settings.block, modules=settings.modules)
-            registry = registries[key]
+            registry = _registry(settings)
             # a dataset (and the attack's fit to it) is checked once per distinct pair, not per run
             dkey = json.dumps([run.data.get("dataset"), run.data.get("attack")], sort_keys=True, default=str)
             recipe = rmod.loads_dict(run.data, registry, default_name=run.name,
@@ -498,23 +493,28 @@ def _reresolved(text: str) -> Optional[str]:
     import tomllib
 
     from bdframe import recipe as rmod
-    from bdframe.errors import UserError as _UserError
-    from bdframe.plugins import load_registry
 
     try:
         data = tomllib.loads(text)
         settings, problems = rmod.plugin_settings(data)
         if problems:
             return None
-        key = (settings.block, settings.modules)
-        if key not in _REGISTRIES:
-            _REGISTRIES[key] = load_registry(block=settings.block, modules=settings.modules)
-        return rmod.loads_dict(data, _REGISTRIES[key], check_dataset=False).to_toml()
-    except (tomllib.TOMLDecodeError, _UserError):
+        return rmod.loads_dict(data, _registry(settings), check_dataset=False).to_toml()
+    except (tomllib.TOMLDecodeError, UserError):
         return None
 
 
 _REGISTRIES: dict = {}
+
+
+def _registry(settings):
+    """The registry for a recipe's ``[plugins]`` settings, built once per process."""
+    from bdframe.plugins import load_registry
+
+    key = (settings.block, settings.modules)
+    if key not in _REGISTRIES:
+        _REGISTRIES[key] = load_registry(block=settings.block, modules=settings.modules)
+    return _REGISTRIES[key]
 
 
 def run_state(directory: Path, name: str, toml_text: str) -> str:
@@ -562,7 +562,7 @@ def _locked(lock: Path) -> bool:
         os.close(fd)
 
 
-def write_layout(sweep: Sweep, resolved: dict) -> None:
+def write_layout(sweep: Sweep) -> None:
     """``sweep.toml``, ``sweep.json``, ``recipes/`` and the marker file, before any run starts."""
     import toml
 
@@ -717,11 +717,15 @@ def _prepare(sweep: Sweep, resolved: dict, chosen: set) -> tuple[list[tuple[str,
             busy.append(run.name)
         else:
             todo.append((run.name, state))
+    _refuse_stale(sweep, stale)
+    return todo, finished, busy
+
+
+def _refuse_stale(sweep: Sweep, stale: list) -> None:
     if stale:
         raise UserError([f"{len(stale)} finished run(s) of {sweep.directory} were made from a different recipe "
                          f"(the sweep or its base recipe changed since); remove them to run them again, or give "
                          f"the sweep another name:"] + [f"  {sweep.directory / 'runs' / n}" for n in stale])
-    return todo, finished, busy
 
 
 def _local(sweep: Sweep, todo, tracker: Tracker, jobs: int, threads: int) -> None:
@@ -925,7 +929,7 @@ def run_sweep(path, *, jobs: Optional[int] = None, threads: Optional[int] = None
     resolved = validate(sweep)
     jobs, threads = plan_parallelism(jobs, threads)
     todo, finished, busy = _prepare(sweep, resolved, chosen)
-    write_layout(sweep, resolved)
+    write_layout(sweep)
     log(f"sweep {sweep.name}: {sweep.describe()} in {sweep.directory}"
         + (f"; {len(chosen)} selected by --only" if only else ""))
     resumes = sum(1 for _, s in todo if s == "resume")
@@ -986,10 +990,7 @@ def main(args) -> int:
         for name, state in states.items():
             if state in ("resume", "restart", "new") and _locked(sweep.directory / "locks" / f"{name}.lock"):
                 states[name] = "running"
-        stale = [n for n, s in states.items() if s == "stale"]
-        if stale:
-            raise UserError([f"{len(stale)} finished run(s) were made from a different recipe; remove them to run "
-                             f"them again:"] + [f"  {sweep.directory / 'runs' / n}" for n in stale])
+        _refuse_stale(sweep, [n for n, s in states.items() if s == "stale"])
         if args.list:
             for name, state in states.items():
                 print(f"{state:9s} {name}")

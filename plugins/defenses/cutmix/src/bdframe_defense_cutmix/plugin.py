@@ -18,7 +18,7 @@ from __future__ import annotations
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range, one_of
+from bdframe.config import in_range, one_of, optional_interval
 from bdframe.errors import UserError
 from bdframe.interfaces import Defense, DefenseResult
 
@@ -31,7 +31,7 @@ class CutMixConfig:
         "help": "probability that a batch is CutMix-ed"})
     beta: float = attrs.field(default=1.0, validator=in_range(0, None, lo_open=True), metadata={
         "help": "the kept share lambda ~ Beta(beta, beta)"})
-    clip: tuple[float, ...] = attrs.field(default=(), metadata={
+    clip: tuple[float, ...] = attrs.field(default=(), validator=optional_interval(0, 1), metadata={
         "help": "[lo, hi] to clip lambda to (one implementation uses [0.3, 0.7]); empty: no clip"})
     repair_epochs: int = attrs.field(default=20, validator=in_range(0, None), metadata={
         "help": "repair mode: epochs of CutMix fine-tuning"})
@@ -39,11 +39,6 @@ class CutMixConfig:
         "help": "repair mode: peak learning rate of the CutMix fine-tuning"})
     evaluate_each_epoch: bool = attrs.field(default=True, metadata={
         "help": "log clean ACC and ASR after every epoch (costs one pass over the test sets)"})
-
-    def check(self):
-        if self.clip and (len(self.clip) != 2 or not 0 <= self.clip[0] <= self.clip[1] <= 1):
-            return [("clip", f"must be empty or [lo, hi] with 0 <= lo <= hi <= 1, got {list(self.clip)}")]
-        return []
 
 
 class CutMix(Defense):

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import attrs
 
-from bdframe import hookimpl
+from bdframe import hookimpl, steps
 from bdframe.config import in_range, one_of
 from bdframe.interfaces import Defense, DefenseResult
 
@@ -275,17 +275,17 @@ def student_t_quantile(q: float, df: int) -> float:
         raise ValueError(f"student_t_quantile needs 0.5 <= q < 1 and df >= 1 (got q={q}, df={df})")
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
-    steps = 2000  # even: composite Simpson weights 1, 4, 2, 4, ..., 4, 1
-    weights = torch.full((steps + 1,), 2.0, dtype=torch.float64)
+    n_steps = 2000  # even: composite Simpson weights 1, 4, 2, 4, ..., 4, 1
+    weights = torch.full((n_steps + 1,), 2.0, dtype=torch.float64)
     weights[1::2] = 4.0
     weights[0] = weights[-1] = 1.0
 
     def cdf(x: float) -> float:
         # density(t) dt = density(tan th) / cos^2 th d th, th from 0 to atan(x)
-        th = torch.linspace(0.0, math.atan(x), steps + 1, dtype=torch.float64)
+        th = torch.linspace(0.0, math.atan(x), n_steps + 1, dtype=torch.float64)
         t = torch.tan(th)
         f = torch.exp(log_c - (df + 1) / 2 * torch.log1p(t * t / df)) / torch.cos(th) ** 2
-        return 0.5 + float((weights * f).sum()) * (math.atan(x) / steps) / 3
+        return 0.5 + float((weights * f).sum()) * (math.atan(x) / n_steps) / 3
 
     lo, hi = 0.0, 1.0
     while cdf(hi) < q:
@@ -366,10 +366,6 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
     return flags, classes
 
 
-def _cpu_state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 class MeCa(Defense):
     name = "meca"
     Config = MeCaConfig
@@ -440,7 +436,7 @@ class MeCa(Defense):
             ev = ctx.evaluate(model)
             ctx.log({"stage": "meca-warmup", "meca_iteration": 0, "alpha": 0.0, "forget_size": 0,
                      "learn_size": n, **ev})
-            done = {"model": _cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0}
+            done = {"model": steps.cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0}
             step.save(done)
         seconds["warmup"] = done["seconds"]
         if out_dir is not None and c.save_models:
@@ -479,7 +475,7 @@ class MeCa(Defense):
                    "score_seconds": t_score, "seconds": time.perf_counter() - t0}
             ctx.log(rec)
             records.append({"iteration": k, "rec": rec, "scores": scores.float(), "forget_ids": forget.ids.clone()})
-            step.save({"k": k, "model": _cpu_state(model), "records": records})
+            step.save({"k": k, "model": steps.cpu_state(model), "records": records})
         for r in records:
             rec = r["rec"]
             trend.append({"iteration": r["iteration"], "alpha": rec["alpha"], "forget_size": rec["forget_size"],
@@ -513,7 +509,7 @@ class MeCa(Defense):
         seconds["detect"] = det["seconds"]
         if out_dir is not None:
             if c.save_models:
-                save_atomic(_cpu_state(model), out_dir / "meca_enhanced_model.pt")
+                save_atomic(steps.cpu_state(model), out_dir / "meca_enhanced_model.pt")
             save_atomic({"ids": data.ids.clone(),
                          "iterations": [r["iteration"] for r in records],
                          "consistency_scores": [r["scores"] for r in records],
@@ -538,12 +534,12 @@ class MeCa(Defense):
             clean_trainer.fit(clean_model, clean_set, st)
             ev = ctx.evaluate(clean_model)
             ctx.log({"stage": "meca-clean", "train_size": len(clean_set), **ev})
-            done = {"model": _cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
+            done = {"model": steps.cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
             step.save(done)
         seconds["clean_train"] = done["seconds"]
         clean_eval = done["eval"]
         if out_dir is not None and c.save_models:
-            save_atomic(_cpu_state(clean_model), out_dir / "meca_clean_model.pt")
+            save_atomic(steps.cpu_state(clean_model), out_dir / "meca_clean_model.pt")
 
         # 5. optional relabel and relearn ------------------------------------------------------
         relearn_metrics = None
@@ -568,7 +564,7 @@ class MeCa(Defense):
                 ev = ctx.evaluate(clean_model)
                 ctx.log({"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
                          "label_changed": changed, **ev})
-                done = {"model": _cpu_state(clean_model), "eval": ev, "relabelled": len(new),
+                done = {"model": steps.cpu_state(clean_model), "eval": ev, "relabelled": len(new),
                         "label_changed": changed, "seconds": time.perf_counter() - t0}
                 step.save(done)
             seconds["relearn"] = done["seconds"]
@@ -594,17 +590,13 @@ class MeCa(Defense):
             "resumed_stages": resumed,
             "plot": plot,
         }
-        def fig(ev) -> str:
-            line = f"ACC {100 * ev['clean_acc']:.2f}%"
-            return line + (f", ASR {100 * ev['asr']:.2f}%" if ev.get("asr") is not None else "")
-
-        summary = [f"meca: warm-up model (all data, no defense yet): {fig(trend[0])}"]
+        summary = [f"meca: warm-up model (all data, no defense yet): {steps.figures(trend[0])}"]
         if len(trend) > 1:
-            summary.append(f"meca: enhanced model after {len(trend) - 1} iterations: {fig(trend[-1])}")
+            summary.append(f"meca: enhanced model after {len(trend) - 1} iterations: {steps.figures(trend[-1])}")
         summary.append(f"meca: detected {n_p} of {n} samples as poisoned ({100 * n_p / n:.1f}%)")
-        summary.append(f"meca: clean model trained on the {n - n_p} kept samples: {fig(clean_eval)}"
+        summary.append(f"meca: clean model trained on the {n - n_p} kept samples: {steps.figures(clean_eval)}"
                        + ("" if relearn_metrics is None else
-                          f"; after relabel-and-relearn: {fig(relearn_metrics)}"))
+                          f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
         # per-sample suspicion for suspected.csv: the enhanced model's p_e(y|x), in data's row order
         scores = torch.empty(n, dtype=torch.float64)
         scores[data.positions(det["ids"])] = det["prob"].double().cpu()

@@ -5,12 +5,11 @@ docs/training-stages.md, standard)."""
 from __future__ import annotations
 
 import math
-import random
 
 import attrs
 
 from bdframe import hookimpl
-from bdframe.config import in_range
+from bdframe.config import in_range, optional_interval
 from bdframe.interfaces import Trainer
 from bdframe.training import OptimSettings
 
@@ -21,15 +20,8 @@ class StandardConfig(OptimSettings):
         "help": "probability that a batch is CutMix-ed (0: off)"})
     cutmix_beta: float = attrs.field(default=1.0, validator=in_range(0, None, lo_open=True), metadata={
         "help": "CutMix: the kept share lambda is drawn from Beta(beta, beta)"})
-    cutmix_clip: tuple[float, ...] = attrs.field(default=(), metadata={
+    cutmix_clip: tuple[float, ...] = attrs.field(default=(), validator=optional_interval(0, 1), metadata={
         "help": "CutMix: [lo, hi] to clip lambda to before the box is drawn (empty: no clip)"})
-
-    def check(self):
-        out = list(super().check())
-        clip = self.cutmix_clip
-        if clip and (len(clip) != 2 or not 0 <= clip[0] <= clip[1] <= 1):
-            out.append(("cutmix_clip", f"must be empty or [lo, hi] with 0 <= lo <= hi <= 1, got {list(clip)}"))
-        return out
 
 
 def cutmix(x, generator, *, beta: float = 1.0, clip: tuple = ()):
@@ -40,8 +32,10 @@ def cutmix(x, generator, *, beta: float = 1.0, clip: tuple = ()):
     the clipped box: ``1 - box area / image area``."""
     import torch
 
+    from bdframe.losses import beta_draw
+
     b, _, h, w = x.shape
-    lam = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=generator))).betavariate(beta, beta)
+    lam = beta_draw(beta, beta, generator)
     if clip:
         lam = min(max(lam, clip[0]), clip[1])
     cut = math.sqrt(1.0 - lam)
@@ -70,6 +64,7 @@ class Standard(Trainer):
             return fit_cross_entropy(model, data, ctx, c, forget=forget, stage="the standard")
         if forget is not None and len(forget):
             raise ValueError("the standard stage has no forget set; use an unlearning or mixed stage")
+        import torch
         import torch.nn.functional as F
 
         from bdframe.seeding import generator
@@ -77,7 +72,7 @@ class Standard(Trainer):
         def loss_fn(model, x, y, ids):
             # a generator per batch, keyed by the batch's ids: resumed runs draw the same boxes
             g = generator(ctx.seed, ctx.name, "cutmix", tuple(ids.tolist()))
-            if float(torch_rand(g)) >= c.cutmix_prob:
+            if float(torch.rand((), generator=g)) >= c.cutmix_prob:
                 logits = model(x)
                 return F.cross_entropy(logits, y, label_smoothing=c.label_smoothing), logits
             mixed, perm, lam = cutmix(x, g, beta=c.cutmix_beta, clip=c.cutmix_clip)
@@ -87,12 +82,6 @@ class Standard(Trainer):
             return loss, logits
 
         return run_epochs(model, data, ctx, c, loss_fn)
-
-
-def torch_rand(g):
-    import torch
-
-    return torch.rand((), generator=g)
 
 
 @hookimpl
