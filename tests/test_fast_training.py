@@ -24,9 +24,9 @@ def _images(n=64, seed=0):
     return ImageSet((x * 255).round().to(torch.uint8), torch.arange(n) % 10, torch.arange(n))
 
 
-def _ce(model, x, y, ids):
-    logits = model(x)
-    return torch.nn.functional.cross_entropy(logits.float(), y), logits
+def _ce(model, b):
+    logits = model(b.x)
+    return torch.nn.functional.cross_entropy(logits.float(), b.y), logits
 
 
 def _fast(**params):

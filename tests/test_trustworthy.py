@@ -144,8 +144,8 @@ def test_a_weight_that_becomes_non_finite_stops_the_stage(tmp_path):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
     s = OptimSettings(epochs=1, batch_size=8, lr=1e30, momentum=0.0, weight_decay=0.0, crop_padding=0, flip=False)
 
-    def loss_fn(model, x, y, ids):
-        out = model(x)
+    def loss_fn(model, b):
+        out = model(b.x)
         return 1e10 * out.sum(), out
 
     ctx = StageContext(name="probe", progress=False, lr_setting="[train] lr")

@@ -202,6 +202,9 @@ def test_unlearning_uses_data_when_no_forget_set_and_rejects_two_sets():
     hist = Unlearning(UnlearningConfig(epochs=1, batch_size=8, amp="off")).fit(model, data, stage())
     assert hist[0]["images"] == 16 and hist[0]["loss"] < 0
     with pytest.raises(ValueError, match="unlearns one set"):
+        Unlearning(UnlearningConfig(epochs=1)).fit(model, data.subset(torch.arange(8)), stage(),
+                                                   forget=data.subset(torch.arange(8, 16)))
+    with pytest.raises(ValueError, match="share sample ids"):
         Unlearning(UnlearningConfig(epochs=1)).fit(model, data, stage(), forget=data)
 
 

@@ -52,15 +52,23 @@ def one_of(*choices: Any):
     return check
 
 
-def optional_interval(lo: float, hi: float):
-    """Value must be empty (no interval) or ``[a, b]`` with ``lo <= a <= b <= hi``."""
+def interval(lo: float, hi: float, *, optional: bool = False):
+    """Value must be ``[a, b]`` with ``lo <= a <= b <= hi`` (or empty, with ``optional``)."""
 
     def check(inst, attr, value):
-        if value and (len(value) != 2 or not lo <= value[0] <= value[1] <= hi):
-            raise ValueError(f"must be empty or [lo, hi] with {_fmt(lo)} <= lo <= hi <= {_fmt(hi)}, "
+        if optional and not value:
+            return
+        if len(value) != 2 or not lo <= value[0] <= value[1] <= hi:
+            empty = "empty or " if optional else ""
+            raise ValueError(f"must be {empty}[lo, hi] with {_fmt(lo)} <= lo <= hi <= {_fmt(hi)}, "
                              f"got {list(value)}")
 
     return check
+
+
+def optional_interval(lo: float, hi: float):
+    """Value must be empty (no interval) or ``[a, b]`` with ``lo <= a <= b <= hi``."""
+    return interval(lo, hi, optional=True)
 
 
 def each(validator):

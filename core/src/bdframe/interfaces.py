@@ -159,13 +159,75 @@ class StageContext:
     lr_setting: str = ""
 
 
-class Trainer(Component):
-    kind = "trainer"
+#: the named inputs a training stage may take (see :class:`StageData`)
+STAGE_INPUTS = ("labelled", "unlabelled", "forget")
 
-    def fit(self, model: "Classifier", data: "ImageSet", ctx: StageContext, *,
-            forget: Optional["ImageSet"] = None) -> list[dict]:
-        """Train ``model`` in place; ``forget`` is the set to unlearn for stages that have one.
-        Returns the per-epoch history."""
+
+@attrs.frozen
+class StageData:
+    """The named inputs of one training stage.
+
+    ``labelled``: samples whose labels the stage learns from (may be empty);
+    ``unlabelled``: samples the stage may use but whose labels it must ignore (the
+    low-credible share of semi-supervised training, or every sample of self-supervised
+    pre-training); ``forget``: samples to unlearn. Sample ids are unique across the three.
+    """
+
+    labelled: "ImageSet"
+    unlabelled: Optional["ImageSet"] = None
+    forget: Optional["ImageSet"] = None
+
+    def given(self) -> tuple[str, ...]:
+        """The names of the non-empty inputs, in :data:`STAGE_INPUTS` order."""
+        return tuple(n for n in STAGE_INPUTS if getattr(self, n) is not None and len(getattr(self, n)))
+
+    def get(self, name: str) -> "ImageSet":
+        """The input ``name``, or an empty set like ``labelled`` when it is not given."""
+        v = getattr(self, name)
+        return v if v is not None else self.labelled.subset(self.labelled.ids[:0])
+
+
+class Trainer(Component):
+    """A training stage. Callers use :meth:`fit`; a stage implements :meth:`train`.
+
+    ``inputs`` names the :class:`StageData` inputs the stage trains on; :meth:`fit` refuses
+    any other non-empty input with a message naming the stage and the input, so a defense
+    cannot silently hand a forget set to a stage that would ignore it.
+    """
+
+    kind = "trainer"
+    #: the named inputs this stage uses (a subset of :data:`STAGE_INPUTS`)
+    inputs: ClassVar[tuple[str, ...]] = ("labelled",)
+
+    def fit(self, model: "Classifier", data: "ImageSet | StageData", ctx: StageContext, *,
+            forget: Optional["ImageSet"] = None, unlabelled: Optional["ImageSet"] = None) -> list[dict]:
+        """Train ``model`` in place and return the per-epoch history. ``data`` is a
+        :class:`StageData`, or an ImageSet taken as the labelled input with ``forget`` and
+        ``unlabelled`` as the other inputs."""
+        import torch
+
+        if isinstance(data, StageData):
+            if forget is not None or unlabelled is not None:
+                raise TypeError("pass the inputs either as a StageData or as keyword arguments, not both")
+            inputs = data
+        else:
+            inputs = StageData(data, unlabelled, forget)
+        extra = [n for n in inputs.given() if n not in self.inputs]
+        if extra:
+            takes = " and ".join(self.inputs)
+            raise ValueError(f"the {self.name} stage has no {extra[0]} set (it takes {takes} data); "
+                             + {"forget": "use an unlearning or mixed stage to unlearn a set",
+                                "unlabelled": "use a stage that takes unlabelled data (mixmatch, simclr)",
+                                "labelled": "pass the data as the stage's own input"}[extra[0]])
+        sets = [getattr(inputs, n) for n in inputs.given()]
+        if len(sets) > 1:
+            ids = torch.cat([s.ids for s in sets])
+            if len(torch.unique(ids)) != len(ids):
+                raise ValueError(f"the {self.name} stage's {' and '.join(inputs.given())} sets share sample ids")
+        return self.train(model, inputs, ctx)
+
+    def train(self, model: "Classifier", inputs: StageData, ctx: StageContext) -> list[dict]:
+        """The stage itself (called by :meth:`fit` with checked inputs)."""
         raise NotImplementedError
 
 

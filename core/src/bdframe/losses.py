@@ -9,7 +9,9 @@
   the same label) or SS-CTL (same-label samples for anchors flagged clean, the other view only
   for the rest);
 - :func:`sharpen`, :func:`mixup_weight`, :func:`mixup`, :func:`linear_ramp` and
-  :func:`mixmatch_loss`: the pieces of MixMatch (DBD's semi-supervised stage).
+  :func:`mixmatch_loss`: the pieces of MixMatch (DBD's semi-supervised stage);
+- :func:`lowest_share`: the exact-size split of a set by a per-sample value (DBD keeps the
+  labels of the lowest-loss share).
 
 Every function takes and returns tensors on the caller's device; none draws from torch's global
 random state (:func:`mixup_weight` takes a generator).
@@ -168,5 +170,19 @@ def mixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_u: tor
     return lx + lambda_u * lu, lx, lu
 
 
+def lowest_share(values: torch.Tensor, share: float, ids: torch.Tensor) -> torch.Tensor:
+    """A boolean mask over ``values`` selecting exactly ``floor(share * N)`` rows with the
+    lowest values, ties broken by the lower id (so the choice is a function of the samples, not
+    of their order). DBD keeps the labels of the lowest-loss share this way."""
+    n = values.shape[0]
+    k = int(math.floor(share * n + 1e-9))
+    keep = torch.zeros(n, dtype=torch.bool)
+    if k:
+        by_id = torch.argsort(ids.cpu())
+        order = by_id[torch.argsort(values.detach().cpu().double()[by_id], stable=True)]
+        keep[order[:k]] = True
+    return keep
+
+
 __all__ = ["soft_cross_entropy", "symmetric_cross_entropy", "positive_mask", "info_nce", "sharpen",
-           "beta_draw", "mixup_weight", "mixup", "linear_ramp", "mixmatch_loss", "RCE_CLAMP", "RCE_MAX"]
+           "beta_draw", "mixup_weight", "mixup", "linear_ramp", "mixmatch_loss", "lowest_share", "RCE_CLAMP", "RCE_MAX"]

@@ -33,6 +33,18 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+def head_parameter_names(model: nn.Module, features: torch.Tensor) -> list[str]:
+    """Names of the parameters of ``model`` (a :class:`Classifier`) that its head uses: those
+    that receive a gradient when ``features`` (a batch of penultimate features) go through
+    ``model.head`` alone (frozen parameters, ``requires_grad = False``, are left out). Works for
+    any network with ``forward_head``, timm's included."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        out = model.head(features.detach().float())
+        grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+    return [n for (n, _), g in zip(named, grads) if g is not None]
+
+
 def device_problem(device: str) -> str | None:
     """Why this machine cannot run on ``device`` (None if it can)."""
     d = resolve_device(device)

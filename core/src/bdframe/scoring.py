@@ -201,6 +201,18 @@ def logits(model, data: ImageSet, ctx, desc: str = "logits") -> torch.Tensor:
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def sce_losses(model, data: ImageSet, ctx, *, alpha: float = 0.1, beta: float = 1.0, desc: str = "sce") -> torch.Tensor:
+    """Each sample's symmetric cross-entropy ``alpha * CE + beta * RCE`` under ``model`` (eval
+    mode, no augmentation), float32 on the CPU. A sample's value does not depend on the other
+    samples. DBD keeps the labels of the samples where it is lowest."""
+    from bdframe.losses import symmetric_cross_entropy
+
+    z = logits(model, data, ctx, desc)
+    if len(data) == 0:
+        return torch.empty(0)
+    return symmetric_cross_entropy(z, data.labels, alpha=alpha, beta=beta, reduction="none")
+
+
 def anomaly_index(a: torch.Tensor) -> torch.Tensor:
     """``|a - median| / (1.4826 * MAD)``; where the MAD is 0 the mean absolute deviation is used
     instead, and an all-equal input gives all zeros (never inf or nan)."""

@@ -39,14 +39,12 @@ def run(ctx, name: str, model, work: Callable[[], Optional[dict]]) -> dict:
 
 def train(ctx, name: str, model, trainer, data, *, lr_setting: str, evaluate_each_epoch: bool = False,
           forget: Any = None) -> dict:
-    """:func:`run` with a training stage as the work: ``trainer.fit(model, data, ctx.stage(name))``
-    (``forget`` passed on when given)."""
+    """:func:`run` with a training stage as the work: ``trainer.fit(model, data, ctx.stage(name),
+    forget=forget)``; ``data`` may be a :class:`~bdframe.interfaces.StageData`. The result keeps
+    the stage's per-epoch history as ``"history"``."""
     def work():
         stage = ctx.stage(name, evaluate_each_epoch=evaluate_each_epoch, lr_setting=lr_setting)
-        if forget is None:
-            trainer.fit(model, data, stage)
-        else:
-            trainer.fit(model, data, stage, forget=forget)
+        return {"history": trainer.fit(model, data, stage, forget=forget)}
 
     return run(ctx, name, model, work)
 

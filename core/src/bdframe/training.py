@@ -1,8 +1,9 @@
 """Shared machinery for training stages: optimiser settings, schedules, and a resumable
 epoch loop with progress, timing and per-epoch history.
 
-Trainer plugins (standard, unlearning, mixed, relearning, ...) differ only in the loss they
-compute on a batch; they pass that as ``loss_fn`` to :func:`run_epochs`.
+Trainer plugins (standard, unlearning, mixed, relearning, contrastive, MixMatch, ...) differ in
+the loss they compute on a :class:`Batch` (passed as ``loss_fn`` to :func:`run_epochs`), in the
+augmentation and streams they ask for, and in which parameters they train.
 """
 
 from __future__ import annotations
@@ -193,24 +194,95 @@ def init_from_data(model: torch.nn.Module, data: ImageSet, device: torch.device,
     return [name for name, _ in todo]
 
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+@attrs.frozen
+class Batch:
+    """One training step's input, as a stage's loss function receives it.
+
+    ``x, y, ids``: the batch of the stage's main stream (augmented as the stage asked);
+    ``u_x, u_ids``: the batch of its companion stream (an unlabelled set, not augmented), or
+    None; ``epoch`` (0-based) and ``step`` (global, 0-based); ``generator``: a generator seeded
+    from the run seed, the stage name and the step, for the stage's own random draws (views,
+    mixing weights), so that a resumed stage draws exactly what an uninterrupted one would.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: torch.Tensor
+    epoch: int
+    step: int
+    generator: torch.Generator
+    u_x: Optional[torch.Tensor] = None
+    u_ids: Optional[torch.Tensor] = None
+
+
+#: ``loss_fn(model, batch) -> (loss, logits)``; ``logits`` (or None) give the train accuracy on ``batch.y``
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Optional[torch.Tensor]]]
+#: ``split(model, epoch) -> (main, companion, figures)``: the streams of one epoch
+SplitFn = Callable[[torch.nn.Module, int], tuple[ImageSet, Optional[ImageSet], dict]]
+
+_SETTINGS = "settings"
+
+
+class _Cycle:
+    """Endless batches of a companion stream: a fresh shuffle (from the epoch's generator) each
+    time the set is used up, so a small unlabelled set wraps around a long labelled one."""
+
+    def __init__(self, data: ImageSet, batch_size: int, device: torch.device, g: torch.Generator):
+        self.data, self.batch_size, self.g = data, batch_size, g
+        self.images = data.images.to(device)
+        self.order = torch.empty(0, dtype=torch.int64)
+        self.pos = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = []
+        need = min(self.batch_size, len(self.data))
+        while need > 0:
+            if self.pos >= len(self.order):
+                self.order, self.pos = torch.randperm(len(self.data), generator=self.g), 0
+            take = self.order[self.pos:self.pos + need]
+            self.pos += len(take)
+            need -= len(take)
+            parts.append(take)
+        idx = torch.cat(parts)
+        x = self.images[idx.to(self.images.device)].float().div_(255.0)
+        ids = self.data.ids[idx]
+        if self.data.transform is not None:
+            x = self.data.transform(x, ids, self.g)
+        return x, ids
 
 
 def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings,
-               loss_fn: LossFn, *, desc: Optional[str] = None) -> list[dict]:
-    """Train ``model`` for ``s.epochs`` epochs over ``data``.
+               loss_fn: LossFn, *, desc: Optional[str] = None, augment=_SETTINGS,
+               companion: Optional[ImageSet] = None, modules: Optional[dict] = None,
+               split: Optional[SplitFn] = None) -> list[dict]:
+    """Train ``model`` for ``s.epochs`` epochs; an epoch is one pass over the main stream ``data``.
 
-    ``loss_fn(model, x, y, ids) -> (loss, logits)``: the stage's objective on one batch.
+    ``loss_fn(model, batch) -> (loss, logits)``: the stage's objective on one :class:`Batch`.
+    ``augment``: what is applied to the main stream's images: by default the settings' crop
+    and flip; None for nothing (a stage that draws its own views); or any
+    ``(x, generator) -> x``. ``companion``: a second stream (e.g. unlabelled data) of which each
+    step gets a batch of the same size (``batch.u_x``), reshuffled whenever it is used up.
+    ``modules``: extra modules trained with the model and kept in its resumable state (a
+    projection head), by name. ``split(model, epoch)``: called before every epoch to choose
+    that epoch's ``(main, companion)`` streams from the current model, returning figures for
+    the epoch's history record too (a stage that re-splits its data each epoch).
+
+    The optimiser trains every parameter of ``model`` and ``modules`` that requires a gradient.
     Saves resumable state to ``ctx.state_path`` after each epoch and resumes from it; replays
     past epochs' history to ``ctx.on_epoch`` on resume. Each history record holds loss,
     train accuracy, lr, images/s and the share of time spent outside forward+backward+step.
     """
     device = torch.device(ctx.device)
     model.to(device)
-    if len(data) == 0 or s.epochs == 0:
+    modules = dict(modules or {})
+    for m in modules.values():
+        m.to(device)
+    if (len(data) == 0 and split is None) or s.epochs == 0:
         return []
-    optimizer = make_optimizer(param_groups(model, s), s)
-    batches_per_epoch = -(-len(data) // s.batch_size)
+    groups = param_groups(model, s)
+    for m in modules.values():
+        groups += param_groups(m, s)
+    optimizer = make_optimizer(groups, s)
     dtype = amp_dtype(s, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     history: list[dict] = []
@@ -220,6 +292,8 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
+        for name, m in modules.items():
+            m.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -235,28 +309,43 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
         init_from_data(model, data, device)
     if s.lookahead and lookahead is None:
         lookahead = Lookahead(model, s.lookahead, s.lookahead_steps)
-    augment = Augment(s.crop_padding, s.flip) if (s.crop_padding or s.flip) else None
+    if augment is _SETTINGS:
+        augment = Augment(s.crop_padding, s.flip) if (s.crop_padding or s.flip) else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # the schedule's length in steps is fixed by the first epoch's stream (a split may change sizes)
+    batches_per_epoch = -(-len(data) // s.batch_size) if len(data) else 1
+    step = start_epoch * batches_per_epoch
     for epoch in range(start_epoch, s.epochs):
+        figures: dict = {}
+        main, extra = data, companion
+        if split is not None:
+            main, extra, figures = split(model, epoch)
         model.train()
+        for m in modules.values():
+            m.train()
         g = generator(ctx.seed, ctx.name, "epoch", epoch)
-        loader = Batches(data, s.batch_size, device=device, shuffle=True, generator=g, augment=augment)
+        loader = Batches(main, s.batch_size, device=device, shuffle=True, generator=g, augment=augment)
+        cycle = _Cycle(extra, s.batch_size, device, g) if extra is not None and len(extra) else None
         t_epoch = time.perf_counter()
         compute = 0.0
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
         label = desc or ctx.name
-        with Progress(len(data), f"{label} epoch {epoch + 1}/{s.epochs}", unit="img",
+        with Progress(len(main), f"{label} epoch {epoch + 1}/{s.epochs}", unit="img",
                       enabled=None if ctx.progress else False) as bar:
             for i, (x, y, ids) in enumerate(loader):
                 step = epoch * batches_per_epoch + i
                 for group in optimizer.param_groups:
                     group["lr"] = s.lr * group["lr_scale"] * lr_factor(s, step, batches_per_epoch)
+                u_x = u_ids = None
+                if cycle is not None:
+                    u_x, u_ids = cycle.next()
+                batch = Batch(x, y, ids, epoch, step, generator(ctx.seed, ctx.name, "step", step), u_x, u_ids)
                 sync()
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss, logits = loss_fn(model, x, y, ids)
+                    loss, logits = loss_fn(model, batch)
                 # on the CPU every step is checked; on a GPU every 20th (a check waits for the GPU)
                 if (device.type == "cpu" or i % 20 == 0) and not bool(torch.isfinite(loss.detach())):
                     raise _diverged(ctx, s, f"the loss became {float(loss.detach())}", epoch, i)
@@ -273,7 +362,8 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
                 sync()
                 compute += time.perf_counter() - t0
                 loss_sum += loss.detach() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
+                if logits is not None:
+                    correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
                 if i % 20 == 0:
                     bar.update(len(y), loss=float(loss.detach()))
@@ -282,19 +372,23 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
         wall = time.perf_counter() - t_epoch
         if not math.isfinite(float(loss_sum)):
             raise _diverged(ctx, s, f"the loss became {float(loss_sum)}", epoch, None)
-        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        named = list(model.named_parameters()) + [(f"{k}.{n}", p) for k, m in modules.items()
+                                                  for n, p in m.named_parameters()]
+        bad = next((n for n, p in named if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
             raise _diverged(ctx, s, f"weight {bad!r} became non-finite", epoch, None)
         rec = {"stage": ctx.name, "epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
                "train_acc": float(correct) / max(seen, 1), "lr": s.lr * lr_factor(s, step, batches_per_epoch),
                "images": seen, "seconds": wall, "images_per_s": seen / wall if wall > 0 else 0.0,
-               "compute_seconds": compute, "non_compute_share": max(0.0, 1.0 - compute / wall) if wall > 0 else 0.0}
+               "compute_seconds": compute, "non_compute_share": max(0.0, 1.0 - compute / wall) if wall > 0 else 0.0,
+               **figures}
         if ctx.evaluate is not None:
             rec.update(ctx.evaluate(model))
             model.train()
         history.append(rec)
         if state_path is not None:
             save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "modules": {k: m.state_dict() for k, m in modules.items()},
                           "scaler": scaler.state_dict() if scaler is not None else None, "history": history,
                           "lookahead": lookahead.state_dict() if lookahead is not None else None},
                          state_path)
@@ -303,6 +397,8 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
     if lookahead is not None:
         lookahead.sync()
     model.eval()
+    for m in modules.values():
+        m.eval()
     return history
 
 
@@ -313,16 +409,12 @@ def _diverged(ctx: StageContext, s: OptimSettings, what: str, epoch: int, step: 
                          f"lower {setting} (or add warmup_epochs) and run again")
 
 
-def fit_cross_entropy(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings, *,
-                      forget: Optional[ImageSet] = None, stage: str = "this") -> list[dict]:
+def fit_cross_entropy(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings) -> list[dict]:
     """Plain (label-smoothed) cross-entropy training: the loss of the standard and relearn stages."""
     import torch.nn.functional as F
 
-    if forget is not None and len(forget):
-        raise ValueError(f"{stage} stage has no forget set; use an unlearning or mixed stage")
-
-    def loss_fn(model, x, y, ids):
-        logits = model(x)
-        return F.cross_entropy(logits, y, label_smoothing=s.label_smoothing), logits
+    def loss_fn(model, b):
+        logits = model(b.x)
+        return F.cross_entropy(logits, b.y, label_smoothing=s.label_smoothing), logits
 
     return run_epochs(model, data, ctx, s, loss_fn)

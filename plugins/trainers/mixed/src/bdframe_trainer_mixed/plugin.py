@@ -81,27 +81,27 @@ class Mixed(Trainer):
     name = "mixed"
     Config = MixedConfig
     summary = "learn one set while unlearning another: mean CE(learn) - lambda * mean CE(forget)"
+    inputs = ("labelled", "forget")
 
-    def fit(self, model, data, ctx, *, forget=None):
+    def train(self, model, inputs, ctx):
         import torch
 
         from bdframe.data import ImageSet
         from bdframe.training import run_epochs
 
         c = self.config
+        data, forget = inputs.labelled, inputs.forget
         if forget is not None and len(forget):
-            if bool(torch.isin(forget.ids, data.ids).any()):
-                raise ValueError("the mixed stage's learn and forget sets share sample ids")
             union = ImageSet.concat(data, forget) if len(data) else forget
             forget_ids = forget.ids.clone()
         else:
             union = data
             forget_ids = torch.empty(0, dtype=torch.int64)
 
-        def loss_fn(model, x, y, ids):
-            logits = model(x)
-            mask = torch.isin(ids, forget_ids).to(x.device)
-            return mixed_loss(logits, y, mask, c.lam, c.label_smoothing, c.normalize, c.forget_ceiling), logits
+        def loss_fn(model, b):
+            logits = model(b.x)
+            mask = torch.isin(b.ids, forget_ids).to(b.x.device)
+            return mixed_loss(logits, b.y, mask, c.lam, c.label_smoothing, c.normalize, c.forget_ceiling), logits
 
         return run_epochs(model, union, ctx, c, loss_fn)
 

@@ -28,10 +28,10 @@ class Relearn(Trainer):
     Config = RelearnConfig
     summary = "cross-entropy fine-tuning on a relabelled set (MeCa relabel-and-relearn)"
 
-    def fit(self, model, data, ctx, *, forget=None):
+    def train(self, model, inputs, ctx):
         from bdframe.training import fit_cross_entropy
 
-        return fit_cross_entropy(model, data, ctx, self.config, forget=forget, stage="the relearn")
+        return fit_cross_entropy(model, inputs.labelled, ctx, self.config)
 
 
 @hookimpl

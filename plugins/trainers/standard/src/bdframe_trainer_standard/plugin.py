@@ -56,22 +56,22 @@ class Standard(Trainer):
     summary = "supervised cross-entropy training (optionally with CutMix)"
     default = True  # what a recipe without this section gets
 
-    def fit(self, model, data, ctx, *, forget=None):
+    def train(self, model, inputs, ctx):
         from bdframe.training import fit_cross_entropy, run_epochs
 
         c = self.config
+        data = inputs.labelled
         if not c.cutmix_prob:
-            return fit_cross_entropy(model, data, ctx, c, forget=forget, stage="the standard")
-        if forget is not None and len(forget):
-            raise ValueError("the standard stage has no forget set; use an unlearning or mixed stage")
+            return fit_cross_entropy(model, data, ctx, c)
         import torch
         import torch.nn.functional as F
 
         from bdframe.seeding import generator
 
-        def loss_fn(model, x, y, ids):
+        def loss_fn(model, b):
+            x, y = b.x, b.y
             # a generator per batch, keyed by the batch's ids: resumed runs draw the same boxes
-            g = generator(ctx.seed, ctx.name, "cutmix", tuple(ids.tolist()))
+            g = generator(ctx.seed, ctx.name, "cutmix", tuple(b.ids.tolist()))
             if float(torch.rand((), generator=g)) >= c.cutmix_prob:
                 logits = model(x)
                 return F.cross_entropy(logits, y, label_smoothing=c.label_smoothing), logits

@@ -62,19 +62,20 @@ class Unlearning(Trainer):
     name = "unlearning"
     Config = UnlearningConfig
     summary = "gradient ascent on a forget set (optional flooding or LGA bound)"
+    inputs = ("labelled", "forget")
 
-    def fit(self, model, data, ctx, *, forget=None):
+    def train(self, model, inputs, ctx):
         from bdframe.training import run_epochs
 
         c = self.config
-        if forget is not None and len(forget) and data is not None and len(data):
+        if len(inputs.given()) > 1:
             raise ValueError("the unlearning stage unlearns one set: pass it as `forget` (with an empty `data`) "
                              "or as `data`; use the mixed stage to learn one set while unlearning another")
-        target = forget if forget is not None and len(forget) else data
+        target = inputs.get("forget") if "forget" in inputs.given() else inputs.labelled
 
-        def loss_fn(model, x, y, ids):
-            logits = model(x)
-            return unlearning_loss(logits, y, c.objective, flood_level=c.flood_level, lga_gamma=c.lga_gamma,
+        def loss_fn(model, b):
+            logits = model(b.x)
+            return unlearning_loss(logits, b.y, c.objective, flood_level=c.flood_level, lga_gamma=c.lga_gamma,
                                    per_sample=c.per_sample), logits
 
         return run_epochs(model, target, ctx, c, loss_fn)

@@ -1,0 +1,1 @@
+"""bdframe defense: DBD (decoupling the training process)."""

@@ -1,0 +1,1 @@
+"""bdframe training stage: linear-probe."""
