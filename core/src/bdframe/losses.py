@@ -10,6 +10,7 @@
   for the rest);
 - :func:`sharpen`, :func:`mixup_weight`, :func:`mixup`, :func:`linear_ramp` and
   :func:`mixmatch_loss`: the pieces of MixMatch (DBD's semi-supervised stage);
+- :func:`class_centre_similarity`: DBR's intra-class loss, which pushes class centres apart;
 - :func:`lowest_share`: the exact-size split of a set by a per-sample value (DBD keeps the
   labels of the lowest-loss share).
 
@@ -170,6 +171,22 @@ def mixmatch_loss(logits_x: torch.Tensor, targets_x: torch.Tensor, logits_u: tor
     return lx + lambda_u * lu, lx, lu
 
 
+def class_centre_similarity(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DBR's intra-class loss ``L_intra`` on one batch: the L2-normalised mean feature of every
+    class present in the batch, then the mean of the matrix of their pairwise cosine
+    similarities with its diagonal set to 0. Minimising it pushes the class centres apart,
+    which separates poisoned samples from the genuine samples of the target class in feature
+    space. 0 for a batch with one class; in [-1, 1] otherwise."""
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    k = classes.shape[0]
+    f = features.float()
+    sums = torch.zeros(k, f.shape[1], device=f.device, dtype=f.dtype).index_add_(0, inverse, f)
+    counts = torch.bincount(inverse, minlength=k).to(f.dtype).clamp(min=1)
+    centres = F.normalize(sums / counts[:, None], dim=1)
+    sim = centres @ centres.t()
+    return sim.masked_fill(torch.eye(k, dtype=torch.bool, device=f.device), 0.0).mean()
+
+
 def lowest_share(values: torch.Tensor, share: float, ids: torch.Tensor) -> torch.Tensor:
     """A boolean mask over ``values`` selecting exactly ``floor(share * N)`` rows with the
     lowest values, ties broken by the lower id (so the choice is a function of the samples, not
@@ -185,4 +202,4 @@ def lowest_share(values: torch.Tensor, share: float, ids: torch.Tensor) -> torch
 
 
 __all__ = ["soft_cross_entropy", "symmetric_cross_entropy", "positive_mask", "info_nce", "sharpen",
-           "beta_draw", "mixup_weight", "mixup", "linear_ramp", "mixmatch_loss", "lowest_share", "RCE_CLAMP", "RCE_MAX"]
+           "beta_draw", "mixup_weight", "mixup", "linear_ramp", "mixmatch_loss", "lowest_share", "class_centre_similarity", "RCE_CLAMP", "RCE_MAX"]

@@ -18,10 +18,11 @@ def cpu_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def run(ctx, name: str, model, work: Callable[[], Optional[dict]]) -> dict:
+def run(ctx, name: str, model, work: Callable[[], Optional[dict]], *, evaluate: bool = True) -> dict:
     """The step ``name``: unless its checkpoint holds the result, ``work()`` changes ``model``
     in place and may return extra figures to keep; then the model is evaluated on the test sets
-    (reporting only) and the result saved. On resume the saved model is loaded into ``model``.
+    (reporting only; ``evaluate = False`` skips it and keeps ``"eval": None``) and the result
+    saved. On resume the saved model is loaded into ``model``.
     Returns ``{"model", "eval", "seconds", **extra}``."""
     cp = ctx.checkpoint(name)
     done = cp.load()
@@ -30,8 +31,9 @@ def run(ctx, name: str, model, work: Callable[[], Optional[dict]]) -> dict:
         return done
     t0 = time.perf_counter()
     extra = work() or {}
-    ev = ctx.evaluate(model)
-    ctx.log({"stage": name, **ev})
+    ev = ctx.evaluate(model) if evaluate else None
+    if ev is not None:
+        ctx.log({"stage": name, **ev})
     done = {"model": cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0, **extra}
     cp.save(done)
     return done
@@ -47,6 +49,34 @@ def train(ctx, name: str, model, trainer, data, *, lr_setting: str, evaluate_eac
         return {"history": trainer.fit(model, data, stage, forget=forget)}
 
     return run(ctx, name, model, work)
+
+
+def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch: bool = False,
+                   field: str = "$.defense.model"):
+    """The model a defense that repairs a trained model starts from: the weights saved by an
+    earlier run (``path``, a ``model.pt``; it must fit the recipe's ``[model]``, else a
+    :class:`~bdframe.errors.UserError` naming ``field``), or a fresh model trained on ``data``
+    with the recipe's ``[train]`` stage as the step ``name``. Returns ``(model, done)``, ``done``
+    holding ``"eval"`` and ``"seconds"`` as :func:`run` does."""
+    from pathlib import Path
+
+    import torch
+
+    from bdframe.errors import UserError
+
+    model = ctx.new_model()
+    if not path:
+        return model, train(ctx, name, model, ctx.component("trainer"), data, lr_setting="[train] lr",
+                            evaluate_each_epoch=evaluate_each_epoch)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{field}: {str(p)!r} does not exist")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{field}: {str(p)!r} does not fit the recipe's [model]: {str(e).splitlines()[0]}") from None
+    return model, {"eval": ctx.evaluate(model), "seconds": 0.0}
 
 
 def figures(ev: dict) -> str:

@@ -16,14 +16,12 @@ on its own (which of my files are poisoned?) and to compare scorers in a sweep.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import attrs
 
 from bdframe import hookimpl, steps
 from bdframe.config import in_range
-from bdframe.errors import UserError
 from bdframe.interfaces import Defense, DefenseResult
 
 
@@ -62,22 +60,8 @@ class Detect(Defense):
 
         c = self.config
         scorer = ctx.component("scorer", c.scorer, **c.params)
-        model = ctx.new_model()
-        if c.model:
-            path = Path(c.model).expanduser()
-            if not path.is_file():
-                raise UserError(f"$.defense.model: {str(path)!r} does not exist")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                raise UserError(f"$.defense.model: {str(path)!r} does not fit the recipe's [model]: "
-                                f"{str(e).splitlines()[0]}") from None
-            ev = ctx.evaluate(model)
-            done = {"eval": ev, "seconds": 0.0}
-        else:
-            done = steps.train(ctx, "detect-train", model, ctx.component("trainer"), data, lr_setting="[train] lr",
-                               evaluate_each_epoch=c.evaluate_each_epoch)
+        model, done = steps.starting_model(ctx, "detect-train", data, path=c.model,
+                                           evaluate_each_epoch=c.evaluate_each_epoch)
         sctx = ScoreContext(seed=derive_seed(ctx.seed, "detect", c.scorer), device=ctx.device,
                             batch_size=c.score_batch_size, progress=ctx.progress)
         cp = ctx.checkpoint("detect-score")

@@ -1,0 +1,1 @@
+"""bdframe defenses: DBR (FCT split, D-BR backdoor removal, D-ST secure training)."""

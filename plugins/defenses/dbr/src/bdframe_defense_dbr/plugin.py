@@ -1,0 +1,249 @@
+"""``d-br`` and ``d-st``: DBR, "Effective Backdoor Defense by Exploiting Sensitivity of Poisoned
+Samples" (Chen, Wu & Wang, NeurIPS 2022).
+
+Poisoned samples react more than clean ones to a transformation of the image: their features
+move further (feature consistency towards transformations, FCT). Both defenses start with the
+**FCT split** (:func:`fct_split`):
+
+1. a scoring model is trained from scratch on the untrusted data *without augmentation* for
+   ``notrans_epochs`` (2) at ``scoring_lr`` (0.01), then fine-tuned with the
+   ``class-separation`` stage for ``intra_epochs`` (10), which pushes the class centres apart;
+2. every sample gets its FCT score (the ``fct`` scorer: rotation then translation);
+3. the ``alpha_clean`` (20%) lowest scores are the suspected-clean set, the ``alpha_poison`` (5%)
+   highest the suspected-poisoned set, the rest uncertain. The three partition the data.
+
+``d-br`` (backdoor removal) then repairs a model trained normally on all the data (trained by
+the recipe's ``[train]`` stage, or loaded: ``model = "runs/x/model.pt"``): ``rounds`` (20) times,
+one pass of gradient ascent on the suspected-poisoned set and one of cross-entropy on the
+suspected-clean set, SGD at a fixed ``repair_lr`` (1e-4). The last round's model is the result:
+the reference picks the round with the best ACC - ASR on the poisoned *test* set, which is test
+leakage, and bdframe never selects on the test set.
+
+``d-st`` (secure training) trains a new model: the ``simclr`` stage in ``ss-ctl`` mode (labelled =
+suspected clean, whose anchors take same-label positives; unlabelled = the rest, whose anchors
+take only their other view), then the ``linear-probe`` stage with cross-entropy on the
+suspected-clean set minus ``lam`` (0.001) times cross-entropy on the suspected-poisoned set,
+on the frozen backbone. The uncertain samples train the backbone but not the head.
+
+Both report the suspected-poisoned set (``suspected.csv``, detection recall and precision) and
+the FCT scores (AUROC). Every step is a checkpoint, so ``--resume`` continues a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from bdframe import hookimpl, steps
+from bdframe.config import in_range
+from bdframe.interfaces import Defense, DefenseResult
+
+
+@attrs.frozen
+class FctSplitConfig:
+    """The FCT split's fields, shared by both defenses."""
+
+    alpha_clean: float = attrs.field(default=0.20, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
+        "help": "FCT split: share of samples taken as clean (lowest FCT)"})
+    alpha_poison: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
+        "help": "FCT split: share of samples flagged as poisoned (highest FCT)"})
+    notrans_epochs: int = attrs.field(default=2, validator=in_range(0, None), metadata={
+        "help": "scoring model: epochs of plain training without augmentation"})
+    intra_epochs: int = attrs.field(default=10, validator=in_range(0, None), metadata={
+        "help": "scoring model: epochs of the class-separation stage after that"})
+    scoring_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "scoring model: learning rate of both phases (SGD, momentum 0.9, constant)"})
+    fct: dict[str, Any] = attrs.field(factory=dict, metadata={
+        "help": "parameters of the fct scorer (transforms, ...), a table"})
+
+    def check(self):
+        if self.alpha_clean + self.alpha_poison > 1:
+            return [("alpha_poison", f"alpha_clean + alpha_poison must be <= 1, got "
+                                     f"{self.alpha_clean} + {self.alpha_poison}")]
+        return []
+
+
+def _check_split(config, registry) -> list:
+    from bdframe.recipe import config_problems
+
+    problems = []
+    for key in ("alpha_clean", "alpha_poison"):
+        if key in config.fct:
+            problems.append(("fct", f"{key!r} is set by the defense itself ([defense] {key}), not here"))
+    for kind, name in (("scorer", "fct"), ("trainer", "class-separation")):
+        if not registry.has(kind, name):
+            problems.append(("fct", registry.unknown_message(kind, name)))
+    if not problems:
+        problems += [tuple(m.split(": ", 1)) for m in config_problems(registry.get("scorer", "fct"),
+                                                                      dict(config.fct), "fct")]
+    return problems
+
+
+def fct_split(ctx, data, c, prefix: str) -> dict:
+    """DBR's sample division: train the scoring model (plain training without augmentation,
+    then the class-separation stage), score every sample with FCT, and split by the
+    ``alpha_clean`` / ``alpha_poison`` quantiles. Returns ``{"scores", "clean", "uncertain",
+    "poisoned"}`` (scores in ``data``'s row order; the others id tensors). A checkpoint."""
+    from bdframe.interfaces import ScoreContext
+    from bdframe.seeding import derive_seed
+
+    plain = ctx.component("trainer", "standard", epochs=c.notrans_epochs, lr=c.scoring_lr, momentum=0.9,
+                          weight_decay=5e-4, schedule="constant", crop_padding=0, flip=False, batch_size=128)
+    separate = ctx.component("trainer", "class-separation", epochs=c.intra_epochs, lr=c.scoring_lr)
+    scorer = ctx.component("scorer", "fct", alpha_clean=c.alpha_clean, alpha_poison=c.alpha_poison, **c.fct)
+    cp = ctx.checkpoint(f"{prefix}-fct-split")
+    done = cp.load()
+    if done is not None:
+        return done
+    model = ctx.new_model()
+    steps.train(ctx, f"{prefix}-scoring-plain", model, plain, data, lr_setting="[defense] scoring_lr")
+    steps.train(ctx, f"{prefix}-scoring-separate", model, separate, data, lr_setting="[defense] scoring_lr")
+    sctx = ScoreContext(seed=derive_seed(ctx.seed, prefix, "fct"), device=ctx.device, batch_size=256,
+                        progress=ctx.progress)
+    scores = scorer.score(model, data, sctx).double().cpu()
+    clean, uncertain, poisoned = scorer.partition(scores)
+    done = {"scores": scores, "clean": data.ids[clean].clone(), "uncertain": data.ids[uncertain].clone(),
+            "poisoned": data.ids[poisoned].clone()}
+    ctx.log({"stage": f"{prefix}-fct-split", "clean": int(clean.sum()), "uncertain": int(uncertain.sum()),
+             "poisoned": int(poisoned.sum())})
+    cp.save(done)
+    return done
+
+
+def _split_line(name: str, split: dict, n: int) -> str:
+    sizes = {k: len(split[k]) for k in ("clean", "uncertain", "poisoned")}
+    return (f"{name}: FCT split of {n} samples: {sizes['clean']} suspected clean, {sizes['uncertain']} uncertain, "
+            f"{sizes['poisoned']} suspected poisoned")
+
+
+@attrs.frozen
+class DBRConfig(FctSplitConfig):
+    model: str = attrs.field(default="", metadata={
+        "help": "model.pt of an earlier run to repair (must fit [model]); empty: train one with [train]"})
+    rounds: int = attrs.field(default=20, validator=in_range(0, None), metadata={
+        "help": "repair rounds: one unlearning pass on the suspected-poisoned set, one learning pass on the clean"})
+    repair_lr: float = attrs.field(default=1e-4, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "learning rate of both passes (SGD, momentum 0.9, weight decay 5e-4, constant)"})
+    batch_size: int = attrs.field(default=128, validator=in_range(1, None))
+    evaluate_each_round: bool = attrs.field(default=False, metadata={
+        "help": "clean ACC and ASR after every round (reporting only; one test pass per round)"})
+
+
+class DBR(Defense):
+    name = "d-br"
+    Config = DBRConfig
+    summary = "DBR backdoor removal: FCT split, then alternate unlearning the suspected-poisoned and relearning the clean"
+
+    @classmethod
+    def check_components(cls, config, registry):
+        return _check_split(config, registry)
+
+    def run(self, data, ctx):
+        """FCT split, the model to repair, then the alternating rounds; see the module text."""
+        c = self.config
+        n = len(data)
+        if n == 0:
+            raise ValueError("d-br: the training set is empty")
+        optim = dict(epochs=1, lr=c.repair_lr, momentum=0.9, weight_decay=5e-4, schedule="constant",
+                     batch_size=c.batch_size)
+        unlearn = ctx.component("trainer", "unlearning", objective="ascent", **optim)
+        relearn = ctx.component("trainer", "relearn", **optim)
+        split = fct_split(ctx, data, c, "dbr")
+        model, start = steps.starting_model(ctx, "dbr-train", data, path=c.model)
+        forget = data.subset(data.contains(split["poisoned"]))
+        clean = data.subset(data.contains(split["clean"]))
+        trend = [{"round": 0, **start["eval"]}]
+        t_repair = 0.0
+        for r in range(1, c.rounds + 1):
+            last = r == c.rounds
+
+            def work(r=r):
+                if len(forget):
+                    unlearn.fit(model, forget, ctx.stage(f"dbr-round-{r:02d}-unlearn", lr_setting="[defense] repair_lr"))
+                relearn.fit(model, clean, ctx.stage(f"dbr-round-{r:02d}-relearn", lr_setting="[defense] repair_lr"))
+
+            done = steps.run(ctx, f"dbr-round-{r:02d}", model, work, evaluate=c.evaluate_each_round or last)
+            t_repair += done["seconds"]
+            if done["eval"] is not None:
+                trend.append({"round": r, **done["eval"]})
+        final = trend[-1]
+        summary = [_split_line("d-br", split, n),
+                   f"d-br: the model to repair ({'loaded from ' + c.model if c.model else 'trained here'}): "
+                   f"{steps.figures(start['eval'])}",
+                   f"d-br: after {c.rounds} rounds of unlearning and relearning: {steps.figures(final)}"]
+        metrics = {"split": {k: len(split[k]) for k in ("clean", "uncertain", "poisoned")}, "trend": trend,
+                   "stage_seconds": {"train": start["seconds"], "repair": t_repair}}
+        return DefenseResult(model=model, suspected_ids=split["poisoned"].clone(), scores=split["scores"],
+                             metrics=metrics, summary=summary)
+
+
+@attrs.frozen
+class DSTConfig(FctSplitConfig):
+    simclr: dict[str, Any] = attrs.field(factory=dict, metadata={
+        "help": "parameters of the simclr stage (SS-CTL pre-training), a table"})
+    linear: dict[str, Any] = attrs.field(factory=dict, metadata={
+        "help": "parameters of the linear-probe stage (mixed CE on the frozen backbone), a table"})
+
+
+#: D-ST's settings of its stages where they differ from the stages' defaults
+DST_DEFAULTS = {
+    "simclr": {"mode": "ss-ctl", "epochs": 200, "lr": 0.5, "temperature": 0.1, "weight_decay": 1e-4,
+               "blur_p": 0.0, "warmup_epochs": 10.0},
+    "linear": {"loss": "ce", "lam": 0.001, "optimizer": "sgd", "lr": 5.0, "momentum": 0.9, "batch_size": 512,
+               "weight_decay": 0.0, "schedule": "constant"},
+}
+DST_STAGES = {"simclr": ("simclr", ("mode",)), "linear": ("linear-probe", ())}
+
+
+class DST(Defense):
+    name = "d-st"
+    Config = DSTConfig
+    summary = "DBR secure training: FCT split, SS-CTL pre-training, a head trained by mixed CE on the frozen backbone"
+
+    @classmethod
+    def check_components(cls, config, registry):
+        from bdframe.recipe import config_problems
+
+        problems = _check_split(config, registry)
+        for table, (stage, owned) in DST_STAGES.items():
+            given = dict(getattr(config, table))
+            problems += [(table, f"{k!r} is set by the defense itself, not here") for k in owned if k in given]
+            if not registry.has("trainer", stage):
+                problems.append((table, registry.unknown_message("trainer", stage)))
+                continue
+            params = {**DST_DEFAULTS[table], **{k: v for k, v in given.items() if k not in owned}}
+            problems += [tuple(m.split(": ", 1)) for m in config_problems(registry.get("trainer", stage), params, table)]
+        return problems
+
+    def run(self, data, ctx):
+        """FCT split, SS-CTL backbone, mixed-CE head; see the module text."""
+        from bdframe.interfaces import StageData
+
+        c = self.config
+        n = len(data)
+        if n == 0:
+            raise ValueError("d-st: the training set is empty")
+        ssl = ctx.component("trainer", "simclr", **{**DST_DEFAULTS["simclr"], **c.simclr})
+        head = ctx.component("trainer", "linear-probe", **{**DST_DEFAULTS["linear"], **c.linear})
+        split = fct_split(ctx, data, c, "dst")
+        clean = data.subset(data.contains(split["clean"]))
+        poisoned = data.subset(data.contains(split["poisoned"]))
+        rest = data.subset(~data.contains(split["clean"]))
+        model = ctx.new_model()
+        done_ssl = steps.train(ctx, "dst-ss-ctl", model, ssl, StageData(clean, unlabelled=rest),
+                               lr_setting="[defense] simclr.lr")
+        done_head = steps.train(ctx, "dst-linear", model, head, StageData(clean, forget=poisoned),
+                                lr_setting="[defense] linear.lr")
+        summary = [_split_line("d-st", split, n),
+                   f"d-st: after SS-CTL pre-training and the mixed-CE head: {steps.figures(done_head['eval'])}"]
+        metrics = {"split": {k: len(split[k]) for k in ("clean", "uncertain", "poisoned")},
+                   "stage_seconds": {"ss_ctl": done_ssl["seconds"], "linear": done_head["seconds"]}}
+        return DefenseResult(model=model, suspected_ids=split["poisoned"].clone(), scores=split["scores"],
+                             metrics=metrics, summary=summary)
+
+
+@hookimpl
+def bdframe_register_defenses(registry):
+    registry.add(DBR)
+    registry.add(DST)

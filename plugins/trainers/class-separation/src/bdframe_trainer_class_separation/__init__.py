@@ -1,0 +1,1 @@
+"""bdframe training stage: class-separation (DBR intra-class loss)."""

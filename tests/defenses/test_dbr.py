@@ -1,0 +1,126 @@
+"""The ``d-br`` and ``d-st`` defenses: the FCT split, the class-separation stage, validation of
+their tables, what they report, and that neither reads the test set."""
+
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from helpers import TINY
+from bdframe.cli import main
+from bdframe.losses import class_centre_similarity
+
+pytestmark = pytest.mark.usefixtures("two_threads")
+
+SPLIT = "notrans_epochs = 1\nintra_epochs = 1\n"
+DBR = '[defense]\nname = "d-br"\n' + SPLIT + "rounds = 2\n"
+DST = ('[defense]\nname = "d-st"\n' + SPLIT
+       + "simclr = {epochs = 1, batch_size = 64, warmup_epochs = 0}\nlinear = {epochs = 1, lr = 0.5}\n")
+
+
+def recipe(tmp_path, defense):
+    f = tmp_path / "r.toml"
+    f.write_text(TINY.format(out=tmp_path / "runs", epochs=1) + defense)
+    return f
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 5), d=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_class_centre_similarity_is_a_mean_cosine_of_distinct_centres(n, k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    v = float(class_centre_similarity(f, y))
+    present = len(torch.unique(y))
+    assert -1.0 - 1e-6 <= v <= 1.0 + 1e-6
+    if present == 1:
+        assert v == 0.0
+    perm = torch.randperm(n, generator=g)
+    assert math.isclose(float(class_centre_similarity(f[perm], y[perm])), v, abs_tol=1e-5)
+
+
+def test_class_centres_that_point_apart_score_lower_than_aligned_ones():
+    y = torch.tensor([0, 0, 1, 1])
+    apart = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [-1.0, -0.1]])
+    aligned = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.05], [1.0, -0.1]])
+    assert float(class_centre_similarity(apart, y)) < 0 < float(class_centre_similarity(aligned, y))
+
+
+@pytest.mark.parametrize("defense, expected", [
+    (DBR + "alpha_clean = 0.9\nalpha_poison = 0.2\n", "$.defense.alpha_poison: alpha_clean + alpha_poison must be <= 1"),
+    (DBR + "fct = {transforms = [\"spin\"]}\n", "$.defense.fct.transforms: element 0: must be one of"),
+    (DBR + "fct = {alpha_clean = 0.1}\n", "$.defense.fct: 'alpha_clean' is set by the defense itself"),
+    (DST.replace("simclr = {", "simclr = {mode = \"simclr\", "), "$.defense.simclr: 'mode' is set by the defense itself"),
+    (DST.replace("linear = {", "linear = {lossy = 1, "), "$.defense.linear.lossy: unknown parameter"),
+])
+def test_bad_split_or_stage_settings_are_one_clear_line(tmp_path, capsys, defense, expected):
+    assert main(["validate", str(recipe(tmp_path, defense))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("defense, prefix", [(DBR, "dbr"), (DST, "dst")], ids=["d-br", "d-st"])
+def test_the_split_partitions_the_data_by_the_alphas_and_is_reported(tmp_path, defense, prefix):
+    assert main(["run", str(recipe(tmp_path, defense)), "--quiet"]) == 0
+    d = tmp_path / "runs" / "tiny"
+    m = json.loads((d / "metrics.json").read_text())
+    n = m["train_size"]
+    split = m["defense_metrics"]["split"]
+    assert sum(split.values()) == n
+    assert split["poisoned"] == math.floor(0.05 * n) and split["clean"] == math.floor(0.2 * n) + 1  # ties aside
+    assert m["detection"]["flagged"] == split["poisoned"] and 0 <= m["detection"]["auroc"] <= 1
+    stages = [json.loads(line)["stage"] for line in (d / "history.jsonl").read_text().splitlines()]
+    assert f"{prefix}-scoring-plain" in stages and f"{prefix}-scoring-separate" in stages
+    assert stages.index(f"{prefix}-fct-split") > stages.index(f"{prefix}-scoring-separate")
+
+
+def test_d_br_without_a_suspected_poisoned_set_is_plain_relearning(tmp_path):
+    f = recipe(tmp_path, DBR.replace("rounds = 2", "rounds = 1") + "alpha_poison = 0.001\n")
+    assert main(["run", str(f), "--quiet"]) == 0
+    d = tmp_path / "runs" / "tiny"
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["defense_metrics"]["split"]["poisoned"] == 0
+    stages = [json.loads(line)["stage"] for line in (d / "history.jsonl").read_text().splitlines()]
+    assert "dbr-round-01-relearn" in stages and "dbr-round-01-unlearn" not in stages
+
+
+def test_neither_defense_reads_the_test_set_except_through_the_reporting_evaluate():
+    """No identifier in the defenses' code names a test or ASR set: what they get about the test
+    data comes from ``ctx.evaluate`` (reporting only), and the context offers nothing else."""
+    import ast
+
+    import bdframe_defense_dbr.plugin as dbr
+    from bdframe.interfaces import DefenseContext
+
+    tree = ast.parse(inspect.getsource(dbr))
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not {x for x in names if "test" in x.lower() or "asr" in x.lower()}
+    assert not [name for name in dir(DefenseContext) if "test" in name or "asr" in name]
+
+
+def _example(name):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "examples" / name
+
+
+@pytest.mark.slow
+def test_the_d_br_example_removes_the_backdoor_of_the_model_it_repairs(tmp_path):
+    assert main(["run", str(_example("dbr-quickstart.toml")), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    trend = m["defense_metrics"]["trend"]
+    assert trend[0]["round"] == 0 and trend[0]["asr"] > 0.8  # the trained model has the backdoor
+    assert m["asr"] < 0.1 and m["clean_acc"] > 0.5
+    assert m["detection"]["precision"] > 0.9 and m["detection"]["auroc"] > 0.9
+
+
+@pytest.mark.slow
+def test_the_d_st_example_trains_a_model_without_the_backdoor(tmp_path):
+    assert main(["run", str(_example("dst-quickstart.toml")), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["asr"] < 0.1 and m["clean_acc"] > 0.5
+    assert m["detection"]["precision"] > 0.9
