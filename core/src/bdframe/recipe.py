@@ -149,6 +149,20 @@ def config_problems(cls: type, params: dict, path: str) -> list[str]:
     return [f"{path}.{field}: {msg}" for field, msg in validate_all(obj)]
 
 
+def table_problems(registry, kind: str, name: str, field: str, given: dict, *, defaults: dict | None = None,
+                   owned: tuple = ()) -> list[tuple[str, str]]:
+    """``(field, message)`` problems of a component config's table ``field`` that holds the
+    parameters of the component ``kind``/``name`` (a defense's stage or scorer settings), for
+    :meth:`~bdframe.interfaces.Component.check_components`: the component must be installed,
+    ``owned`` keys (set by the defense itself) may not appear, and ``defaults`` updated by the
+    table must be valid parameters of the component."""
+    problems = [(field, f"{k!r} is set by the defense itself, not here") for k in owned if k in given]
+    if not registry.has(kind, name):
+        return problems + [(field, registry.unknown_message(kind, name))]
+    params = {**(defaults or {}), **{k: v for k, v in given.items() if k not in owned}}
+    return problems + [tuple(m.split(": ", 1)) for m in config_problems(registry.get(kind, name), params, field)]
+
+
 def parse_toml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():

@@ -60,20 +60,11 @@ class DBD(Defense):
 
     @classmethod
     def check_components(cls, config, registry):
-        from bdframe.recipe import config_problems
+        from bdframe.recipe import table_problems
 
-        problems = []
-        for table, (stage, owned) in STAGES.items():
-            given = dict(getattr(config, table))
-            for key in owned:
-                if key in given:
-                    problems.append((table, f"{key!r} is set by the defense itself ([defense] {key}), not here"))
-            if not registry.has("trainer", stage):
-                problems.append((table, registry.unknown_message("trainer", stage)))
-                continue
-            params = {**DEFAULTS[table], **{k: v for k, v in given.items() if k not in owned}}
-            problems += [tuple(m.split(": ", 1)) for m in config_problems(registry.get("trainer", stage), params, table)]
-        return problems
+        return [p for table, (stage, owned) in STAGES.items()
+                for p in table_problems(registry, "trainer", stage, table, dict(getattr(config, table)),
+                                        defaults=DEFAULTS[table], owned=owned)]
 
     def stage_component(self, ctx, table: str, **fixed):
         stage, _ = STAGES[table]

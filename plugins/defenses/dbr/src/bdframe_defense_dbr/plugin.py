@@ -65,18 +65,11 @@ class FctSplitConfig:
 
 
 def _check_split(config, registry) -> list:
-    from bdframe.recipe import config_problems
+    from bdframe.recipe import table_problems
 
-    problems = []
-    for key in ("alpha_clean", "alpha_poison"):
-        if key in config.fct:
-            problems.append(("fct", f"{key!r} is set by the defense itself ([defense] {key}), not here"))
-    for kind, name in (("scorer", "fct"), ("trainer", "class-separation")):
-        if not registry.has(kind, name):
-            problems.append(("fct", registry.unknown_message(kind, name)))
-    if not problems:
-        problems += [tuple(m.split(": ", 1)) for m in config_problems(registry.get("scorer", "fct"),
-                                                                      dict(config.fct), "fct")]
+    problems = table_problems(registry, "scorer", "fct", "fct", dict(config.fct), owned=("alpha_clean", "alpha_poison"))
+    if not registry.has("trainer", "class-separation"):
+        problems.append(("fct", registry.unknown_message("trainer", "class-separation")))
     return problems
 
 
@@ -203,18 +196,12 @@ class DST(Defense):
 
     @classmethod
     def check_components(cls, config, registry):
-        from bdframe.recipe import config_problems
+        from bdframe.recipe import table_problems
 
-        problems = _check_split(config, registry)
-        for table, (stage, owned) in DST_STAGES.items():
-            given = dict(getattr(config, table))
-            problems += [(table, f"{k!r} is set by the defense itself, not here") for k in owned if k in given]
-            if not registry.has("trainer", stage):
-                problems.append((table, registry.unknown_message("trainer", stage)))
-                continue
-            params = {**DST_DEFAULTS[table], **{k: v for k, v in given.items() if k not in owned}}
-            problems += [tuple(m.split(": ", 1)) for m in config_problems(registry.get("trainer", stage), params, table)]
-        return problems
+        return _check_split(config, registry) + [
+            p for table, (stage, owned) in DST_STAGES.items()
+            for p in table_problems(registry, "trainer", stage, table, dict(getattr(config, table)),
+                                    defaults=DST_DEFAULTS[table], owned=owned)]
 
     def run(self, data, ctx):
         """FCT split, SS-CTL backbone, mixed-CE head; see the module text."""

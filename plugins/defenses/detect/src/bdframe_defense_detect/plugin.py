@@ -47,10 +47,9 @@ class Detect(Defense):
     def check_components(cls, config, registry):
         if not registry.has("scorer", config.scorer):
             return [("scorer", registry.unknown_message("scorer", config.scorer))]
-        from bdframe.recipe import config_problems
+        from bdframe.recipe import table_problems
 
-        return [tuple(m.split(": ", 1)) for m in config_problems(registry.get("scorer", config.scorer),
-                                                                 dict(config.params), "params")]
+        return table_problems(registry, "scorer", config.scorer, "params", dict(config.params))
 
     def run(self, data, ctx):
         import torch
