@@ -9,7 +9,7 @@ from bdframe.testing import check_scorer_contract, score_ctx, tiny_classifier
 from scorers.scorer_helpers import make
 
 SCORERS = load_registry().names("scorer")
-EXPECTED = {"adv-kl", "fct", "loss", "scale-up", "spectral", "activation-clustering", "strip", "scan"}
+EXPECTED = {"adv-kl", "fct", "loss", "sce", "scale-up", "spectral", "activation-clustering", "strip", "scan"}
 SET_LEVEL = {"spectral", "activation-clustering", "scan"}
 
 

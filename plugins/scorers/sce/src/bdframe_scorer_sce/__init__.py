@@ -1,0 +1,1 @@
+"""bdframe scorer: sce (DBD symmetric cross-entropy)."""
