@@ -181,6 +181,19 @@ class StageData:
         """The names of the non-empty inputs, in :data:`STAGE_INPUTS` order."""
         return tuple(n for n in STAGE_INPUTS if getattr(self, n) is not None and len(getattr(self, n)))
 
+    def union(self, *names: str) -> "ImageSet":
+        """The named inputs as one set, in the given order (empty inputs left out; an empty set
+        like ``labelled`` when all are empty)."""
+        from bdframe.data import ImageSet
+
+        sets = [getattr(self, n) for n in names if getattr(self, n) is not None and len(getattr(self, n))]
+        if not sets:
+            return self.labelled.subset(self.labelled.ids[:0])
+        out = sets[0]
+        for s in sets[1:]:
+            out = ImageSet.concat(out, s)
+        return out
+
     def get(self, name: str) -> "ImageSet":
         """The input ``name``, or an empty set like ``labelled`` when it is not given."""
         v = getattr(self, name)

@@ -67,16 +67,14 @@ class LinearProbe(Trainer):
         import torch
         import torch.nn.functional as F
 
-        from bdframe.data import ImageSet
         from bdframe.losses import symmetric_cross_entropy
         from bdframe.nn import head_parameter_names
         from bdframe.scoring import eval_mode
         from bdframe.training import run_epochs
 
         c = self.config
-        labelled, forget = inputs.labelled, inputs.get("forget")
-        data = ImageSet.concat(labelled, forget) if len(labelled) and len(forget) else (
-            labelled if len(labelled) else forget)
+        forget = inputs.get("forget")
+        data = inputs.union("labelled", "forget")
         if len(data) == 0 or c.epochs == 0:
             return []
         device = torch.device(ctx.device)

@@ -84,7 +84,6 @@ class SimCLR(Trainer):
         """Contrastive training of the backbone on every input; see the module text."""
         import torch
 
-        from bdframe.data import ImageSet
         from bdframe.losses import info_nce, positive_mask
         from bdframe.scoring import eval_mode
         from bdframe.training import run_epochs
@@ -94,8 +93,7 @@ class SimCLR(Trainer):
         if c.mode == "supcon" and len(unlabelled):
             raise ValueError("the simclr stage in mode 'supcon' needs every sample labelled; "
                              "use mode 'ss-ctl' to give unlabelled samples their own view as only positive")
-        data = ImageSet.concat(labelled, unlabelled) if len(labelled) and len(unlabelled) else (
-            labelled if len(labelled) else unlabelled)
+        data = inputs.union("labelled", "unlabelled")
         if len(data) < 2:
             return []
         device = torch.device(ctx.device)
