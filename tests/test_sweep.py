@@ -229,8 +229,12 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     deadline = time.monotonic() + 240
     # kill -9 once a run has finished and the next one has saved an epoch
     while time.monotonic() < deadline:
-        done = list((d / "runs").glob("*/metrics.json")) if (d / "runs").exists() else []
-        partial = list((d / "runs").glob("*.partial/state/train.pt")) if (d / "runs").exists() else []
+        # a run writes metrics.json inside its .partial directory just before the rename: only a
+        # renamed directory counts as finished, and the partial run must be another one
+        runs = list((d / "runs").iterdir()) if (d / "runs").exists() else []
+        done = [q for q in runs if not q.name.endswith(".partial") and (q / "metrics.json").is_file()]
+        partial = [q / "state" / "train.pt" for q in runs if q.name.endswith(".partial")
+                   and (q / "state" / "train.pt").is_file() and not (q / "metrics.json").exists()]
         if done and partial:
             break
         time.sleep(0.05)
