@@ -30,7 +30,7 @@ import attrs
 from bdframe.config import describe_fields
 from bdframe.interfaces import KINDS, SECTIONS
 from bdframe.plugins import load_registry
-from bdframe.recipe import EvalSettings, PluginSettings, config_problems, loads_dict
+from bdframe.recipe import CleanSettings, EvalSettings, PluginSettings, config_problems, loads_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "recipe-reference.md"
@@ -250,8 +250,13 @@ def render(registry=None) -> str:
         else:
             missing = "error: the section is required"
         lines.append(f"| `[{section}]` | [{kind}](#{KIND_TITLES[kind].lower().replace(' ', '-')}) | {missing} |")
-    lines += ["| `[eval]` | settings | the defaults below |",
+    lines += ["| `[clean]` | settings | no trusted clean data (`fraction = 0`) |",
+              "| `[eval]` | settings | the defaults below |",
               "| `[plugins]` | settings | the defaults below |", ""]
+    lines += ["### `[clean]`", "",
+              "The defender's trusted clean data ([clean-data.md](clean-data.md)). Defenses marked "
+              "*needs `[clean]`* below are refused without it.", ""]
+    lines += fields_table(CleanSettings) + [""]
     lines += ["### `[eval]`", ""]
     lines += fields_table(EvalSettings, {"batch_size": "batch size of the clean-accuracy and ASR evaluation "
                                                        "passes; a positive integer"}) + [""]
@@ -280,6 +285,8 @@ def render(registry=None) -> str:
             if kind == "scorer":
                 facts.append("set-level (a score depends on other samples)" if getattr(e.cls, "set_level", False)
                              else "per-sample")
+            if kind == "defense" and getattr(e.cls, "clean_data", "none") != "none":
+                facts.append("*needs `[clean]`*" if e.cls.clean_data == "required" else "uses `[clean]` when given")
             lines += [sentence("; ".join(facts)), ""]
             lines += fields_table(e.cls.Config) + [""]
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -24,7 +24,8 @@ def test_run_writes_complete_run_directory(tmp_path, capsys):
     d = tmp_path / "runs" / "tiny"
     assert not (tmp_path / "runs" / "tiny.partial").exists()
     names = {p.name for p in d.iterdir()}
-    assert {"recipe.toml", "run.json", "metrics.json", "history.jsonl", "poison.json", "model.pt"} <= names
+    assert {"recipe.toml", "run.json", "metrics.json", "history.jsonl", "poison.json", "model.pt",
+            "attack_example.png"} <= names
     assert not any(n.endswith(".tmp") for n in names) and "state" not in names
     metrics = json.loads((d / "metrics.json").read_text())
     assert 0 <= metrics["clean_acc"] <= 1 and 0 <= metrics["asr"] <= 1

@@ -361,3 +361,25 @@ def test_labels_are_escaped_in_html(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "available", lambda: False)
     page = report.to_html(report.collect(d))
     assert "<td>&lt;b&gt;</td>" in page and "<td><b></td>" not in page
+
+
+def test_columns_whose_defense_used_clean_data_are_marked_and_noted(tmp_path, capsys):
+    axes = {"attack": ["badnet"], "defense": ["none", "mcldef"]}
+
+    def metrics(labels):
+        m = {"clean_acc": 0.8, "asr": 0.5, "seconds": {"total": 10.0}, "defense": labels["defense"]}
+        m["clean_data"] = {"size": 500, "fraction": 0.05, "used": labels["defense"] == "mcldef"}
+        return m
+
+    d = tmp_path / "sweep"
+    make_sweep(d, axes, metrics, failed={}, interrupted=[], not_started=[])
+    text = report_md(capsys, d)
+    head, _ = section(md_tables(text), "Clean accuracy")
+    assert head == ["attack", "none ACC", "none ASR", "mcldef† ACC", "mcldef† ASR"]
+    assert ("† the defense uses trusted clean data (500 images; each run's clean.json says where they come "
+            "from); the other columns use none: mcldef") in text
+    # without clean data, no mark and no note
+    d2 = tmp_path / "sweep2"
+    make_sweep(d2, axes, lambda labels: {"clean_acc": 0.8, "seconds": {"total": 1.0}}, failed={}, interrupted=[],
+               not_started=[])
+    assert "†" not in report_md(capsys, d2)

@@ -261,6 +261,9 @@ class DefenseResult:
 
 class Defense(Component):
     kind = "defense"
+    #: whether the defense uses the recipe's trusted clean data (``ctx.clean``): ``"none"``,
+    #: ``"optional"`` or ``"required"`` (a recipe without ``[clean]`` is then refused)
+    clean_data: ClassVar[str] = "none"
 
     def run(self, data: "ImageSet", ctx: "DefenseContext") -> DefenseResult:
         """Produce a model from the untrusted ``data`` (no ground truth is available here)."""
@@ -303,6 +306,9 @@ class DefenseContext(Protocol):
     progress: bool
     #: a directory for the defense's own files (plots, scores, models), or None outside a run
     artifacts: Optional["Path"]
+    #: the trusted clean data of the recipe's ``[clean]`` section (reserved from the training
+    #: split before poisoning, so disjoint from ``data``), or None when the recipe gives none
+    clean: Optional["ImageSet"]
 
     def new_model(self, *, num_classes: Optional[int] = None, state_dict: Optional[dict] = None) -> "Classifier":
         """A freshly initialised model of the recipe's ``[model]`` (seeded by the run seed and a

@@ -5,6 +5,7 @@ Output (written to ``<out>.partial`` and renamed when complete)::
     <out>/train/<class>/<id>.png      the poisoned training set, in the folder of its given label
     <out>/test/<class>/<id>.png       the clean test set
     <out>/test-asr/<class>/<id>.png   the attack's poisoned test set (ASR set), target-labelled
+    <out>/clean/<class>/<id>.png      with [clean]: the reserved trusted clean images
     <out>/manifest.csv                split, id, file, original_label, given_label, poisoned, cover
     <out>/recipe.toml                 the resolved recipe; <out>/poison.json: ids and attack meta
 
@@ -71,9 +72,12 @@ def main(args) -> int:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["split", "id", "file", "original_label", "given_label", "poisoned", "cover"])
-        total = len(train) + len(test) + len(asr)
+        clean = parts.clean
+        total = len(train) + len(test) + len(asr) + (len(clean) if clean is not None else 0)
         with Progress(total, "writing images", unit="img", enabled=False if args.quiet else None) as bar:
             _write_split(tmp, "train", parts.poisoned, train.labels, poison, cover, w, bar)
+            if clean is not None:  # the recipe's [clean] reserve, never poisoned
+                _write_split(tmp, "clean", clean, clean.labels, set(), set(), w, bar)
             _write_split(tmp, "test", test, test.labels, set(), set(), w, bar)
             asr_orig = test.labels[test.positions(asr.ids)]
             _write_split(tmp, "test-asr", asr, asr_orig, set(), set(), w, bar)
@@ -86,5 +90,6 @@ def main(args) -> int:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    print(f"wrote {len(train)} train, {len(test)} test and {len(asr)} ASR-set images with manifest.csv to {out}")
+    reserve = f", {len(parts.clean)} clean (the [clean] reserve)" if parts.clean is not None else ""
+    print(f"wrote {len(train)} train{reserve}, {len(test)} test and {len(asr)} ASR-set images with manifest.csv to {out}")
     return 0

@@ -37,6 +37,34 @@ class EvalSettings:
     batch_size: int = attrs.field(default=512, validator=lambda i, a, v: _pos(v))
 
 
+def _fraction(inst, attr, v):
+    if not 0 <= v < 1:
+        raise ValueError(f"must be a share of the training set in [0, 1), got {v!r}")
+
+
+@attrs.frozen
+class CleanSettings:
+    """``[clean]``: the defender's trusted clean data, from one of two sources. ``fraction`` of
+    the training split, drawn per class by the run seed, is set aside *before* the attack
+    poisons the rest: it is clean by construction and is not part of the untrusted training set
+    a defense receives. Or ``folder``: images the defender trusts, ``<folder>/<class>/<image>``
+    with the dataset's class names and image shape. Neither (the default): no clean data."""
+
+    fraction: float = attrs.field(default=0.0, validator=_fraction, metadata={
+        "help": "share of the training split reserved as trusted clean data before poisoning (0: none)"})
+    folder: str = attrs.field(default="", metadata={
+        "help": "a folder <folder>/<class>/<image> of trusted images instead (the dataset's class names and shape)"})
+
+    def check(self):
+        if self.fraction and self.folder:
+            return [("folder", "give either fraction (a reserve of the training split) or folder, not both")]
+        return []
+
+    @property
+    def given(self) -> bool:
+        return bool(self.fraction or self.folder)
+
+
 @attrs.frozen
 class PluginSettings:
     block: tuple[str, ...] = ()
@@ -61,6 +89,7 @@ class Recipe:
     components: dict = attrs.field(factory=dict)
     eval: EvalSettings = EvalSettings()
     plugins: PluginSettings = PluginSettings()
+    clean: CleanSettings = CleanSettings()
 
     def __getattr__(self, section: str):
         if section in SECTIONS:
@@ -75,6 +104,8 @@ class Recipe:
             spec = self.components.get(section)
             if spec is not None:
                 out[section] = spec.to_dict()
+        if self.clean.given:
+            out["clean"] = {k: v for k, v in config_to_dict(self.clean).items() if v}
         out["eval"] = config_to_dict(self.eval)
         plugins = config_to_dict(self.plugins)
         if any(plugins.values()):
@@ -210,7 +241,7 @@ def loads_dict(data: dict, registry, *, source: str | None = None, default_name:
     plugins, p = plugin_settings(data)
     problems += p
 
-    allowed_top = list(TOP_KEYS) + list(SECTIONS) + ["eval", "plugins"]
+    allowed_top = list(TOP_KEYS) + list(SECTIONS) + ["clean", "eval", "plugins"]
     for key in data:
         if key not in allowed_top:
             problems.append(f"$.{key}: unknown key{_closest(key, allowed_top)}; allowed: {', '.join(allowed_top)}")
@@ -270,16 +301,26 @@ def loads_dict(data: dict, registry, *, source: str | None = None, default_name:
             continue
         specs[section] = spec
 
-    eval_raw = data.get("eval", {})
-    eval_settings = EvalSettings()
-    if isinstance(eval_raw, dict):
-        p = config_problems(type("E", (), {"Config": EvalSettings, "kind": "settings", "name": "eval"}),
-                            eval_raw, "$.eval")
-        problems += p
-        if not p:
-            eval_settings = _structure(EvalSettings, eval_raw)
-    else:
-        problems.append("$.eval: must be a table")
+    settings = {}
+    for key, cls in (("eval", EvalSettings), ("clean", CleanSettings)):
+        raw = data.get(key, {})
+        settings[key] = cls()
+        if isinstance(raw, dict):
+            p = config_problems(type("S", (), {"Config": cls, "kind": "settings", "name": key}), raw, f"$.{key}")
+            problems += p
+            if not p:
+                settings[key] = _structure(cls, raw)
+        else:
+            problems.append(f"$.{key}: must be a table")
+    defense = specs.get("defense")
+    folder = settings["clean"].folder
+    if folder and not Path(folder).expanduser().is_dir():
+        problems.append(f"$.clean.folder: {folder!r} is not a folder (expected <folder>/<class>/<image>)")
+    if defense is not None and not settings["clean"].given:
+        if getattr(registry.get("defense", defense.name), "clean_data", "none") == "required":
+            problems.append(f"$.clean: defense {defense.name!r} needs trusted clean data and the recipe gives "
+                            f"none; add [clean] with fraction = 0.05 (a share of the training set reserved "
+                            f"before poisoning) or folder = \"...\" (a folder of trusted images)")
 
     if check_dataset and specs.get("dataset") is not None:
         ds = specs["dataset"]
@@ -295,4 +336,4 @@ def loads_dict(data: dict, registry, *, source: str | None = None, default_name:
 
     if problems:
         raise RecipeError(problems, source=source)
-    return Recipe(components=specs, eval=eval_settings, plugins=plugins, **head)
+    return Recipe(components=specs, eval=settings["eval"], clean=settings["clean"], plugins=plugins, **head)

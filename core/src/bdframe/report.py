@@ -59,6 +59,7 @@ import attrs
 
 from bdframe.errors import UserError
 
+CLEAN_MARK = "†"  # marks the column groups whose defense used trusted clean data
 NO_DEFENSE = "none"  # the defense whose runs are the reference for the time multiple and the ACC loss
 DASH = "–"
 ROWS_AXIS = "attack"
@@ -154,6 +155,21 @@ class Table:
 
     def with_status(self, status: str) -> list:
         return [r for r in self.runs if r.status == status]
+
+    def clean_data(self) -> dict:
+        """``{column group: sorted clean-data sizes}`` for the column groups whose finished runs
+        used trusted clean data (``metrics.json`` ``clean_data.used``)."""
+        out: dict = {}
+        for r in self.with_status(FINISHED):
+            cd = r.metrics.get("clean_data")
+            if isinstance(cd, dict) and cd.get("used"):
+                col = next((c for c in self.cols if r.name in self.cells_in_col(c)), None)
+                if col is not None:
+                    out.setdefault(col, set()).add(int(cd.get("size", 0)))
+        return {c: sorted(v) for c, v in out.items()}
+
+    def cells_in_col(self, col) -> set:
+        return {name for (_, c), cell in self.cells.items() if c == col for name in cell.runs}
 
     def detection_cols(self) -> list:
         """The column groups where some cell has detection results."""
@@ -410,7 +426,8 @@ def sections(t: Table) -> list:
     """The report's tables as ``(title, header, body rows)`` with formatted cells."""
     head = label(t.row_names)
     out = []
-    main_head = [head] + [f"{label(c)} {k}" for c in t.cols for k in ("ACC", "ASR")]
+    clean = t.clean_data()
+    main_head = [head] + [f"{label(c)}{CLEAN_MARK if c in clean else ''} {k}" for c in t.cols for k in ("ACC", "ASR")]
     main_body = [[label(r)] + [fmt(getattr(t.cells[(r, c)], k)) for c in t.cols for k in ("acc", "asr")]
                  for r in t.rows]
     out.append(("Clean accuracy (ACC) and attack success rate (ASR), %", main_head, main_body))
@@ -443,6 +460,12 @@ def notes(t: Table) -> list:
                     []))
     for line in t.fallbacks:
         out.append((line, []))
+    clean = t.clean_data()
+    if clean:
+        sizes = sorted({n for v in clean.values() for n in v})
+        out.append((f"{CLEAN_MARK} the defense uses trusted clean data ({' / '.join(str(n) for n in sizes)} images; "
+                    f"each run's clean.json says where they come from); the other columns use none: "
+                    + ", ".join(label(c) for c in t.cols if c in clean), []))
     if not t.detection_cols():
         out.append(("detection: no finished run has detection results (no defense flagged samples)",
                     []))

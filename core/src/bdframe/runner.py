@@ -35,8 +35,9 @@ class RunContext:
     """
 
     def __init__(self, registry: Registry, *, seed: int, own: dict, build_model, info, device: torch.device,
-                 artifacts: Optional[Path], evaluate, progress: bool = True):
+                 artifacts: Optional[Path], evaluate, progress: bool = True, clean: Optional[ImageSet] = None):
         self.seed = seed
+        self.clean = clean
         self.device = device
         self.info = info
         self.progress = progress
@@ -60,7 +61,8 @@ class RunContext:
         build = parts.build_model
         # a lambda, not the bound method: ``build_model.__self__`` would be the parts, ground truth included
         return cls(parts.registry, seed=recipe.seed, own=own, build_model=lambda **kw: build(**kw), info=parts.info,
-                   device=device, artifacts=artifacts, evaluate=evaluate, progress=progress)
+                   device=device, artifacts=artifacts, evaluate=evaluate, progress=progress,
+                   clean=parts.clean)
 
     def _claim(self, what: str, name: str) -> None:
         key = f"{what}:{name}"
@@ -224,16 +226,27 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
     timings: dict[str, float] = dict(parts.seconds)
     ctx = RunContext.for_parts(parts, device, rd.path, progress=progress)
     defense = registry.get("defense", recipe.defense.name)(recipe.defense.config)
+    if parts.clean is not None:  # the clean data's ids, so any run's clean data can be checked
+        source = ({"source": "reserve", "fraction": recipe.clean.fraction} if recipe.clean.fraction
+                  else {"source": "folder", "folder": recipe.clean.folder})
+        write_json_atomic(rd.file("clean.json"), {**source, "size": len(parts.clean),
+                                                  "ids": sorted(int(i) for i in parts.clean.ids)})
     t = time.perf_counter()
     result = defense.run(sealed(poisoned_train), ctx)
     timings["defense"] = time.perf_counter() - t
 
     # -- the defense has returned: from here on the ground truth may be written ------------------
     write_json_atomic(rd.file("poison.json"), parts.poison_info())
+    if parts.asr_set is not None and len(parts.asr_set):
+        write_attack_example(rd.file("attack_example.png"), test, parts.asr_set)
     metrics: dict = {"name": recipe.name, "dataset": recipe.dataset.name, "model": recipe.model.name,
                      "attack": recipe.attack.name if recipe.attack else None, "defense": recipe.defense.name,
                      "train_size": len(train), "test_size": len(test), "num_poison": int(len(poison_ids)),
                      "num_cover": int(len(cover_ids)) if cover_ids is not None else 0}
+    if parts.clean is not None:
+        metrics["clean_data"] = {"size": len(parts.clean), "fraction": recipe.clean.fraction,
+                                 "source": "reserve" if recipe.clean.fraction else "folder",
+                                 "used": getattr(type(defense), "clean_data", "none") != "none"}
     metrics.update(ctx.evaluate(result.model))
     if parts.asr_set is not None:
         metrics["asr_set_size"] = len(parts.asr_set)
@@ -322,3 +335,20 @@ def write_suspected(run_dir: Path, data: ImageSet, suspected_ids, scores, files:
         w.writerow([r["rank"], r["id"], r["path"] or "", r["label"], r["class"],
                     "" if r["score"] is None else f"{r['score']:.9g}"])
     write_text_atomic(run_dir / "suspected.csv", buf.getvalue())
+
+
+def write_attack_example(path: Path, test: ImageSet, asr_set: ImageSet, n: int = 4, scale: int = 4) -> None:
+    """A picture of the attack for reporting: ``n`` test images (columns) clean, triggered (the
+    ASR set's version of the same image) and their absolute difference times 4 (rows)."""
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+
+    poisoned = asr_set.subset(torch.arange(min(n, len(asr_set))))
+    clean = test.select_ids(poisoned.ids).images.float() / 255
+    dirty = poisoned.images.float() / 255
+    grid = torch.cat([clean, dirty, ((dirty - clean).abs() * 4).clamp(0, 1)])
+    if scale > 1:
+        grid = F.interpolate(grid, scale_factor=scale, mode="nearest")
+    tmp = path.with_name(path.name + ".tmp.png")
+    save_image(grid, str(tmp), nrow=len(poisoned), padding=2, pad_value=1.0)
+    tmp.replace(path)

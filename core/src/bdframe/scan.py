@@ -21,8 +21,9 @@ complete, so a failed scan leaves nothing behind):
   are the positives; cover samples (trigger, true label) count as negatives.
 
 Scorers that use clean auxiliary data (``strip``, ``scan``) draw it from the inspected set by
-default; ``--clean-aux N`` gives them a class-balanced draw of N images from the run's clean
-*test* split instead (held-out data, never the training ground truth).
+default; ``--clean-aux N`` gives them a class-balanced draw of N images from the run's trusted
+clean data (the recipe's ``[clean]`` reserve) instead, or from the clean *test* split when the
+recipe has none (held-out data, never the training ground truth).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="scorer seed (default: the recipe's seed)")
     s.add_argument("--limit", type=int, help="score only N samples (a seeded draw by id, for quick looks)")
     s.add_argument("--clean-aux", type=int, metavar="N",
-                   help="give scorers that accept a clean aux set N class-balanced images of the clean test split")
+                   help="give scorers that accept a clean aux set N class-balanced images of the run's [clean] "
+                        "data (of the clean test split when the recipe has no [clean])")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     return s
 
@@ -231,7 +233,8 @@ def main(args) -> int:
         data = train.subset(rows)
     aux = None
     if args.clean_aux:
-        aux = test.subset(balanced_draw(test, args.clean_aux, ("scan-clean-aux", seed)))
+        pool = parts.clean if parts.clean is not None else test  # the run's own clean data when it has some
+        aux = pool.subset(balanced_draw(pool, min(args.clean_aux, len(pool)), ("scan-clean-aux", seed)))
     known = recipe.attack is not None
     is_poison = data.contains(poison_ids)
     is_cover = data.contains(cover_ids)

@@ -57,7 +57,13 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
     earlier run (``path``, a ``model.pt``; it must fit the recipe's ``[model]``, else a
     :class:`~bdframe.errors.UserError` naming ``field``), or a fresh model trained on ``data``
     with the recipe's ``[train]`` stage as the step ``name``. Returns ``(model, done)``, ``done``
-    holding ``"eval"`` and ``"seconds"`` as :func:`run` does."""
+    holding ``"eval"`` and ``"seconds"`` as :func:`run` does.
+
+    The trained model is exactly the one the ``none`` defense trains with the same recipe (the
+    same initialisation, the stage named ``"train"`` and so the same data order and
+    augmentation), so a repair defense starts from the model a plain run gives, whether it
+    trains it or loads that run's ``model.pt``; call it before the defense's other steps create
+    models."""
     from pathlib import Path
 
     import torch
@@ -66,8 +72,11 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
 
     model = ctx.new_model()
     if not path:
-        return model, train(ctx, name, model, ctx.component("trainer"), data, lr_setting="[train] lr",
-                            evaluate_each_epoch=evaluate_each_epoch)
+        def work():
+            stage = ctx.stage("train", evaluate_each_epoch=evaluate_each_epoch, lr_setting="[train] lr")
+            return {"history": ctx.component("trainer").fit(model, data, stage)}
+
+        return model, run(ctx, name, model, work)
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{field}: {str(p)!r} does not exist")

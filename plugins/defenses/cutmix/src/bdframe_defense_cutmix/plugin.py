@@ -55,9 +55,14 @@ class CutMix(Defense):
         except (TypeError, ValueError, UserError) as e:
             raise UserError(f"$.defense: cutmix needs a [train] stage with CutMix options (name = \"standard\"): "
                             f"{str(e).splitlines()[0]}") from None
-        plain = ctx.component("trainer") if c.mode == "repair" else None
-        model = ctx.new_model()
+        plain = c.mode == "repair"
         trend, seconds = [], {}
+        if plain:  # the model the none defense trains with this recipe
+            model, done = steps.starting_model(ctx, "cutmix-plain", data, evaluate_each_epoch=c.evaluate_each_epoch)
+            trend.append({"step": "plain", **done["eval"]})
+            seconds["plain"] = done["seconds"]
+        else:
+            model = ctx.new_model()
 
         def step(name, trainer, setting):
             done = steps.train(ctx, name, model, trainer, data, lr_setting=setting,
@@ -65,14 +70,11 @@ class CutMix(Defense):
             trend.append({"step": name.removeprefix("cutmix-"), **done["eval"]})
             seconds[name.removeprefix("cutmix-")] = done["seconds"]
 
-        if plain is not None:
-            step("cutmix-plain", plain, "[train] lr")
-        step("cutmix-train" if plain is None else "cutmix-repair", mixed,
-             "[train] lr" if plain is None else "[defense] repair_lr")
+        step("cutmix-repair" if plain else "cutmix-train", mixed, "[defense] repair_lr" if plain else "[train] lr")
 
         summary = ([f"cutmix: plain training (no defense yet): {steps.figures(trend[0])}",
                     f"cutmix: after {c.repair_epochs} epochs of CutMix repair: {steps.figures(trend[1])}"]
-                   if plain is not None else [f"cutmix: trained from scratch with CutMix: {steps.figures(trend[0])}"])
+                   if plain else [f"cutmix: trained from scratch with CutMix: {steps.figures(trend[0])}"])
         return DefenseResult(model=model, metrics={"trend": trend, "stage_seconds": seconds}, summary=summary)
 
 

@@ -142,8 +142,8 @@ class DBR(Defense):
                      batch_size=c.batch_size)
         unlearn = ctx.component("trainer", "unlearning", objective="ascent", **optim)
         relearn = ctx.component("trainer", "relearn", **optim)
+        model, start = steps.starting_model(ctx, "dbr-train", data, path=c.model)  # the plain run's model
         split = fct_split(ctx, data, c, "dbr")
-        model, start = steps.starting_model(ctx, "dbr-train", data, path=c.model)
         forget = data.subset(data.contains(split["poisoned"]))
         clean = data.subset(data.contains(split["clean"]))
         trend = [{"round": 0, **start["eval"]}]

@@ -1,0 +1,1 @@
+"""bdframe defense plugins: FineTuning and FinePruning."""

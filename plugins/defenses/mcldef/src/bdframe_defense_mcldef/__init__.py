@@ -1,0 +1,1 @@
+"""bdframe defense plugin: MCLDef."""
