@@ -123,3 +123,19 @@ def test_without_matplotlib_nothing_is_drawn_and_one_line_says_how_to_install(tm
     assert list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "plots skipped" in err[0] and "pip install 'bdframe[plots]'" in err[0]
+
+
+@needs_matplotlib
+def test_image_grid_labels_rows_and_columns(tmp_path):
+    path = tmp_path / "grid.png"
+    rows = [(f"class {k}", [torch.rand(1, 8, 8), torch.rand(3, 8, 8)]) for k in range(3)]
+    d = plots.image_grid(rows, ["mask", "pattern"], path, title="inversion")
+    assert d == {"file": "grid.png", "title": "inversion", "columns": ["mask", "pattern"],
+                 "rows": ["class 0", "class 1", "class 2"]}
+    w, h = png_size(path)
+    assert w > 200 and h > 300 and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+def test_image_grid_without_matplotlib_writes_nothing(tmp_path, no_matplotlib, capsys):
+    assert plots.image_grid([("a", [torch.rand(3, 4, 4)])], ["x"], tmp_path / "g.png", title="t") is None
+    assert list(tmp_path.iterdir()) == [] and "plots skipped" in capsys.readouterr().err

@@ -167,22 +167,23 @@ def invert(model: torch.nn.Module, data: ImageSet, *, lam: float = 0.01, lr: flo
                      anomaly=index.float(), target=int(torch.argmax(index)), epochs=ran)
 
 
-def save_pictures(inv: Inversion, examples: ImageSet, path, *, scale: int = 4) -> None:
-    """One PNG: a row per class (target first), each ``mask | pattern | mask * pattern |
-    a clean image | that image stamped``, upscaled ``scale`` times."""
-    from torchvision.utils import save_image
+def save_pictures(inv: Inversion, examples: ImageSet, path, *, classes=(), title: str = "") -> Optional[dict]:
+    """A picture of the inversion (matplotlib; nothing without it): a row per class, the chosen
+    target first, labelled with the class, its mask norm and anomaly index; columns: mask,
+    pattern, mask x pattern, a clean image and that image stamped."""
+    from bdframe import plots
 
     x = examples.images[:1].float() / 255
-    rows = []
     order = [inv.target] + [k for k in range(len(inv.norms)) if k != inv.target]
+    rows = []
     for k in order:
         m, p = inv.masks[k], inv.patterns[k]
-        c = p.shape[0]
-        rows += [m.expand(c, -1, -1), p, m * p, x[0], stamp(x, m, p)[0]]
-    grid = torch.stack(rows)
-    if scale > 1:
-        grid = F.interpolate(grid, scale_factor=scale, mode="nearest")
-    save_image(grid, str(path), nrow=5, padding=2, pad_value=1.0)
+        name = classes[k] if k < len(classes) else str(k)
+        label = (f"{'target: ' if k == inv.target else ''}{k} {name}\n"
+                 f"norm {float(inv.norms[k]):.1f}, index {float(inv.anomaly[k]):.2f}")
+        rows.append((label, [m, p, m * p, x[0], stamp(x, m, p)[0]]))
+    return plots.image_grid(rows, ["mask", "pattern", "mask x pattern", "clean image", "stamped"], path,
+                            title=title or "Trigger inversion: the smallest stamp that sends clean images to each class")
 
 
 def apply_trigger(data_x: torch.Tensor, inv: Inversion, k: Optional[int] = None) -> torch.Tensor:

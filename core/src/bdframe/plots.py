@@ -3,6 +3,7 @@
 
 - :func:`trend`: MeCa's clean accuracy and attack success rate per iteration (``meca_trend.png``);
 - :func:`histogram`: a score histogram per group of samples (``bdframe scan``'s ``hist-<scorer>.png``);
+- :func:`image_grid`: labelled rows of images (MCLDef's inverted triggers, ``mcldef_inversion.png``);
 
 Figures are drawn on matplotlib's Agg canvas (no display, no pyplot state) and written
 atomically (a temporary file in the same directory, then ``os.replace``). Each function returns
@@ -191,3 +192,35 @@ def histogram(scores, groups: dict, path: Path, *, title: str, xlabel: str, bins
             ax.legend(loc="best", frameon=False)
         _save(fig, path)
     return desc
+
+
+def image_grid(rows: Sequence, columns: Sequence[str], path: Path, *, title: str) -> Optional[dict]:
+    """Rows of images with a label per row and a title per column. ``rows`` is a list of
+    ``(label, images)``, ``images`` a list of float tensors (C,H,W) in [0, 1] (one channel is
+    drawn in grey), one per column. Returns ``{"file", "title", "columns", "rows"}`` or ``None``
+    without matplotlib."""
+    if not available():
+        return None
+    import matplotlib as mpl
+
+    n_rows, n_cols = len(rows), len(columns)
+    with mpl.rc_context(_STYLE):
+        fig = _figure(1.35 * n_cols + 2.6, 1.3 * n_rows + 0.8)
+        axes = fig.subplots(n_rows, n_cols, squeeze=False)
+        for r, (label, images) in enumerate(rows):
+            for c, img in enumerate(images):
+                ax = axes[r][c]
+                arr = img.detach().float().clamp(0, 1).cpu()
+                if arr.shape[0] == 1:
+                    ax.imshow(arr[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                else:
+                    ax.imshow(arr.permute(1, 2, 0).numpy(), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(columns[c], fontsize=10)
+                if c == 0:
+                    ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        fig.suptitle(title)
+        _save(fig, path)
+    return {"file": Path(path).name, "title": title, "columns": list(columns), "rows": [label for label, _ in rows]}

@@ -64,8 +64,10 @@ class Progress:
         bar = "#" * filled + "." * (width - filled)
         post = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in self.postfix.items())
+        # slow units (an epoch of trigger inversion) read better as seconds per unit
+        speed = f"{rate:,.0f} {self.unit}/s" if rate >= 1 or rate == 0 else f"{1 / rate:,.1f} s/{self.unit}"
         return (f"{self.desc} [{bar}] {self.n}/{self.total} {pct:5.1f}% "
-                f"{rate:,.0f} {self.unit}/s elapsed {_fmt_time(el)} eta {_fmt_time(eta)} {post}").rstrip()
+                f"{speed} elapsed {_fmt_time(el)} eta {_fmt_time(eta)} {post}").rstrip()
 
     def _draw(self, now: float) -> None:
         line = self._line(now)

@@ -88,6 +88,20 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
     return model, {"eval": ctx.evaluate(model), "seconds": 0.0}
 
 
+def clean_data(ctx, defense: str):
+    """The recipe's trusted clean data (``ctx.clean``) for a defense that needs it; a
+    ``ValueError`` naming the defense when there is none (validation refuses such recipes, so
+    this guards calls from outside ``bdframe run``)."""
+    if ctx.clean is None or len(ctx.clean) == 0:
+        raise ValueError(f"{defense} needs trusted clean data (the recipe's [clean] section)")
+    return ctx.clean
+
+
+def start_line(defense: str, path: str, ev: dict) -> str:
+    """The summary line of a repair defense's starting model (:func:`starting_model`)."""
+    return f"{defense}: the model to repair ({'loaded from ' + path if path else 'trained here'}): {figures(ev)}"
+
+
 def figures(ev: dict) -> str:
     """``"ACC 76.10%, ASR 1.20%"`` (ASR left out without an attack)."""
     line = f"ACC {100 * ev['clean_acc']:.2f}%"

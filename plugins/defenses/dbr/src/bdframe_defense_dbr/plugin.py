@@ -162,8 +162,7 @@ class DBR(Defense):
                 trend.append({"round": r, **done["eval"]})
         final = trend[-1]
         summary = [_split_line("d-br", split, n),
-                   f"d-br: the model to repair ({'loaded from ' + c.model if c.model else 'trained here'}): "
-                   f"{steps.figures(start['eval'])}",
+                   steps.start_line("d-br", c.model, start["eval"]),
                    f"d-br: after {c.rounds} rounds of unlearning and relearning: {steps.figures(final)}"]
         metrics = {"split": {k: len(split[k]) for k in ("clean", "uncertain", "poisoned")}, "trend": trend,
                    "stage_seconds": {"train": start["seconds"], "repair": t_repair}}

@@ -61,12 +61,6 @@ def _fine_tune(ctx, name, model, clean, c):
     return steps.train(ctx, name, model, trainer, clean, lr_setting="[defense] lr")
 
 
-def _need_clean(ctx, name):
-    if ctx.clean is None or len(ctx.clean) == 0:
-        raise ValueError(f"{name} needs trusted clean data (the recipe's [clean] section)")
-    return ctx.clean
-
-
 class FineTuning(Defense):
     name = "fine-tuning"
     Config = FineTuningConfig
@@ -76,11 +70,10 @@ class FineTuning(Defense):
     def run(self, data, ctx):
         """The model to repair, then fine-tuning on the clean data."""
         c = self.config
-        clean = _need_clean(ctx, "fine-tuning")
+        clean = steps.clean_data(ctx, "fine-tuning")
         model, start = steps.starting_model(ctx, "ft-train", data, path=c.model)
         done = _fine_tune(ctx, "ft-tune", model, clean, c)
-        summary = [f"fine-tuning: the model to repair ({'loaded from ' + c.model if c.model else 'trained here'}): "
-                   f"{steps.figures(start['eval'])}",
+        summary = [steps.start_line("fine-tuning", c.model, start["eval"]),
                    f"fine-tuning: after {c.epochs} epochs on {len(clean)} clean images: {steps.figures(done['eval'])}"]
         metrics = {"clean_images": len(clean),
                    "trend": [{"step": "start", **start["eval"]}, {"step": "tuned", **done["eval"]}],
@@ -166,7 +159,7 @@ class FinePruning(Defense):
         import torch
 
         c = self.config
-        clean = _need_clean(ctx, "fine-pruning")
+        clean = steps.clean_data(ctx, "fine-pruning")
         model, start = steps.starting_model(ctx, "fp-train", data, path=c.model)
         pruned = steps.run(ctx, "fp-prune", model, lambda: {"pruning": prune(model, clean, ctx, c)})["pruning"]
         weight = dict(model.named_parameters())[pruned["weight"]]
@@ -184,8 +177,7 @@ class FinePruning(Defense):
             handle.remove()
         n, total = len(pruned["pruned"]), pruned["channels"]
         acc = pruned["clean_data_acc"]
-        summary = [f"fine-pruning: the model to repair ({'loaded from ' + c.model if c.model else 'trained here'}): "
-                   f"{steps.figures(start['eval'])}",
+        summary = [steps.start_line("fine-pruning", c.model, start["eval"]),
                    f"fine-pruning: pruned {n} of {total} channels (clean-data accuracy {100 * acc['before']:.2f}% -> "
                    f"{100 * acc['after']:.2f}%)",
                    f"fine-pruning: after {c.epochs} epochs on {len(clean)} clean images: {steps.figures(done['eval'])}"]

@@ -127,9 +127,7 @@ class MCLDef(Defense):
         from bdframe.seeding import derive_seed
 
         c = self.config
-        clean = ctx.clean
-        if clean is None or len(clean) == 0:
-            raise ValueError("mcldef needs trusted clean data (the recipe's [clean] section)")
+        clean = steps.clean_data(ctx, "mcldef")
         model, start = steps.starting_model(ctx, "mcldef-train", data, path=c.model)
 
         cp = ctx.checkpoint("mcldef-inversion")
@@ -148,7 +146,7 @@ class MCLDef(Defense):
             cp.save(inv)
         found = inv["result"]
         if ctx.artifacts is not None:
-            inversion.save_pictures(found, clean, ctx.artifacts / "mcldef_inversion.png")
+            inversion.save_pictures(found, clean, ctx.artifacts / "mcldef_inversion.png", classes=ctx.info.classes)
 
         def trigger(x):
             return inversion.apply_trigger(x, found)
@@ -159,8 +157,7 @@ class MCLDef(Defense):
                              lr_setting="[defense] lr"))})
         classes = ctx.info.classes
         name = classes[found.target] if found.target < len(classes) else str(found.target)
-        summary = [f"mcldef: the model to repair ({'loaded from ' + c.model if c.model else 'trained here'}): "
-                   f"{steps.figures(start['eval'])}",
+        summary = [steps.start_line("mcldef", c.model, start["eval"]),
                    f"mcldef: inverted target class {found.target} ({name}), anomaly index {found.index():.2f} "
                    f"(mask L1 norm {float(found.norms[found.target]):.1f}; median of all classes "
                    f"{float(found.norms.median()):.1f}); {len(clean)} clean images",

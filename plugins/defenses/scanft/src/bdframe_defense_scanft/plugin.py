@@ -62,9 +62,7 @@ class ScanFT(Defense):
         from bdframe.seeding import derive_seed
 
         c = self.config
-        clean = ctx.clean
-        if clean is None or len(clean) == 0:
-            raise ValueError("scanft needs trusted clean data (the recipe's [clean] section)")
+        clean = steps.clean_data(ctx, "scanft")
         model, start = steps.starting_model(ctx, "scanft-train", data, path=c.model)
         scorer = ctx.component("scorer", "scan", **c.scan)
         cp = ctx.checkpoint("scanft-detect")
@@ -85,8 +83,7 @@ class ScanFT(Defense):
                                lr_setting="[defense] lr")
         else:
             done = {"eval": start["eval"], "seconds": 0.0}
-        summary = [f"scanft: the model ({'loaded from ' + c.model if c.model else 'trained here'}): "
-                   f"{steps.figures(start['eval'])}",
+        summary = [steps.start_line("scanft", c.model, start["eval"]),
                    f"scanft: SCAn flagged {len(forget)} of {len(data)} samples with {len(clean)} clean images as reference",
                    f"scanft: after {c.epochs if len(forget) else 0} epochs of unlearning them: {steps.figures(done['eval'])}"]
         metrics = {"clean_images": len(clean), "flagged": len(forget),
