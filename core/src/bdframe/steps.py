@@ -52,7 +52,7 @@ def train(ctx, name: str, model, trainer, data, *, lr_setting: str, evaluate_eac
 
 
 def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch: bool = False,
-                   field: str = "$.defense.model"):
+                   field: str = "$.defense.model", check: Optional[Callable[[Any], None]] = None):
     """The model a defense that repairs a trained model starts from: the weights saved by an
     earlier run (``path``, a ``model.pt``; it must fit the recipe's ``[model]``, else a
     :class:`~bdframe.errors.UserError` naming ``field``), or a fresh model trained on ``data``
@@ -63,7 +63,8 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
     same initialisation, the stage named ``"train"`` and so the same data order and
     augmentation), so a repair defense starts from the model a plain run gives, whether it
     trains it or loads that run's ``model.pt``; call it before the defense's other steps create
-    models."""
+    models. ``check(model)``, if given, runs on the fresh model before any training (a defense
+    that cannot work with the recipe's model raises there, before the training is spent)."""
     from pathlib import Path
 
     import torch
@@ -71,6 +72,8 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
     from bdframe.errors import UserError
 
     model = ctx.new_model()
+    if check is not None:
+        check(model)
     if not path:
         def work():
             stage = ctx.stage("train", evaluate_each_epoch=evaluate_each_epoch, lr_setting="[train] lr")

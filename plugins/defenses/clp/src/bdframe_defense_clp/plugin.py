@@ -18,8 +18,8 @@ rather than a convolution is skipped, and each convolution is paired with the Ba
 normalises its output. A model that cannot be traced, or has no convolution -> BatchNorm pair, is
 refused with a message naming the model.
 
-The defense trains the model plainly first (the recipe's ``[train]`` stage: the model a user
-would otherwise deploy), prunes it and optionally fine-tunes it for ``repair_epochs`` on the
+The defense trains the model plainly first (exactly the model the ``none`` defense trains with
+the recipe: the model a user would otherwise deploy), prunes it and optionally fine-tunes it for ``repair_epochs`` on the
 (untrusted) training data. It flags no samples.
 """
 
@@ -121,15 +121,16 @@ class CLP(Defense):
 
     def run(self, data, ctx):
         c = self.config
-        trainer = ctx.component("trainer")
         repairer = ctx.component("trainer", epochs=c.repair_epochs, lr=c.repair_lr) if c.repair_epochs else None
-        model = ctx.new_model()
-        try:
-            pairs = conv_bn_pairs(model)
-        except ValueError as e:
-            raise UserError(f"$.model: clp cannot analyse this model: {e}") from None
-        if not pairs:
-            raise UserError("$.model: clp needs convolutions followed directly by BatchNorm; this model has none")
+
+        def analysable(model):
+            try:
+                pairs = conv_bn_pairs(model)
+            except ValueError as e:
+                raise UserError(f"$.model: clp cannot analyse this model: {e}") from None
+            if not pairs:
+                raise UserError("$.model: clp needs convolutions followed directly by BatchNorm; this model has none")
+
         trend, seconds = [], {}
 
         def record(name, done):
@@ -141,7 +142,10 @@ class CLP(Defense):
             return record(name, steps.train(ctx, name, model, trainer, data, lr_setting=setting,
                                             evaluate_each_epoch=c.evaluate_each_epoch))
 
-        train("clp-train", trainer, "[train] lr")
+        # the model the none defense trains with this recipe
+        model, done = steps.starting_model(ctx, "clp-train", data, check=analysable,
+                                           evaluate_each_epoch=c.evaluate_each_epoch)
+        record("clp-train", done)
         pruned = record("clp-prune", steps.run(ctx, "clp-prune", model, lambda: {"layers": prune(model, c.u)}))["layers"]
         if repairer is not None:
             train("clp-repair", repairer, "[defense] repair_lr")
