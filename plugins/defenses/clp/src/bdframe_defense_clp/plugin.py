@@ -35,6 +35,8 @@ from bdframe.interfaces import Defense, DefenseResult
 
 @attrs.frozen
 class CLPConfig:
+    model: str = attrs.field(default="", metadata={
+        "help": "model.pt of an earlier run to prune (must fit [model]); empty: train one with [train]"})
     u: float = attrs.field(default=3.0, validator=in_range(0, None), metadata={
         "help": "prune channels whose UCLC exceeds the layer's mean + u * std"})
     repair_epochs: int = attrs.field(default=0, validator=in_range(0, None), metadata={
@@ -143,7 +145,7 @@ class CLP(Defense):
                                             evaluate_each_epoch=c.evaluate_each_epoch))
 
         # the model the none defense trains with this recipe
-        model, done = steps.starting_model(ctx, "clp-train", data, check=analysable,
+        model, done = steps.starting_model(ctx, "clp-train", data, path=c.model, check=analysable,
                                            evaluate_each_epoch=c.evaluate_each_epoch)
         record("clp-train", done)
         pruned = record("clp-prune", steps.run(ctx, "clp-prune", model, lambda: {"layers": prune(model, c.u)}))["layers"]
@@ -153,7 +155,7 @@ class CLP(Defense):
         total = sum(len(layer["pruned"]) for layer in pruned)
         channels = sum(layer["channels"] for layer in pruned)
 
-        summary = [f"clp: plain training (no defense yet): {steps.figures(trend[0])}",
+        summary = [steps.start_line("clp", c.model, trend[0]),
                    f"clp: pruned {total} of {channels} channels in {len(pruned)} layers (u = {c.u:g}): {steps.figures(trend[1])}"]
         if repairer is not None:
             summary.append(f"clp: after {c.repair_epochs} epochs of repair: {steps.figures(trend[2])}")

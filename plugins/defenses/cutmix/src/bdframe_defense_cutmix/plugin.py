@@ -5,9 +5,10 @@ proportion to the areas, breaks up small local triggers; large or global trigger
 
 - ``mode = "scratch"``: a fresh model trained with the recipe's ``[train]`` stage with CutMix
   on every batch (``prob``).
-- ``mode = "repair"``: the model plain training gives (the recipe's ``[train]`` stage, no
-  CutMix: the backdoored model), then ``repair_epochs`` more epochs of the same stage at
-  ``repair_lr`` with CutMix, as the MeCa paper's tables use it.
+- ``mode = "repair"``: the model plain training gives (exactly the model the ``none`` defense
+  trains with the recipe, no CutMix: the backdoored model; or ``model = "runs/x/model.pt"``),
+  then ``repair_epochs`` more epochs of the same stage at ``repair_lr`` with CutMix, as the MeCa
+  paper's tables use it.
 
 The ``[train]`` stage must have CutMix options (the ``standard`` stage). The defense flags no
 samples. Each step is a checkpoint for ``--resume``.
@@ -33,12 +34,19 @@ class CutMixConfig:
         "help": "the kept share lambda ~ Beta(beta, beta)"})
     clip: tuple[float, ...] = attrs.field(default=(), validator=optional_interval(0, 1), metadata={
         "help": "[lo, hi] to clip lambda to (one implementation uses [0.3, 0.7]); empty: no clip"})
+    model: str = attrs.field(default="", metadata={
+        "help": "repair mode: model.pt of an earlier run to repair (must fit [model]); empty: train one with [train]"})
     repair_epochs: int = attrs.field(default=20, validator=in_range(0, None), metadata={
         "help": "repair mode: epochs of CutMix fine-tuning"})
     repair_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
         "help": "repair mode: peak learning rate of the CutMix fine-tuning"})
     evaluate_each_epoch: bool = attrs.field(default=True, metadata={
         "help": "log clean ACC and ASR after every epoch (costs one pass over the test sets)"})
+
+    def check(self):
+        if self.model and self.mode != "repair":
+            return [("model", "a model to repair is only used with mode = \"repair\"")]
+        return []
 
 
 class CutMix(Defense):
@@ -58,7 +66,8 @@ class CutMix(Defense):
         plain = c.mode == "repair"
         trend, seconds = [], {}
         if plain:  # the model the none defense trains with this recipe
-            model, done = steps.starting_model(ctx, "cutmix-plain", data, evaluate_each_epoch=c.evaluate_each_epoch)
+            model, done = steps.starting_model(ctx, "cutmix-plain", data, path=c.model,
+                                               evaluate_each_epoch=c.evaluate_each_epoch)
             trend.append({"step": "plain", **done["eval"]})
             seconds["plain"] = done["seconds"]
         else:
@@ -72,7 +81,7 @@ class CutMix(Defense):
 
         step("cutmix-repair" if plain else "cutmix-train", mixed, "[defense] repair_lr" if plain else "[train] lr")
 
-        summary = ([f"cutmix: plain training (no defense yet): {steps.figures(trend[0])}",
+        summary = ([steps.start_line("cutmix", c.model, trend[0]),
                     f"cutmix: after {c.repair_epochs} epochs of CutMix repair: {steps.figures(trend[1])}"]
                    if plain else [f"cutmix: trained from scratch with CutMix: {steps.figures(trend[0])}"])
         return DefenseResult(model=model, metrics={"trend": trend, "stage_seconds": seconds}, summary=summary)
