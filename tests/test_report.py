@@ -377,7 +377,7 @@ def test_columns_whose_defense_used_clean_data_are_marked_and_noted(tmp_path, ca
     head, _ = section(md_tables(text), "Clean accuracy")
     assert head == ["attack", "none ACC", "none ASR", "mcldef† ACC", "mcldef† ASR"]
     assert ("† the defense uses trusted clean data (500 images; each run's clean.json says where they come "
-            "from); the other columns use none: mcldef") in text
+            "from): mcldef; the other columns use none") in text
     # without clean data, no mark and no note
     d2 = tmp_path / "sweep2"
     make_sweep(d2, axes, lambda labels: {"clean_acc": 0.8, "seconds": {"total": 1.0}}, failed={}, interrupted=[],

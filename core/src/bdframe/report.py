@@ -463,9 +463,9 @@ def notes(t: Table) -> list:
     clean = t.clean_data()
     if clean:
         sizes = sorted({n for v in clean.values() for n in v})
+        used = ", ".join(label(c) for c in t.cols if c in clean)
         out.append((f"{CLEAN_MARK} the defense uses trusted clean data ({' / '.join(str(n) for n in sizes)} images; "
-                    f"each run's clean.json says where they come from); the other columns use none: "
-                    + ", ".join(label(c) for c in t.cols if c in clean), []))
+                    f"each run's clean.json says where they come from): {used}; the other columns use none", []))
     if not t.detection_cols():
         out.append(("detection: no finished run has detection results (no defense flagged samples)",
                     []))
