@@ -391,3 +391,18 @@ def test_fraction_and_folder_together_are_refused(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, text))
     assert any(m.startswith("$.clean.folder: give either fraction") for m in e.value.problems)
+
+
+def test_mcldef_returns_the_model_as_trained_when_no_class_stands_out(tmp_path, planted):
+    recipe_path, run = planted
+    text = recipe_path.read_text().replace(f'output_dir = "{recipe_path.parent / "runs"}"',
+                                           f'output_dir = "{tmp_path / "runs"}"')
+    text += (f'\n[defense]\nname = "mcldef"\nmodel = "{run / "model.pt"}"\ninversion_epochs = 3\n'
+             f'min_anomaly_index = 1000\n')
+    assert main(["run", str(write(tmp_path, text)), "--quiet", "--out", str(tmp_path / "d")]) == 0
+    m = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert m["defense_metrics"]["purified"] is False
+    assert any("returned as trained" in line for line in m["defense_summary"])
+    a = torch.load(run / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "d" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

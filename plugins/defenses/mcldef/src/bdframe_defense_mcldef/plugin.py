@@ -21,6 +21,10 @@ stage, or loaded: ``model = "runs/x/model.pt"``) using the recipe's trusted clea
    ``ce_weight`` > 0 adds that many times the cross-entropy on the clean images (the reference
    has no such term; 0 by default).
 
+``min_anomaly_index`` (0: always purify, as the reference) returns the model as trained when the
+inverted target's anomaly index is below it (Neural Cleanse's threshold is 2): purifying against
+a trigger that does not stand out removes nothing and costs accuracy.
+
 The defense flags no training samples: its inputs are the trusted clean data and the model.
 """
 
@@ -62,6 +66,9 @@ class MCLDefConfig:
         "help": "temperature of the contrastive loss"})
     ce_weight: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
         "help": "weight of an added cross-entropy term on the clean images (0: none, as the reference)"})
+    min_anomaly_index: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
+        "help": "purify only if the inverted target's anomaly index reaches this (Neural Cleanse: 2); "
+                "else return the model as trained. 0: always purify, as the reference"})
     evaluate_each_epoch: bool = attrs.field(default=False, metadata={
         "help": "clean ACC and ASR after every epoch (reporting only; one test pass per epoch)"})
 
@@ -151,18 +158,25 @@ class MCLDef(Defense):
         def trigger(x):
             return inversion.apply_trigger(x, found)
 
-        done = steps.run(ctx, "mcldef-purify", model,
-                         lambda: {"history": purify(model, clean, trigger, ctx, c, ctx.stage(
-                             "mcldef-purify-train", evaluate_each_epoch=c.evaluate_each_epoch,
-                             lr_setting="[defense] lr"))})
+        purified = found.index() >= c.min_anomaly_index
+        if purified:
+            done = steps.run(ctx, "mcldef-purify", model,
+                             lambda: {"history": purify(model, clean, trigger, ctx, c, ctx.stage(
+                                 "mcldef-purify-train", evaluate_each_epoch=c.evaluate_each_epoch,
+                                 lr_setting="[defense] lr"))})
+        else:
+            done = {"eval": start["eval"], "seconds": 0.0}
         classes = ctx.info.classes
         name = classes[found.target] if found.target < len(classes) else str(found.target)
         summary = [steps.start_line("mcldef", c.model, start["eval"]),
                    f"mcldef: inverted target class {found.target} ({name}), anomaly index {found.index():.2f} "
                    f"(mask L1 norm {float(found.norms[found.target]):.1f}; median of all classes "
                    f"{float(found.norms.median()):.1f}); {len(clean)} clean images",
-                   f"mcldef: after {c.epochs} epochs of model-contrastive training: {steps.figures(done['eval'])}"]
-        metrics = {"inversion": found.to_dict(), "clean_images": len(clean),
+                   f"mcldef: after {c.epochs} epochs of model-contrastive training: {steps.figures(done['eval'])}"
+                   if purified else
+                   f"mcldef: no class stands out (index {found.index():.2f} < min_anomaly_index "
+                   f"{c.min_anomaly_index:g}): the model is returned as trained"]
+        metrics = {"inversion": found.to_dict(), "clean_images": len(clean), "purified": purified,
                    "trend": [{"step": "start", **start["eval"]}, {"step": "purified", **done["eval"]}],
                    "stage_seconds": {"train": start["seconds"], "inversion": inv["seconds"],
                                      "purify": done["seconds"]}}
