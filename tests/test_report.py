@@ -383,3 +383,8 @@ def test_columns_whose_defense_used_clean_data_are_marked_and_noted(tmp_path, ca
     make_sweep(d2, axes, lambda labels: {"clean_acc": 0.8, "seconds": {"total": 1.0}}, failed={}, interrupted=[],
                not_started=[])
     assert "†" not in report_md(capsys, d2)
+    # the csv says it in a column
+    capsys.readouterr()
+    assert main(["report", str(d), "--format", "csv"]) == 0
+    rows = {r["defense"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert rows["mcldef"]["clean_images"] == "500" and rows["none"]["clean_images"] == ""

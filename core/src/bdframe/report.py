@@ -516,13 +516,14 @@ def to_markdown(t: Table) -> str:
 
 CSV_FIELDS = ("n", "acc_mean", "acc_std", "asr_mean", "asr_std", "flagged_mean", "flagged_std", "recall_mean",
               "recall_std", "precision_mean", "precision_std", "auroc_mean", "auroc_std", "time_multiple_mean",
-              "time_multiple_std", "runs")
+              "time_multiple_std", "clean_images", "runs")
 
 
 def to_csv(t: Table) -> str:
     """One line per (row, column group) that the sweep has runs for: the labels (a column per
     axis), n (finished runs), mean and std of each value (percent at full precision; empty when
-    missing) and the finished runs' names joined by ";"."""
+    missing), ``clean_images`` (how many trusted clean images the column's defense used; empty
+    for none) and the finished runs' names joined by ";"."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(list(t.row_names) + list(t.col_names) + list(CSV_FIELDS))
@@ -530,6 +531,7 @@ def to_csv(t: Table) -> str:
     def num(v):
         return "" if v is None else repr(float(v))
 
+    clean = t.clean_data()
     for r in t.rows:
         for c in t.cols:
             cell = t.cells[(r, c)]
@@ -539,7 +541,8 @@ def to_csv(t: Table) -> str:
             for k in ("acc", "asr", "flagged", "recall", "precision", "auroc", "multiple"):
                 s = getattr(cell, k)
                 line += [num(s.mean if s else None), num(s.std if s else None)]
-            w.writerow(line + [";".join(cell.runs)])
+            # the trusted clean images the column's defense used (empty: none)
+            w.writerow(line + ["/".join(str(n) for n in clean.get(c, [])), ";".join(cell.runs)])
     return buf.getvalue()
 
 
