@@ -98,36 +98,41 @@ def head_weight(model, features):
     return found[0], params[found[0]]
 
 
+def clean_features(model, data, ctx):
+    """Penultimate features of ``data`` (eval mode, no augmentation), on the model's device."""
+    from bdframe.interfaces import ScoreContext
+    from bdframe.scoring import features
+
+    return features(model, data, ScoreContext(device=ctx.device, progress=False), "clean features").to(ctx.device)
+
+
 def mean_activations(model, data, ctx):
     """Each penultimate channel's mean activation over ``data`` (eval mode, no augmentation)."""
-    import torch
-
-    model.eval()
-    total = None
-    with torch.no_grad():
-        for start in range(0, len(data), 256):
-            x = data.images[start:start + 256].to(ctx.device).float().div_(255)
-            f = model.features(x).float().sum(0)
-            total = f if total is None else total + f
-    return (total / len(data)).cpu()
+    return clean_features(model, data, ctx).mean(0).cpu()
 
 
 def prune(model, clean, ctx, c) -> dict:
     """Rank channels by mean clean activation and cut the lowest ones from the head while the
-    clean-data accuracy holds; see the module text. Returns the pruned channels and figures."""
+    clean-data accuracy holds; see the module text. Returns the pruned channels and figures.
+    The backbone runs once: every step's accuracy is the head on the cached features."""
     import torch
 
-    from bdframe.metrics import accuracy
+    feats = clean_features(model, clean, ctx)
+    acts = feats.mean(0).cpu()
+    name, weight = head_weight(model, feats[:2])
+    labels = clean.labels.to(ctx.device)
 
-    acts = mean_activations(model, clean, ctx)
-    with torch.no_grad():
-        feats = model.features(clean.images[:2].to(ctx.device).float() / 255)
-    name, weight = head_weight(model, feats)
+    def accuracy() -> float:
+        with torch.no_grad():
+            return float((model.head(feats).argmax(1) == labels).float().mean())
+
     order = torch.argsort(acts, stable=True)
     channels = len(acts)
     step = max(1, int(round(c.step * channels)))
     original = weight.detach().clone()
-    base = accuracy(model, clean, device=ctx.device)
+    was_training = model.training
+    model.eval()
+    base = accuracy()
     kept, kept_acc = 0, base
     curve = [{"pruned": 0, "clean_data_acc": base}]
     n = step
@@ -135,7 +140,7 @@ def prune(model, clean, ctx, c) -> dict:
         with torch.no_grad():
             weight.copy_(original)
             weight[:, order[:n].to(weight.device)] = 0
-        acc = accuracy(model, clean, device=ctx.device)
+        acc = accuracy()
         curve.append({"pruned": n, "clean_data_acc": acc})
         if acc < (1 - c.acc_drop) * base:
             break
@@ -144,6 +149,7 @@ def prune(model, clean, ctx, c) -> dict:
     with torch.no_grad():
         weight.copy_(original)
         weight[:, order[:kept].to(weight.device)] = 0
+    model.train(was_training)
     return {"weight": name, "channels": channels, "pruned": sorted(int(i) for i in order[:kept]),
             "clean_data_acc": {"before": base, "after": kept_acc}, "curve": curve}
 

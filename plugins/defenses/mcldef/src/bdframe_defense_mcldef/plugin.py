@@ -35,7 +35,7 @@ import copy
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range
+from bdframe.config import in_range, increasing
 from bdframe.interfaces import Defense, DefenseResult
 
 
@@ -58,7 +58,7 @@ class MCLDefConfig:
         "help": "epochs of model-contrastive training on the clean data"})
     lr: float = attrs.field(default=0.1, validator=in_range(0, None, lo_open=True), metadata={
         "help": "initial learning rate (SGD, momentum 0.9), times 0.1 at each of milestones"})
-    milestones: tuple[int, ...] = attrs.field(default=(1, 10), metadata={
+    milestones: tuple[int, ...] = attrs.field(default=(1, 10), validator=increasing, metadata={
         "help": "epochs after which the learning rate is multiplied by 0.1"})
     batch_size: int = attrs.field(default=64, validator=in_range(1, None))
     weight_decay: float = attrs.field(default=1e-4, validator=in_range(0, None))
@@ -75,8 +75,6 @@ class MCLDefConfig:
     def check(self):
         if self.milestones and self.epochs and max(self.milestones) > self.epochs:
             return [("milestones", f"must be <= epochs ({self.epochs}), got {list(self.milestones)}")]
-        if list(self.milestones) != sorted(set(self.milestones)):
-            return [("milestones", f"must be increasing, got {list(self.milestones)}")]
         return []
 
 
