@@ -6,6 +6,9 @@ and precision against the poison ids, then per class (by the label each sample c
 share above the label-aware rule's confidence thresholds (ground truth is read here only, to score the rules; the
 rules themselves never see it). Clean ACC/ASR need a run with that rule (``--meca
 detection=...`` in ``meca_cifar10.py``); this script shows what each rule would keep.
+``--models`` also reruns the saved warm-up and enhanced models over the training set and prints
+the detection AUROC of each model's ``p(y|x)`` overall and within the class most of the
+poison carries, and each class's median ``logit p(y|x)`` under both models.
 
     python benchmarks/meca_detection_rules.py benchmarks/results/runs/meca-bench-badnet-meca-n10000-...
 """
@@ -34,12 +37,55 @@ def rules(scores: dict) -> dict:
             "label-aware, confidence_high 0.999": flag_label_aware(prob, scores["labels"], high=0.999)[0]}
 
 
+def compare_models(d: Path, parts, ids, labels, truth, classes) -> dict:
+    """The warm-up and the enhanced model's ``p(y|x)`` as detection scores: AUROC overall and in
+    the class most poison carries, and each class's median ``logit p(y|x)``."""
+    import torch
+
+    from bdframe.detection import auroc
+    from bdframe.interfaces import ScoreContext
+    from bdframe.scoring import logits
+
+    data = parts.poisoned.subset(parts.poisoned.contains(ids))
+    order = data.positions(ids)
+    logit_p = {}
+    for tag in ("warmup", "enhanced"):
+        model = parts.build_model()
+        model.load_state_dict(torch.load(d / f"meca_{tag}_model.pt", map_location="cpu", weights_only=True))
+        z = logits(model, data, ScoreContext(progress=False))[order].double()
+        logp = torch.log_softmax(z, 1).gather(1, labels[:, None])[:, 0]
+        logit_p[tag] = logp - torch.log((-torch.expm1(logp)).clamp_min(1e-300))
+    out = {"auroc": {}, "class_median_logit": {}}
+    if bool(truth.any()):
+        top = int(torch.mode(labels[truth]).values)
+        inside = labels == top
+        out["poison_class"] = classes[top]
+        out["auroc"] = {tag: {"all": auroc(v, truth), "poison_class": auroc(v[inside], truth[inside])}
+                        for tag, v in logit_p.items()}
+        print()
+        print_table([{"model": tag, **a} for tag, a in out["auroc"].items()],
+                    [("model", "model", "{}"), ("all", "p(y|x) AUROC", "{:.3f}"),
+                     ("poison_class", f"AUROC within {classes[top]}", "{:.3f}")])
+    med = []
+    for c, name in enumerate(classes):
+        m = labels == c
+        if bool(m.any()):
+            med.append({"class": name, **{tag: float(v[m].median()) for tag, v in logit_p.items()}})
+    out["class_median_logit"] = med
+    print()
+    print_table(med, [("class", "class (label)", "{}"), ("warmup", "median logit p, warm-up", "{:.2f}"),
+                      ("enhanced", "median logit p, enhanced", "{:.2f}")])
+    return out
+
+
 def main(argv=None) -> int:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a finished MeCa run directory")
     ap.add_argument("--out", help="also write the table as JSON here")
+    ap.add_argument("--models", action="store_true",
+                    help="also compare the warm-up and the enhanced model's p(y|x) (reruns both over the training set)")
     args = ap.parse_args(argv)
     d = Path(args.run_dir)
     s = torch.load(d / "meca_scores.pt", weights_only=False)
@@ -76,8 +122,9 @@ def main(argv=None) -> int:
     print_table(per_class, [("class", "class (label)", "{}"), ("samples", "samples", "{}"),
                             ("poisoned", "poisoned", "{}"), ("share_099", "p_e > 0.99 %", "{:.1f}"),
                             ("share_0999", "p_e > 0.999 %", "{:.1f}")])
+    models = compare_models(d, parts, s["ids"], labels, truth, classes) if args.models else None
     if args.out:
-        write_json(Path(args.out), {"run_dir": str(d), "rows": rows, "classes": per_class})
+        write_json(Path(args.out), {"run_dir": str(d), "rows": rows, "classes": per_class, "models": models})
     return 0
 
 

@@ -95,3 +95,14 @@ def test_cutmix_defense_refuses_a_stage_without_cutmix(tmp_path, capsys):
     f.write_text(f.read_text().replace('name = "standard"', 'name = "relearn"'))
     assert main(["run", str(f), "--quiet"]) == 2
     assert "cutmix needs a [train] stage with CutMix options" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_cutmix_example_trains_without_the_backdoor(tmp_path):
+    """examples/cutmix-quickstart.toml: CutMix from scratch does not learn the BadNet patch."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "cutmix-quickstart.toml"
+    assert main(["run", str(example), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["asr"] < 0.2 and m["clean_acc"] > 0.9
