@@ -291,6 +291,19 @@ def test_each_defense_repairs_a_saved_model_and_reports_its_clean_data(tmp_path,
         assert (d / "suspected.csv").is_file()
 
 
+def test_scanft_with_nothing_flagged_leaves_the_model_unchanged(tmp_path, planted):
+    recipe_path, run = planted
+    text = recipe_path.read_text().replace(f'output_dir = "{recipe_path.parent / "runs"}"',
+                                           f'output_dir = "{tmp_path / "runs"}"')
+    text += f'\n[defense]\nname = "scanft"\nmodel = "{run / "model.pt"}"\nscan = {{threshold = 1e9}}\n'
+    assert main(["run", str(write(tmp_path, text)), "--quiet", "--out", str(tmp_path / "d")]) == 0
+    m = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert m["defense_metrics"]["flagged"] == 0 and m["detection"]["flagged"] == 0
+    a = torch.load(run / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "d" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_defense_without_clean_data_records_the_reserve_as_unused(tmp_path):
     f = tiny(tmp_path, "[clean]\nfraction = 0.1\n")
     assert main(["run", str(f), "--quiet", "--out", str(tmp_path / "d")]) == 0

@@ -72,6 +72,15 @@ def test_pruning_zeroes_exactly_the_outlying_channels(bdframe_registry):
     assert all(torch.equal(after[k], before[k]) for k in untouched)
 
 
+def test_pruning_is_deterministic(bdframe_registry):
+    a, b = built(bdframe_registry, "preact-resnet18"), built(bdframe_registry, "preact-resnet18")
+    b.load_state_dict(a.state_dict())
+    report = prune(a, 1.0)
+    assert any(layer["pruned"] for layer in report) and report == prune(b, 1.0)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_a_huge_u_prunes_nothing_and_leaves_the_outputs(bdframe_registry):
     model = built(bdframe_registry, "mobilenetv2")
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
