@@ -186,6 +186,26 @@ def test_the_time_multiple_uses_the_no_defense_run_of_the_same_row_and_seed(tmp_
     assert t.aggregated == [("seed", 3)] and len(finished) == 14
 
 
+def test_only_keeps_the_chosen_runs_and_their_no_defense_references(tmp_path, capsys):
+    d = tmp_path / "sweep"
+    finished = make_sweep(d)
+    full = report.collect(d)
+    t = report.collect(d, only=["defense=meca", "attack=badnet", "attack=blend"])
+    assert t.cols == [("meca",)] and t.rows == [("badnet",), ("blend",)]
+    assert {r.name for r in t.runs} == {run_name({"attack": a, "defense": "meca", "seed": s})
+                                        for a in ("badnet", "blend") for s in "012"}
+    # the multiple and the ACC loss still come from the hidden no-defense runs
+    assert t.cell("badnet", "meca") == full.cell("badnet", "meca")
+    assert t.cell("badnet", "meca").multiple.n == 2
+    text = report_md(capsys, d, "--only", "defense=meca", "--only", "attack=badnet", "--only", "attack=blend")
+    head, body = section(md_tables(text), "Clean accuracy")
+    assert head == ["attack", "meca ACC", "meca ASR"] and list(body) == ["badnet", "blend"]
+    ev = expected_values(finished, "badnet", "meca")
+    assert body["badnet"] == [expect(ev["acc"]), expect(ev["asr"])]
+    assert "--only: the runs with attack badnet or blend, defense meca (6 of 18)" in text
+    assert "6 runs: 3 finished, 1 failed, 1 interrupted, 1 not started" in text
+
+
 def test_no_reference_gives_a_dash(tmp_path, capsys):
     d = tmp_path / "sweep"
     axes = {"attack": ["badnet"], "defense": ["none", "meca"], "seed": ["0"]}
@@ -251,6 +271,8 @@ def test_rows_and_cols_swap_and_combine(tmp_path, capsys):
     (["--cols", "train.epochs"], ["--cols 'train.epochs' is not an axis", "attack, defense, seed"]),
     (["--rows", "seed", "--cols", "seed"], ["--rows and --cols both name 'seed'"]),
     (["--rows", "seed", "seed"], ["--rows: seed given more than once"]),
+    (["--only", "defense"], ["--only 'defense': expected AXIS=LABEL", "attack, defense, seed"]),
+    (["--only", "defense=abl"], ["--only 'defense=abl': no run has the label 'abl'", "meca, none"]),
 ])
 def test_bad_axes_exit_2_with_one_line(tmp_path, capsys, args, words):
     d = tmp_path / "sweep"

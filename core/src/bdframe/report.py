@@ -331,9 +331,12 @@ def _fallback_label(runs: list, key: str) -> str:
     return values.pop() if len(values) == 1 else "all"
 
 
-def collect(sweep_dir, rows=None, cols=None) -> Table:
+def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
     """Read ``sweep_dir`` and build its :class:`Table`. ``rows``/``cols`` are lists of axis
-    paths, or None for the defaults (``attack`` / ``defense``, see the module text)."""
+    paths, or None for the defaults (``attack`` / ``defense``, see the module text). ``only``
+    (``AXIS=LABEL`` items, as ``bdframe sweep run --only``) keeps the matching runs in the
+    table; the no-defense references of the time multiple and the ACC loss are taken from all
+    runs, shown or not."""
     sweep_dir = Path(sweep_dir)
     name, axes, planned = read_sweep(sweep_dir)
     if rows is not None and cols is not None:
@@ -343,7 +346,14 @@ def collect(sweep_dir, rows=None, cols=None) -> Table:
                             f"either rows or columns (the others are aggregated over)")
     row_axes = _choose(rows, "--rows", ROWS_AXIS, axes, cols or ())
     col_axes = _choose(cols, "--cols", COLS_AXIS, axes, row_axes)
-    runs = [_load_run(sweep_dir, p) for p in planned]
+    every = [_load_run(sweep_dir, p) for p in planned]
+    if only:
+        from bdframe.sweep import match_only
+
+        keep = match_only(only, axes, [r.labels for r in every])
+        runs = [r for r, k in zip(every, keep) if k]
+    else:
+        runs = every
     done = [r for r in runs if r.status == FINISHED]
 
     fallbacks = []
@@ -366,8 +376,8 @@ def collect(sweep_dir, rows=None, cols=None) -> Table:
     # the no-defense references: same labels on every axis but the column axes
     ref_axes = [p for p in axes if p not in col_axes]
     refs: dict = {}
-    for r in done:
-        if r.metrics.get("defense") == NO_DEFENSE:
+    for r in every:
+        if r.status == FINISHED and r.metrics.get("defense") == NO_DEFENSE:
             refs.setdefault(tuple(r.labels[p] for p in ref_axes), []).append(r)
 
     def per_run(r: Run) -> dict:
@@ -407,6 +417,14 @@ def collect(sweep_dir, rows=None, cols=None) -> Table:
             planned_here = tuple(r.name for r in runs if row_of(r) == rk and col_of(r) == ck)
             cells[(rk, ck)] = Cell(rk, ck, tuple(r.name for r in inside), **stats, planned=planned_here)
     aggregated = [(p, len(axes[p])) for p in axes if p not in row_axes and p not in col_axes]
+    if only:
+        chosen: dict = {}
+        for item in only:
+            path, _, lab = str(item).partition("=")
+            chosen.setdefault(path, []).append(lab)
+        which = ", ".join(f"{p} {' or '.join(dict.fromkeys(chosen[p]))}" for p in axes if p in chosen)
+        fallbacks.append(f"--only: the runs with {which} ({len(runs)} of {len(every)}); the time multiple and "
+                         f"ACC loss still refer to each row's no-defense run")
     return Table(sweep_dir, name, axes, row_axes, col_axes, row_names, col_names, row_keys, col_keys, cells,
                  aggregated, runs, fallbacks)
 
@@ -686,12 +704,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="axis path(s) whose labels make the rows (default: attack)")
     s.add_argument("--cols", nargs="+", action="extend", metavar="AXIS",
                    help="axis path(s) whose labels make the column groups (default: defense)")
+    s.add_argument("--only", action="append", default=[], metavar="AXIS=LABEL",
+                   help="report only the runs with this label (repeatable: labels of one axis are alternatives, "
+                        "different axes must all match), e.g. --only defense=none --only defense=clp")
     s.add_argument("--out", metavar="PATH", help="write the report to this file instead")
     return s
 
 
 def main(args) -> int:
-    table = collect(args.sweep_dir, args.rows, args.cols)
+    table = collect(args.sweep_dir, args.rows, args.cols, getattr(args, "only", ()))
     if args.format == "csv":
         text = to_csv(table)
     elif args.format == "html":

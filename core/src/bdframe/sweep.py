@@ -899,20 +899,27 @@ def _ray(sweep: Sweep, todo, tracker: Tracker, threads: int, gpus: float, addres
             ray.shutdown()
 
 
-def select(sweep: Sweep, only: list[str]) -> list[str]:
-    """The names of the runs that match every ``PATH=LABEL`` of ``only`` (all runs when empty)."""
+def match_only(only, axes: dict, labelled: list) -> list:
+    """For each label dict of ``labelled`` (axis path -> label), whether it matches every
+    ``PATH=LABEL`` of ``only``: several labels of one axis are alternatives, different axes must
+    all match. ``axes`` maps each axis path to its labels; a label no run carries is refused."""
     want: dict[str, set] = {}
-    by_path = {a.path: a for a in sweep.axes}
     for item in only:
-        path, sep, lab = item.partition("=")
-        if not sep or path not in by_path:
-            raise UserError(f"--only {item!r}: expected AXIS=LABEL with AXIS one of: {', '.join(by_path)}")
-        labels = {r.labels[path] for r in sweep.runs}
+        path, sep, lab = str(item).partition("=")
+        if not sep or path not in axes:
+            raise UserError(f"--only {item!r}: expected AXIS=LABEL with AXIS one of: {', '.join(axes)}")
+        labels = {r[path] for r in labelled}
         if lab not in labels:
             raise UserError(f"--only {item!r}: no run has the label {lab!r} on {path!r}; its labels: "
                             f"{', '.join(sorted(labels))}")
         want.setdefault(path, set()).add(lab)
-    return [r.name for r in sweep.runs if all(r.labels[p] in labs for p, labs in want.items())]
+    return [all(r[p] in labs for p, labs in want.items()) for r in labelled]
+
+
+def select(sweep: Sweep, only: list[str]) -> list[str]:
+    """The names of the runs that match every ``PATH=LABEL`` of ``only`` (all runs when empty)."""
+    keep = match_only(only, {a.path: a for a in sweep.axes}, [r.labels for r in sweep.runs])
+    return [r.name for r, k in zip(sweep.runs, keep) if k]
 
 
 def run_sweep(path, *, jobs: Optional[int] = None, threads: Optional[int] = None, executor: str = "local",
