@@ -347,13 +347,12 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
     row_axes = _choose(rows, "--rows", ROWS_AXIS, axes, cols or ())
     col_axes = _choose(cols, "--cols", COLS_AXIS, axes, row_axes)
     every = [_load_run(sweep_dir, p) for p in planned]
+    runs, chosen = every, {}
     if only:
-        from bdframe.sweep import match_only
+        from bdframe.sweep import parse_only
 
-        keep = match_only(only, axes, [r.labels for r in every])
-        runs = [r for r, k in zip(every, keep) if k]
-    else:
-        runs = every
+        chosen = parse_only(only, axes, [r.labels for r in every])
+        runs = [r for r in every if all(r.labels[p] in labs for p, labs in chosen.items())]
     done = [r for r in runs if r.status == FINISHED]
 
     fallbacks = []
@@ -417,12 +416,8 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
             planned_here = tuple(r.name for r in runs if row_of(r) == rk and col_of(r) == ck)
             cells[(rk, ck)] = Cell(rk, ck, tuple(r.name for r in inside), **stats, planned=planned_here)
     aggregated = [(p, len(axes[p])) for p in axes if p not in row_axes and p not in col_axes]
-    if only:
-        chosen: dict = {}
-        for item in only:
-            path, _, lab = str(item).partition("=")
-            chosen.setdefault(path, []).append(lab)
-        which = ", ".join(f"{p} {' or '.join(dict.fromkeys(chosen[p]))}" for p in axes if p in chosen)
+    if chosen:
+        which = ", ".join(f"{p} {' or '.join(chosen[p])}" for p in axes if p in chosen)
         fallbacks.append(f"--only: the runs with {which} ({len(runs)} of {len(every)}); the time multiple and "
                          f"ACC loss still refer to each row's no-defense run")
     return Table(sweep_dir, name, axes, row_axes, col_axes, row_names, col_names, row_keys, col_keys, cells,

@@ -899,11 +899,11 @@ def _ray(sweep: Sweep, todo, tracker: Tracker, threads: int, gpus: float, addres
             ray.shutdown()
 
 
-def match_only(only, axes: dict, labelled: list) -> list:
-    """For each label dict of ``labelled`` (axis path -> label), whether it matches every
-    ``PATH=LABEL`` of ``only``: several labels of one axis are alternatives, different axes must
-    all match. ``axes`` maps each axis path to its labels; a label no run carries is refused."""
-    want: dict[str, set] = {}
+def parse_only(only, axes: dict, labelled: list) -> dict:
+    """``PATH=LABEL`` items of ``only`` as {axis path: [labels]} (in the order given). ``axes``
+    maps each axis path to its labels; ``labelled`` are the runs' label dicts; a label no run
+    carries is refused."""
+    want: dict[str, list] = {}
     for item in only:
         path, sep, lab = str(item).partition("=")
         if not sep or path not in axes:
@@ -912,7 +912,16 @@ def match_only(only, axes: dict, labelled: list) -> list:
         if lab not in labels:
             raise UserError(f"--only {item!r}: no run has the label {lab!r} on {path!r}; its labels: "
                             f"{', '.join(sorted(labels))}")
-        want.setdefault(path, set()).add(lab)
+        if lab not in want.setdefault(path, []):
+            want[path].append(lab)
+    return want
+
+
+def match_only(only, axes: dict, labelled: list) -> list:
+    """For each label dict of ``labelled`` (axis path -> label), whether it matches every
+    ``PATH=LABEL`` of ``only`` (see :func:`parse_only`): several labels of one axis are
+    alternatives, different axes must all match."""
+    want = parse_only(only, axes, labelled)
     return [all(r[p] in labs for p, labs in want.items()) for r in labelled]
 
 
