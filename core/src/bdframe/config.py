@@ -71,6 +71,16 @@ def optional_interval(lo: float, hi: float):
     return interval(lo, hi, optional=True)
 
 
+def starting_model_field(verb: str = "repair", *, when: str = ""):
+    """The ``model`` option of a defense that starts from a trained model (the path
+    :func:`bdframe.steps.starting_model` takes): a ``model.pt`` of an earlier run to ``verb``, or
+    empty to train one with the recipe's ``[train]``. ``when`` prefixes the help text with the
+    mode the option applies in (e.g. ``"repair mode"``)."""
+    lead = f"{when}: " if when else ""
+    return attrs.field(default="", metadata={
+        "help": f"{lead}model.pt of an earlier run to {verb} (must fit [model]); empty: train one with [train]"})
+
+
 def each(validator):
     """Apply ``validator`` to every element of a sequence."""
 

@@ -28,15 +28,14 @@ from __future__ import annotations
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range
+from bdframe.config import in_range, starting_model_field
 from bdframe.errors import UserError
 from bdframe.interfaces import Defense, DefenseResult
 
 
 @attrs.frozen
 class CLPConfig:
-    model: str = attrs.field(default="", metadata={
-        "help": "model.pt of an earlier run to prune (must fit [model]); empty: train one with [train]"})
+    model: str = starting_model_field("prune")
     u: float = attrs.field(default=3.0, validator=in_range(0, None), metadata={
         "help": "prune channels whose UCLC exceeds the layer's mean + u * std"})
     repair_epochs: int = attrs.field(default=0, validator=in_range(0, None), metadata={

@@ -19,7 +19,7 @@ from __future__ import annotations
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range, one_of, optional_interval
+from bdframe.config import in_range, one_of, optional_interval, starting_model_field
 from bdframe.errors import UserError
 from bdframe.interfaces import Defense, DefenseResult
 
@@ -34,8 +34,7 @@ class CutMixConfig:
         "help": "the kept share lambda ~ Beta(beta, beta)"})
     clip: tuple[float, ...] = attrs.field(default=(), validator=optional_interval(0, 1), metadata={
         "help": "[lo, hi] to clip lambda to (one implementation uses [0.3, 0.7]); empty: no clip"})
-    model: str = attrs.field(default="", metadata={
-        "help": "repair mode: model.pt of an earlier run to repair (must fit [model]); empty: train one with [train]"})
+    model: str = starting_model_field("repair", when="repair mode")
     repair_epochs: int = attrs.field(default=20, validator=in_range(0, None), metadata={
         "help": "repair mode: epochs of CutMix fine-tuning"})
     repair_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={

@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range
+from bdframe.config import in_range, starting_model_field
 from bdframe.interfaces import Defense, DefenseResult
 
 
@@ -112,8 +112,7 @@ def _split_line(name: str, split: dict, n: int) -> str:
 
 @attrs.frozen
 class DBRConfig(FctSplitConfig):
-    model: str = attrs.field(default="", metadata={
-        "help": "model.pt of an earlier run to repair (must fit [model]); empty: train one with [train]"})
+    model: str = starting_model_field()
     rounds: int = attrs.field(default=20, validator=in_range(0, None), metadata={
         "help": "repair rounds: one unlearning pass on the suspected-poisoned set, one learning pass on the clean"})
     repair_lr: float = attrs.field(default=1e-4, validator=in_range(0, None, lo_open=True), metadata={

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range
+from bdframe.config import in_range, starting_model_field
 from bdframe.interfaces import Defense, DefenseResult
 
 
@@ -31,8 +31,7 @@ class DetectConfig:
         "help": "the sample scorer (see `bdframe plugins`)"})
     params: dict[str, Any] = attrs.field(factory=dict, metadata={
         "help": "the scorer's parameters, a table (e.g. {n_overlays = 16})"})
-    model: str = attrs.field(default="", metadata={
-        "help": "model.pt of an earlier run to score with (must fit [model]); empty: train one with [train]"})
+    model: str = starting_model_field("score with")
     score_batch_size: int = attrs.field(default=256, validator=in_range(1, None))
     evaluate_each_epoch: bool = attrs.field(default=False, metadata={
         "help": "log clean ACC and ASR after every training epoch"})

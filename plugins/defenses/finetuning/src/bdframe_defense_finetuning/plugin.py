@@ -29,15 +29,14 @@ from __future__ import annotations
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range
+from bdframe.config import in_range, starting_model_field
 from bdframe.errors import UserError
 from bdframe.interfaces import Defense, DefenseResult
 
 
 @attrs.frozen
 class FineTuningConfig:
-    model: str = attrs.field(default="", metadata={
-        "help": "model.pt of an earlier run to repair (must fit [model]); empty: train one with [train]"})
+    model: str = starting_model_field()
     epochs: int = attrs.field(default=10, validator=in_range(0, None), metadata={
         "help": "epochs of fine-tuning on the clean data"})
     lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={

@@ -35,14 +35,13 @@ import copy
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range, increasing
+from bdframe.config import in_range, increasing, starting_model_field
 from bdframe.interfaces import Defense, DefenseResult
 
 
 @attrs.frozen
 class MCLDefConfig:
-    model: str = attrs.field(default="", metadata={
-        "help": "model.pt of an earlier run to repair (must fit [model]); empty: train one with [train]"})
+    model: str = starting_model_field()
     inversion_lam: float = attrs.field(default=0.01, validator=in_range(0, None), metadata={
         "help": "trigger inversion: weight of the mask's L1 norm"})
     inversion_lr: float = attrs.field(default=0.1, validator=in_range(0, None, lo_open=True), metadata={

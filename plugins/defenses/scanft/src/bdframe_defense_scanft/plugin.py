@@ -25,14 +25,13 @@ from typing import Any
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range
+from bdframe.config import in_range, starting_model_field
 from bdframe.interfaces import Defense, DefenseResult
 
 
 @attrs.frozen
 class ScanFTConfig:
-    model: str = attrs.field(default="", metadata={
-        "help": "model.pt of an earlier run to repair (must fit [model]); empty: train one with [train]"})
+    model: str = starting_model_field()
     scan: dict[str, Any] = attrs.field(factory=dict, metadata={
         "help": "parameters of the scan scorer (threshold, score_mode, ...), a table"})
     epochs: int = attrs.field(default=5, validator=in_range(0, None), metadata={
