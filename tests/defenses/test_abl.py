@@ -79,3 +79,18 @@ def test_a_resumed_run_does_not_redo_the_isolation(tmp_path, monkeypatch):
     assert scored["n"] == 1  # the isolation was loaded, not scored again
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ref", "cut"))
     assert (a["clean_acc"], a["asr"], a["detection"]) == (b["clean_acc"], b["asr"], b["detection"])
+
+
+@pytest.mark.slow
+def test_the_abl_example_isolates_poison_and_unlearns_the_backdoor(tmp_path):
+    """examples/abl-quickstart.toml: the fine-tuned model has the backdoor, the isolated samples
+    are mostly poisoned, and unlearning them removes it."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "abl-quickstart.toml"
+    assert main(["run", str(example), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    finetuned = [t for t in m["defense_metrics"]["trend"] if t["step"] == "finetune"]
+    assert finetuned and finetuned[0]["asr"] > 0.9
+    assert m["detection"]["precision"] > 0.5
+    assert m["asr"] < 0.2 and m["clean_acc"] > 0.5

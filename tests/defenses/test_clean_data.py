@@ -327,6 +327,17 @@ def test_the_clean_data_examples_run(tmp_path, example):
         assert m["asr"] < 0.2 and m["clean_acc"] > 0.6
 
 
+@pytest.mark.slow
+def test_the_scanft_example_finds_the_poison_and_unlearns_the_backdoor(tmp_path):
+    """examples/scanft-quickstart.toml: SCAn flags every poisoned sample (and some clean ones of
+    the target class) and the stronger flooded unlearning removes the backdoor."""
+    assert main(["run", str(REPO / "examples" / "scanft-quickstart.toml"), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["defense_metrics"]["trend"][0]["asr"] > 0.8  # the model SCAnFT repairs has the backdoor
+    assert m["detection"]["recall"] > 0.9 and m["detection"]["precision"] > 0.5
+    assert m["asr"] < 0.2 and m["clean_acc"] > 0.5
+
+
 def test_a_repair_defense_starts_from_exactly_the_model_of_the_plain_run(tmp_path):
     """Trained by the defense or loaded from the none run, the starting model is the same."""
     base = TINY.format(out=tmp_path / "runs", epochs=2) + "[clean]\nfraction = 0.1\n"

@@ -114,3 +114,18 @@ def test_end_to_end(tmp_path):
     assert [t["step"] for t in dm["trend"]] == ["train", "prune", "repair"]
     assert dm["pruned_channels"] == sum(len(layer["pruned"]) for layer in dm["layers"]) > 0
     assert dm["trend"][-1]["clean_acc"] == m["clean_acc"] and "detection" not in m
+
+
+@pytest.mark.slow
+def test_the_clp_example_removes_the_backdoor_without_data(tmp_path):
+    """examples/clp-quickstart.toml: the plainly trained model has the backdoor, pruning at u = 1
+    removes it."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "clp-quickstart.toml"
+    assert main(["run", str(example), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    trained = m["defense_metrics"]["trend"][0]
+    assert trained["step"] == "train" and trained["asr"] > 0.9
+    assert m["defense_metrics"]["pruned_channels"] > 0
+    assert m["asr"] < 0.2 and m["clean_acc"] > 0.6
