@@ -171,6 +171,10 @@ class Table:
     def cells_in_col(self, col) -> set:
         return {name for (_, c), cell in self.cells.items() if c == col for name in cell.runs}
 
+    def has_multiples(self) -> bool:
+        """Whether any cell has a wall-time multiple (some shown run has a no-defense reference)."""
+        return any(c.multiple is not None for c in self.cells.values())
+
     def detection_cols(self) -> list:
         """The column groups where some cell has detection results."""
         return [c for c in self.cols if any(self.cells[(r, c)].recall is not None or self.cells[(r, c)].flagged
@@ -455,9 +459,10 @@ def sections(t: Table) -> list:
                     [[label(r)] + [fmt(t.cells[(r, c)].auroc, 3) if k == "AUROC" else fmt(getattr(t.cells[(r, c)], k))
                                    for c in dcols for k in keys]
                      for r in t.rows]))
-    out.append(("Wall time: total seconds as a multiple of the no-defense run of the same row",
-                [head] + [f"{label(c)} time" for c in t.cols],
-                [[label(r)] + [fmt(t.cells[(r, c)].multiple) for c in t.cols] for r in t.rows]))
+    if t.has_multiples():
+        out.append(("Wall time: total seconds as a multiple of the no-defense run of the same row",
+                    [head] + [f"{label(c)} time" for c in t.cols],
+                    [[label(r)] + [fmt(t.cells[(r, c)].multiple) for c in t.cols] for r in t.rows]))
     return out
 
 
@@ -482,6 +487,9 @@ def notes(t: Table) -> list:
     if not t.detection_cols():
         out.append(("detection: no finished run has detection results (no defense flagged samples)",
                     []))
+    if t.runs and not t.has_multiples():
+        out.append(("wall time: no shown run has a finished no-defense run in its row to compare with, so there "
+                    "is no time table (each run's metrics.json has its seconds)", []))
     n = len(t.runs)
     groups = [(s, t.with_status(s)) for s in (FINISHED, FAILED, INTERRUPTED, NOT_STARTED)]
     out.append((f"{n} run{'s' if n != 1 else ''}: " + ", ".join(f"{len(rs)} {s}" for s, rs in groups), []))
