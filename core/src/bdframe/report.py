@@ -353,10 +353,10 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
     every = [_load_run(sweep_dir, p) for p in planned]
     runs, chosen = every, {}
     if only:
-        from bdframe.sweep import parse_only
+        from bdframe.sweep import matches, parse_only
 
         chosen = parse_only(only, axes, [r.labels for r in every])
-        runs = [r for r in every if all(r.labels[p] in labs for p, labs in chosen.items())]
+        runs = [r for r in every if matches(r.labels, chosen)]
     done = [r for r in runs if r.status == FINISHED]
 
     fallbacks = []

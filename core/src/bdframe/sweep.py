@@ -922,7 +922,13 @@ def match_only(only, axes: dict, labelled: list) -> list:
     ``PATH=LABEL`` of ``only`` (see :func:`parse_only`): several labels of one axis are
     alternatives, different axes must all match."""
     want = parse_only(only, axes, labelled)
-    return [all(r[p] in labs for p, labs in want.items()) for r in labelled]
+    return [matches(r, want) for r in labelled]
+
+
+def matches(labels: dict, want: dict) -> bool:
+    """Whether one run's labels (axis path -> label) carry one of the wanted labels on every axis
+    of ``want`` (the result of :func:`parse_only`)."""
+    return all(labels[p] in labs for p, labs in want.items())
 
 
 def select(sweep: Sweep, only: list[str]) -> list[str]:
