@@ -82,36 +82,6 @@ def parse_key_values(items: list[str], what: str = "") -> dict:
     return out
 
 
-def add_cpu_recipe_args(ap, *, train_size: int) -> None:
-    """The command-line options of the CPU-sized configuration (see :func:`cpu_recipe`)."""
-    ap.add_argument("--data", help="CIFAR-10 image-folder tree or cifar10-jpeg.tar.gz (default: ../shared)")
-    ap.add_argument("--train-size", type=int, default=train_size)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--poison-rate", type=float, default=0.05)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-
-
-def add_meca_table_args(ap) -> None:
-    """The options that pick a configuration of ``meca_cifar10.py``'s table: the CPU-sized
-    recipe's (:func:`add_cpu_recipe_args`, 10,000 training images), ``--relearn-epochs`` and
-    repeatable ``--meca KEY=VALUE``."""
-    add_cpu_recipe_args(ap, train_size=10000)
-    ap.add_argument("--relearn-epochs", type=int, default=5)
-    ap.add_argument("--meca", action="append", default=[], metavar="KEY=VALUE",
-                    help="a MeCa option (JSON value), e.g. lam=0.2; part of the configuration key")
-
-
-def meca_table_config(args) -> tuple[dict, dict]:
-    """``(config, meca)``: the key of a ``meca_cifar10.json`` configuration and MeCa's options in it."""
-    meca = {"relearn": True, "relearn_epochs": args.relearn_epochs, "evaluate_each_epoch": False,
-            **parse_key_values(args.meca, "--meca ")}
-    config = {k: getattr(args, k) for k in ("train_size", "epochs", "width", "poison_rate", "seed")}
-    config["meca"] = meca
-    return config, meca
-
-
 def cpu_recipe(root: Path, *, train_size: int, epochs: int, width: int, device: str, seed: int) -> dict:
     """The CPU-sized CIFAR-10 configuration every CIFAR-10 benchmark here uses."""
     return {

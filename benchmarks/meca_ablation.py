@@ -16,8 +16,9 @@ Ground truth (poison ids) is read only to compute the metrics. Results are appen
 ``results/meca_ablation.json`` keyed by run and variant; existing keys are kept unless
 ``--recompute``.
 
-    python benchmarks/meca_ablation.py adv-kl  benchmarks/results/runs/meca-bench-badnet-meca-n10000
-    python benchmarks/meca_ablation.py enhance benchmarks/results/runs/meca-bench-badnet-meca-n10000 lam=0.3
+    RUN=benchmarks/results/sweeps/meca-cifar10/runs/attack=badnet,defense=meca-paper
+    python benchmarks/meca_ablation.py adv-kl  $RUN
+    python benchmarks/meca_ablation.py enhance $RUN lam=0.3
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["adv-kl", "enhance"])
-    ap.add_argument("run_dir", help="a MeCa run directory from meca_cifar10.py")
+    ap.add_argument("run_dir", help="a finished MeCa run directory (e.g. of the MeCa sweep)")
     ap.add_argument("params", nargs="*", metavar="KEY=VALUE", help="enhance: MeCa options (JSON values)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)

@@ -4,13 +4,13 @@ Reads ``meca_scores.pt`` (the enhanced model's ``p_e(y|x)`` and the paper rule's
 ``poison.json`` of a run directory and prints, per rule, the flagged share and detection recall
 and precision against the poison ids, then per class (by the label each sample carries) the
 share above the label-aware rule's confidence thresholds (ground truth is read here only, to score the rules; the
-rules themselves never see it). Clean ACC/ASR need a run with that rule (``--meca
-detection=...`` in ``meca_cifar10.py``); this script shows what each rule would keep.
+rules themselves never see it). Clean ACC/ASR need a run with that rule (a ``detection``
+setting of the MeCa sweep); this script shows what each rule would keep.
 ``--models`` also reruns the saved warm-up and enhanced models over the training set and prints
 the detection AUROC of each model's ``p(y|x)`` overall and within the class most of the
 poison carries, and each class's median ``logit p(y|x)`` under both models.
 
-    python benchmarks/meca_detection_rules.py benchmarks/results/runs/meca-bench-badnet-meca-n10000-...
+    python benchmarks/meca_detection_rules.py "benchmarks/results/sweeps/meca-cifar10/runs/attack=badnet,defense=meca"
 """
 
 from __future__ import annotations
