@@ -33,8 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, add_results_args, print_table, read_json, run_recipe, write_json  # noqa: E402
 
-NO_DEFENSE = "none"
-
 
 def kept_class_shares(run_dir: Path) -> dict:
     """Size and smallest/largest class share (%) of a MeCa run's kept set: the training samples
@@ -71,27 +69,27 @@ def plain_recipe(reference_dir: Path) -> dict:
 
 def sweep_rows(sweep_dir: Path, defense: str) -> list[dict]:
     """``[{"row", "run_dir", "reference_dir"}]``: each finished run with ``defense`` and the
-    finished no-defense run with the same other labels (rows without one are skipped, with a
-    note)."""
-    from bdframe.report import read_sweep
+    finished no-defense run with the same other labels (``bdframe report``'s reference; rows
+    without one are skipped, with a note)."""
+    from bdframe.report import FINISHED, load_runs, no_defense_references
 
-    _, axes, planned = read_sweep(sweep_dir)
+    _, axes, runs = load_runs(sweep_dir)
     if "defense" not in axes:
         raise SystemExit(f"{sweep_dir}: the sweep has no defense axis (its axes: {', '.join(axes)})")
     if defense not in axes["defense"]:
         raise SystemExit(f"--defense {defense!r} is not a label of the sweep's defense axis "
                          f"({', '.join(axes['defense'])})")
-    by_labels = {tuple(sorted(p.labels.items())): p for p in planned}
+    references = no_defense_references(runs, axes)
     rows = []
-    for p in planned:
-        if p.labels["defense"] != defense or not (sweep_dir / p.dir / "metrics.json").is_file():
+    for r in runs:
+        if r.labels["defense"] != defense or r.status != FINISHED:
             continue
-        ref = by_labels.get(tuple(sorted({**p.labels, "defense": NO_DEFENSE}.items())))
-        if ref is None or not (sweep_dir / ref.dir / "metrics.json").is_file():
-            print(f"{p.name}: no finished no-defense run of the same row; skipped", file=sys.stderr)
+        ref = references(r)
+        if not ref:
+            print(f"{r.name}: no finished no-defense run of the same row; skipped", file=sys.stderr)
             continue
-        row = ",".join(v for k, v in p.labels.items() if k != "defense")
-        rows.append({"row": row, "run_dir": sweep_dir / p.dir, "reference_dir": sweep_dir / ref.dir})
+        row = ",".join(v for k, v in r.labels.items() if k != "defense")
+        rows.append({"row": row, "run_dir": r.dir, "reference_dir": ref[0].dir})
     return rows
 
 

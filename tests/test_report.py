@@ -412,3 +412,25 @@ def test_columns_whose_defense_used_clean_data_are_marked_and_noted(tmp_path, ca
     assert main(["report", str(d), "--format", "csv"]) == 0
     rows = {r["defense"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
     assert rows["mcldef"]["clean_images"] == "500" and rows["none"]["clean_images"] == ""
+
+
+def test_no_defense_references_pair_each_run_with_its_row(tmp_path):
+    """The public helper benchmark scripts use: each run's references are the finished
+    no-defense runs with the same labels on every other axis; a no-defense run is its own; a
+    row whose no-defense run did not finish has none."""
+    d = tmp_path / "sweep"
+    finished = make_sweep(d)
+    name, axes, runs = report.load_runs(d)
+    assert name == "grid" and list(axes) == list(AXES)
+    assert [r.name for r in runs if r.status == report.FINISHED] == list(finished)
+    of = report.no_defense_references(runs, axes)
+    by_name = {r.name: r for r in runs}
+    meca = by_name["attack=badnet,defense=meca,seed=1"]
+    assert [r.name for r in of(meca)] == ["attack=badnet,defense=none,seed=1"]
+    own = by_name["attack=badnet,defense=none,seed=0"]
+    assert of(own) == [own]
+    assert of(by_name["attack=badnet,defense=meca,seed=2"]) == []  # its no-defense run never started
+    # with seed among the column axes, a row's references are all its seeds' no-defense runs
+    pooled = report.no_defense_references(runs, axes, col_axes=("defense", "seed"))
+    assert sorted(r.name for r in pooled(meca)) == ["attack=badnet,defense=none,seed=0",
+                                                   "attack=badnet,defense=none,seed=1"]

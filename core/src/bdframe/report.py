@@ -311,6 +311,34 @@ def _load_run(sweep_dir: Path, p: _Planned) -> Run:
     return Run(p.name, p.labels, d, NOT_STARTED)
 
 
+def load_runs(sweep_dir) -> tuple:
+    """``(name, axes, runs)``: the sweep's planned runs in plan order, each a :class:`Run` with
+    its status (finished runs carry their ``metrics.json``). Raises UserError naming the file
+    for a sweep directory or a ``metrics.json`` that cannot be read."""
+    sweep_dir = Path(sweep_dir)
+    name, axes, planned = read_sweep(sweep_dir)
+    return name, axes, [_load_run(sweep_dir, p) for p in planned]
+
+
+def no_defense_references(runs, axes: dict, col_axes=(COLS_AXIS,)):
+    """A function from a run to its no-defense references: the finished runs whose
+    ``metrics.json`` names the defense ``none`` and whose labels equal the run's on every axis
+    except ``col_axes`` (the same attack, the same seed, ...). A no-defense run is its own only
+    reference; a run without one gets ``[]``."""
+    ref_axes = [p for p in axes if p not in col_axes]
+    refs: dict = {}
+    for r in runs:
+        if r.status == FINISHED and r.metrics.get("defense") == NO_DEFENSE:
+            refs.setdefault(tuple(r.labels[p] for p in ref_axes), []).append(r)
+
+    def of(run: Run) -> list:
+        if run.status == FINISHED and run.metrics.get("defense") == NO_DEFENSE:
+            return [run]
+        return list(refs.get(tuple(run.labels[p] for p in ref_axes), []))
+
+    return of
+
+
 # -- building the table ---------------------------------------------------------------------------
 
 def _choose(given, option: str, default: str, axes: dict, taken) -> tuple:
@@ -342,7 +370,7 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
     table; the no-defense references of the time multiple and the ACC loss are taken from all
     runs, shown or not."""
     sweep_dir = Path(sweep_dir)
-    name, axes, planned = read_sweep(sweep_dir)
+    name, axes, every = load_runs(sweep_dir)
     if rows is not None and cols is not None:
         both = [p for p in rows if p in cols]
         if both:
@@ -350,7 +378,6 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
                             f"either rows or columns (the others are aggregated over)")
     row_axes = _choose(rows, "--rows", ROWS_AXIS, axes, cols or ())
     col_axes = _choose(cols, "--cols", COLS_AXIS, axes, row_axes)
-    every = [_load_run(sweep_dir, p) for p in planned]
     runs, chosen = every, {}
     if only:
         from bdframe.sweep import matches, parse_only
@@ -376,12 +403,8 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
     row_names, row_keys, row_of = keys(row_axes, ROWS_AXIS, "attack")
     col_names, col_keys, col_of = keys(col_axes, COLS_AXIS, "defense")
 
-    # the no-defense references: same labels on every axis but the column axes
-    ref_axes = [p for p in axes if p not in col_axes]
-    refs: dict = {}
-    for r in every:
-        if r.status == FINISHED and r.metrics.get("defense") == NO_DEFENSE:
-            refs.setdefault(tuple(r.labels[p] for p in ref_axes), []).append(r)
+    # the no-defense references (taken from every run, shown or not): same labels on every axis but the column axes
+    references = no_defense_references(every, axes, col_axes)
 
     def per_run(r: Run) -> dict:
         m = r.metrics
@@ -399,7 +422,7 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         if isinstance(sus, dict) and _number(sus.get("share")):
             v["flagged"] = 100 * sus["share"]
         own = r.metrics.get("defense") == NO_DEFENSE
-        ref = [r] if own else refs.get(tuple(r.labels[p] for p in ref_axes), [])
+        ref = references(r)
         total = _total_seconds(r)
         ref_totals = [s for s in map(_total_seconds, ref) if s is not None]
         if own and total is not None:
