@@ -34,7 +34,10 @@ def rules(scores: dict) -> dict:
             "confidence, otsu": flag_confident(prob, threshold="otsu"),
             "label-aware": flag_label_aware(prob, scores["labels"])[0],
             "label-aware, class_alpha 0.01": flag_label_aware(prob, scores["labels"], alpha=0.01)[0],
-            "label-aware, confidence_high 0.999": flag_label_aware(prob, scores["labels"], high=0.999)[0]}
+            "label-aware, confidence_high 0.999": flag_label_aware(prob, scores["labels"], high=0.999)[0],
+            "label-aware, inside reference": flag_label_aware(prob, scores["labels"], inside="reference")[0],
+            "label-aware, inside reference, class_alpha 0.01":
+                flag_label_aware(prob, scores["labels"], inside="reference", alpha=0.01)[0]}
 
 
 def compare_models(d: Path, parts, ids, labels, truth, classes) -> dict:

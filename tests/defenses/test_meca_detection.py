@@ -45,36 +45,55 @@ def test_otsu_is_order_invariant_and_lies_between_distinct_values(values, rnd):
 
 
 @SET
-@given(labelled(), st.sampled_from(["mad", "otsu"]), st.randoms())
-def test_the_rules_are_order_invariant(data, threshold, rnd):
+@given(labelled(), st.sampled_from(["mad", "otsu"]), st.sampled_from(["otsu", "reference"]), st.randoms())
+def test_the_rules_are_order_invariant(data, threshold, inside, rnd):
     prob, labels = data
     perm = torch.tensor(rnd.sample(range(len(prob)), len(prob)))
     f = flag_confident(prob, threshold=threshold)
     assert torch.equal(flag_confident(prob[perm], threshold=threshold), f[perm])
-    g, classes = flag_label_aware(prob, labels, threshold=threshold)
-    g2, classes2 = flag_label_aware(prob[perm], labels[perm], threshold=threshold)
+    g, classes = flag_label_aware(prob, labels, threshold=threshold, inside=inside)
+    g2, classes2 = flag_label_aware(prob[perm], labels[perm], threshold=threshold, inside=inside)
     assert torch.equal(g2, g[perm]) and classes2 == classes
 
 
 @SET
-@given(labelled(), st.randoms())
-def test_renaming_classes_renames_the_suspicious_ones_and_changes_no_flag(data, rnd):
+@given(labelled(), st.sampled_from(["otsu", "reference"]), st.randoms())
+def test_renaming_classes_renames_the_suspicious_ones_and_changes_no_flag(data, inside, rnd):
     prob, labels = data
     k = int(labels.max()) + 1
     names = rnd.sample(range(100), k)
     renamed = torch.tensor([names[int(c)] for c in labels])
-    g, classes = flag_label_aware(prob, labels)
-    g2, classes2 = flag_label_aware(prob, renamed)
+    g, classes = flag_label_aware(prob, labels, inside=inside)
+    g2, classes2 = flag_label_aware(prob, renamed, inside=inside)
     assert torch.equal(g, g2) and sorted(classes2) == sorted(names[c] for c in classes)
 
 
 @SET
-@given(labelled())
-def test_with_no_outlier_class_the_label_aware_rule_is_the_global_rule(data):
+@given(labelled(), st.sampled_from(["otsu", "reference"]))
+def test_with_no_outlier_class_the_label_aware_rule_is_the_global_rule(data, inside):
     prob, labels = data
-    flags, classes = flag_label_aware(prob, labels)
+    flags, classes = flag_label_aware(prob, labels, inside=inside)
     if not classes:
         assert torch.equal(flags, flag_confident(prob))
+
+
+@SET
+@given(labelled(), st.floats(0.05, 0.95))
+def test_the_reference_split_flags_only_inside_the_classes_that_stand_out(data, q):
+    """Nothing outside the classes that stand out is flagged; inside them exactly the samples
+    above the quantile of the other classes' logit(p_e); a higher quantile flags a subset."""
+    from bdframe_defense_meca.plugin import confidence_scores
+
+    prob, labels = data
+    flags, classes = flag_label_aware(prob, labels, inside="reference", quantile=q)
+    if not classes:
+        return
+    out = torch.isin(labels, torch.tensor(classes))
+    z = confidence_scores(prob)
+    assert not flags[~out].any()
+    assert torch.equal(flags, out & (z > torch.quantile(z[~out], q)))
+    higher, _ = flag_label_aware(prob, labels, inside="reference", quantile=min(0.99, q + 0.04))
+    assert not (higher & ~flags).any()
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
@@ -83,8 +102,9 @@ def test_equal_confidences_flag_nothing_deterministically(p):
     labels = torch.arange(50) % 5
     for threshold in ("mad", "otsu"):
         assert not flag_confident(prob, threshold=threshold).any()
-    flags, classes = flag_label_aware(prob, labels)
-    assert classes == [] and not flags.any()
+    for inside in ("otsu", "reference"):
+        flags, classes = flag_label_aware(prob, labels, inside=inside)
+        assert classes == [] and not flags.any()
 
 
 def test_a_target_class_that_stands_out_is_found_and_split():
@@ -96,13 +116,19 @@ def test_a_target_class_that_stands_out_is_found_and_split():
     assert suspicious_classes(prob, labels) == [3]
     flags, classes = flag_label_aware(prob, labels)
     assert classes == [3] and torch.equal(flags, poisoned)
+    # the reference split: class 3's samples fitted better than the median sample elsewhere
+    flags, classes = flag_label_aware(prob, labels, inside="reference")
+    clean_3 = (labels == 3) & ~poisoned
+    assert classes == [3] and not (flags & (labels != 3)).any() and (flags & poisoned).sum() == poisoned.sum()
+    assert 0 < (flags & clean_3).sum() < clean_3.sum()  # about half of the clean samples of the class
 
 
 def test_the_rules_cannot_see_ground_truth():
     for fn in (flag_confident, flag_label_aware, suspicious_classes, otsu_threshold, outlier_threshold,
                upper_outliers):
         params = set(inspect.signature(fn).parameters)
-        assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values"}, (fn, params)
+        assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
+                          "quantile"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():

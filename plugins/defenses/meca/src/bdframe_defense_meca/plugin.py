@@ -16,8 +16,9 @@ Pipeline, every piece taken from the registry through the defense context:
 3. **Detection**: the enhanced model in eval mode without augmentation; by default the paper's
    rule, ``argmax != label`` -> clean, otherwise poisoned (the enhanced-model score ``p_e(y|x)``
    is saved too). Options: the confidence rule (a threshold on ``logit(p_e)`` chosen from the
-   data) and the label-aware rule (Otsu's split inside the classes whose high-confidence share is
-   a Grubbs outlier), neither needing a poison rate.
+   data) and the label-aware rule (inside the classes whose high-confidence share is a Grubbs
+   outlier: Otsu's split, or the samples fitted more confidently than a typical sample of the
+   other classes), neither needing a poison rate.
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
    clean set with the recipe's ``[train]`` stage.
 5. **Relabel and relearn** (optional, ``relearn = true``; off by default as in the paper's main
@@ -125,6 +126,14 @@ class MeCaConfig:
     class_alpha: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
         "help": "label-aware: significance of the one-sided Grubbs outlier test (applied sequentially) on the "
                 "classes' high-confidence shares"})
+    inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference"), metadata={
+        "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
+                "logit(p_e)) or reference (flag its samples fitted more confidently than the "
+                "reference_quantile of the samples of the classes that do not stand out)"})
+    reference_quantile: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True, hi_open=True),
+                                            metadata={"help": "label-aware, inside = reference: the quantile of "
+                                                              "the ordinary classes' logit(p_e) above which a "
+                                                              "sample of a class that stands out is flagged"})
     # -- relabel and relearn ------------------------------------------------------------------
     relearn: bool = attrs.field(default=False, metadata={
         "help": "[S, optional] relabel detected poisoned samples with the clean model and fine-tune on all"})
@@ -349,11 +358,22 @@ def suspicious_classes(prob, labels, *, high: float = 0.99, alpha: float = 0.05)
     return [int(classes[i]) for i in upper_outliers(share, alpha)]
 
 
-def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0):
+def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
+                     inside: str = "otsu", quantile: float = 0.5):
     """Label-aware detection: find the classes that stand out (:func:`suspicious_classes`) and
-    split each of them in two with Otsu's threshold on ``logit(p_e)`` (inside a target class the
-    poison is a large group, not a tail, so an outlier cut would miss it); when no class stands
-    out, the confidence rule over all samples with ``threshold``. Returns ``(flags, classes)``."""
+    flag part of each of them; when no class stands out, the confidence rule over all samples
+    with ``threshold``. Returns ``(flags, classes)``.
+
+    How a class that stands out is split (``inside``):
+
+    - ``"otsu"``: Otsu's threshold on the class's ``logit(p_e)`` (inside a target class the
+      poison is a large group, not a tail, so an outlier cut would miss it);
+    - ``"reference"``: flag the class's samples whose ``logit(p_e)`` is above the ``quantile``
+      of the samples of the classes that do *not* stand out, i.e. those the enhanced model fits
+      more confidently than a typical sample of an ordinary class. The poison is fitted near
+      certainty, so this finds nearly all of it, at the cost of the clean samples of the class
+      that are fitted as well as a typical clean sample elsewhere.
+    """
     import torch
 
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
@@ -361,6 +381,13 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
     if not classes:
         return flag_confident(prob, threshold=threshold, k=k), []
     flags = torch.zeros(len(labels), dtype=torch.bool)
+    if inside == "reference":
+        z = confidence_scores(prob)
+        standing_out = torch.isin(labels, torch.tensor(classes, dtype=torch.int64))
+        cut = float(torch.quantile(z[~standing_out], quantile))  # never empty: outliers are a minority
+        return standing_out & (z > cut), classes
+    if inside != "otsu":
+        raise ValueError(f"inside must be 'otsu' or 'reference', got {inside!r}")
     for c in classes:
         flags |= flag_confident(prob, labels == c, threshold="otsu")
     return flags, classes
@@ -499,7 +526,8 @@ class MeCa(Defense):
                 poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
             elif c.detection == "label-aware":
                 poisoned, classes = flag_label_aware(prob, data.labels.cpu(), high=c.confidence_high, alpha=c.class_alpha,
-                                                     threshold=c.threshold, k=c.outlier_k)
+                                                     threshold=c.threshold, k=c.outlier_k, inside=c.inside,
+                                                     quantile=c.reference_quantile)
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
