@@ -22,7 +22,8 @@ RULES = [("argmax (paper)", {"detection": "argmax"}),
          ("confidence, mad", {"detection": "confidence", "threshold": "mad"}),
          ("confidence, otsu", {"detection": "confidence", "threshold": "otsu"}),
          ("label-aware", {"detection": "label-aware"}),
-         ("label-aware, protect 0.99", {"detection": "label-aware", "protect_confident": 0.99})]
+         ("label-aware, protect 0.99", {"detection": "label-aware", "protect_confident": 0.99}),
+         ("label-aware, inside reference", {"detection": "label-aware", "inside": "reference"})]
 
 
 def main(argv=None) -> int:
