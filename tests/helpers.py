@@ -35,3 +35,18 @@ epochs = {epochs}
 batch_size = 64
 lr = 0.05
 """
+
+
+# the CPU the figures of the README quickstart and of the docs' synthetic examples were recorded on
+RECORDED_CPU_VENDOR = "AuthenticAMD"
+
+
+def cpu_vendor():
+    """The CPU's vendor id from /proc/cpuinfo (e.g. AuthenticAMD, GenuineIntel), None if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
