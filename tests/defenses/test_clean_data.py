@@ -345,7 +345,6 @@ def test_the_scanft_example_finds_the_poison_and_unlearns_the_backdoor(tmp_path)
         assert m["clean_acc"] != start["clean_acc"] or m["asr"] != start["asr"]
 
 
-
 def test_a_repair_defense_starts_from_exactly_the_model_of_the_plain_run(tmp_path):
     """Trained by the defense or loaded from the none run, the starting model is the same."""
     base = TINY.format(out=tmp_path / "runs", epochs=2) + "[clean]\nfraction = 0.1\n"

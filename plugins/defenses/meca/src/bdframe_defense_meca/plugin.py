@@ -376,18 +376,18 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
     """
     import torch
 
+    if inside not in ("otsu", "reference"):
+        raise ValueError(f"inside must be 'otsu' or 'reference', got {inside!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
     classes = suspicious_classes(prob, labels, high=high, alpha=alpha)
     if not classes:
         return flag_confident(prob, threshold=threshold, k=k), []
-    flags = torch.zeros(len(labels), dtype=torch.bool)
     if inside == "reference":
         z = confidence_scores(prob)
         standing_out = torch.isin(labels, torch.tensor(classes, dtype=torch.int64))
         cut = float(torch.quantile(z[~standing_out], quantile))  # never empty: outliers are a minority
         return standing_out & (z > cut), classes
-    if inside != "otsu":
-        raise ValueError(f"inside must be 'otsu' or 'reference', got {inside!r}")
+    flags = torch.zeros(len(labels), dtype=torch.bool)
     for c in classes:
         flags |= flag_confident(prob, labels == c, threshold="otsu")
     return flags, classes
