@@ -7,6 +7,11 @@ it is trained once here with the run's recipe and cached beside the run as
 
 - ``adv-kl``: AUROC and TPR at 5% FPR of the adv-kl consistency score on the warm-up model (the
   score MeCa's first partition uses) for a set of scorer settings (epsilon, mask, gradient loss).
+- ``after``: MeCa's detection, clean training and relearning with changed options (e.g.
+  ``class_test='"both"' clean_unlearn=1.0``), starting from the run's own warm-up and enhanced
+  models (``meca_warmup_model.pt`` and ``meca_enhanced_model.pt``; the run's recipe otherwise
+  unchanged, full clean training included): the final model's ACC/ASR beside the run's, and the
+  detected split's recall, precision and flagged share.
 - ``enhance``: MeCa's backdoor enhancement and detection with changed options (e.g. ``lam=0.3``):
   the enhanced model's ACC/ASR per iteration, the detected split's recall, precision and flagged
   share against the ground truth, and the AUROC of each iteration's consistency score. The clean
@@ -19,6 +24,7 @@ Ground truth (poison ids) is read only to compute the metrics. Results are appen
     RUN=benchmarks/results/sweeps/meca-cifar10/runs/attack=badnet,defense=meca-paper
     python benchmarks/meca_ablation.py adv-kl  $RUN
     python benchmarks/meca_ablation.py enhance $RUN lam=0.3
+    python benchmarks/meca_ablation.py after $RUN clean_unlearn=1.0
 """
 
 from __future__ import annotations
@@ -46,23 +52,27 @@ ADV_KL_GRID = [("grid eps 1/255", {"epsilon": 1 * E}), ("grid eps 2/255", {"epsi
                ("single eps 32/255", {"epsilon": 32 * E, "mask_mode": "single"})]
 
 
-def _meca_recipe(run_dir: Path, registry, **params):
-    """The run's recipe with MeCa's options changed (clean retraining cut to one epoch)."""
+def _meca_recipe(run_dir: Path, registry, *, full: bool = False, **params):
+    """The run's recipe with MeCa's options changed (clean retraining cut to one epoch and no
+    relearning, unless ``full``)."""
     from bdframe import recipe as rmod
 
     data = rmod.parse_toml(run_dir / "recipe.toml")
     if data.get("defense", {}).get("name") != "meca":
         raise SystemExit(f"{run_dir}: not a MeCa run (its recipe's defense is not meca)")
-    data["defense"] = {**data["defense"], "relearn": False, "evaluate_each_epoch": False, "save_models": False,
-                       **params}
-    data["train"] = {**data["train"], "epochs": 1}
+    cut = {} if full else {"relearn": False}
+    data["defense"] = {**data["defense"], **cut, "evaluate_each_epoch": False, "save_models": False, **params}
+    if not full:
+        data["train"] = {**data["train"], "epochs": 1}
     return rmod.loads_dict(data, registry=registry, source="ablation")
 
 
-def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None) -> dict:
+def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None, enhanced: Path | None = None) -> dict:
     """Run the MeCa defense on the run's poisoned set in a scratch directory, starting from the
-    warm-up state ``warmup`` if given. Returns the defense result, the ``meca_scores.pt``
-    contents, the seconds, the warm-up state, and the poisoned set with its poison ids."""
+    warm-up state ``warmup`` if given, and from the enhanced model ``enhanced`` (a state dict:
+    the enhancement is then skipped, clean training and relearning run in full) if given.
+    Returns the defense result, the ``meca_scores.pt`` contents, the seconds, the warm-up state,
+    and the poisoned set with its poison ids."""
     import torch
 
     from bdframe.runner import RunContext
@@ -70,21 +80,26 @@ def _run_meca(run_dir: Path, device, params: dict, warmup: Path | None) -> dict:
 
     saved, _ = load_run(run_dir, device=device)
     registry, train, poison_ids = saved.registry, saved.poisoned, saved.poison_ids
-    recipe = _meca_recipe(run_dir, registry, **params)
+    recipe = _meca_recipe(run_dir, registry, full=enhanced is not None, **params)
     parts = attrs.evolve(saved, recipe=recipe)
     with tempfile.TemporaryDirectory(prefix="meca-ablation-") as tmp:
         rd = Path(tmp)
         (rd / "state" / "steps").mkdir(parents=True)
         if warmup is not None:
             shutil.copyfile(warmup, rd / "state" / "steps" / "meca-warmup.pt")
+        if enhanced is not None:
+            state = torch.load(enhanced, map_location="cpu", weights_only=True)
+            torch.save({"result": {"k": recipe.defense.config.iterations, "model": state, "records": []},
+                        "records": []}, rd / "state" / "steps" / "meca-enhance.pt")
         ctx = RunContext.for_parts(parts, device, rd, progress=True)
         t = time.perf_counter()
         res = registry.get("defense", "meca")(recipe.defense.config).run(train, ctx)
         secs = time.perf_counter() - t
         scores = torch.load(rd / "meca_scores.pt", weights_only=False)
         warm = torch.load(rd / "state" / "steps" / "meca-warmup.pt", weights_only=False)
+    classes = next((r.get("suspicious_classes") for r in ctx.history if r.get("stage") == "meca-detect"), None)
     return {"result": res, "scores": scores, "seconds": secs, "warmup": warm, "train": train,
-            "poison_ids": poison_ids}
+            "poison_ids": poison_ids, "classes": classes}
 
 
 def warmup_path(run_dir: Path, device) -> Path:
@@ -134,6 +149,26 @@ def adv_kl(run_dir: Path, device, seed: int) -> dict:
     return out
 
 
+def after(run_dir: Path, device, params: dict) -> dict:
+    from bdframe.metrics import detection
+    from bdframe.runs import read_json as read_run_json
+
+    enhanced = run_dir / "meca_enhanced_model.pt"
+    if not enhanced.is_file():
+        raise SystemExit(f"{run_dir}: no meca_enhanced_model.pt (run MeCa with save_models = true)")
+    out = _run_meca(run_dir, device, params, warmup_path(run_dir, device), enhanced)
+    res = out["result"]
+    run = read_run_json(run_dir / "metrics.json")
+    final = res.metrics["relearn"] or res.metrics["clean_model"]
+    return {"params": params, "seconds": out["seconds"],
+            "detection": detection(res.suspected_ids, out["poison_ids"], out["train"].ids),
+            "flagged_share": res.metrics["split"]["poison_share"],
+            "suspicious_classes": out["classes"],
+            "clean_model": {k: res.metrics["clean_model"].get(k) for k in ("clean_acc", "asr")},
+            "final": {k: final.get(k) for k in ("clean_acc", "asr")},
+            "run_final": {k: run.get(k) for k in ("clean_acc", "asr")}}
+
+
 def enhance(run_dir: Path, device, params: dict) -> dict:
     from bdframe.detection import auroc
     from bdframe.metrics import detection
@@ -154,7 +189,7 @@ def main(argv=None) -> dict:
     from bdframe.nn import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["adv-kl", "enhance"])
+    ap.add_argument("what", choices=["adv-kl", "enhance", "after"])
     ap.add_argument("run_dir", help="a finished MeCa run directory (e.g. of the MeCa sweep)")
     ap.add_argument("params", nargs="*", metavar="KEY=VALUE", help="enhance: MeCa options (JSON values)")
     ap.add_argument("--device", default="auto")
@@ -168,8 +203,9 @@ def main(argv=None) -> dict:
     saved = read_json(out, {"benchmark": "meca_ablation", "rows": {}})
     key = f"{run_dir.name}|{args.what}|" + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
     if key not in saved["rows"] or args.recompute:
-        saved["rows"][key] = adv_kl(run_dir, device, args.seed) if args.what == "adv-kl" else enhance(run_dir, device,
-                                                                                                      params)
+        run = {"adv-kl": lambda: adv_kl(run_dir, device, args.seed), "enhance": lambda: enhance(run_dir, device, params),
+               "after": lambda: after(run_dir, device, params)}[args.what]
+        saved["rows"][key] = run()
         write_json(out, saved)
     row = saved["rows"][key]
     print(f"\n{key}")
@@ -177,6 +213,14 @@ def main(argv=None) -> dict:
         print_table([{"variant": k, **v} for k, v in row.items()],
                     [("variant", "adv-kl variant", "{}"), ("auroc", "AUROC", "{:.3f}"),
                      ("tpr_at_5pct_fpr", "TPR@5%FPR", "{:.3f}")])
+    elif args.what == "after":
+        d = row["detection"]
+        print(f"suspicious classes {row['suspicious_classes']}  flagged {100 * row['flagged_share']:.1f}%  "
+              f"recall {100 * d['recall']:.1f}%  precision {100 * d['precision']:.1f}%")
+        print_table([{"model": "this run's final model (before the change)", **row["run_final"]},
+                     {"model": "clean model", **row["clean_model"]},
+                     {"model": "final model", **row["final"]}],
+                    [("model", "model", "{}"), ("clean_acc", "ACC", "{:.4f}"), ("asr", "ASR", "{:.4f}")])
     else:
         d = row["detection"]
         print(f"recall {100 * d['recall']:.1f}%  precision {100 * d['precision']:.1f}%  "

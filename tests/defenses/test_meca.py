@@ -407,3 +407,113 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(reference_run, 
     sa, sb = torch.load(ref / "model.pt"), torch.load(out / "model.pt")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (ref / "history.jsonl").read_text().count("\n") == (out / "history.jsonl").read_text().count("\n")
+
+
+# -- clean training that unlearns the flagged set ------------------------------------------------
+
+def test_clean_unlearn_trains_the_clean_model_on_the_kept_set_while_unlearning_the_flagged_one(tmp_path,
+                                                                                             bdframe_registry):
+    """With ``clean_unlearn`` the clean model is trained by the ``mixed`` stage with the recipe's
+    [train] settings, the kept set as its learned set and exactly the flagged set as its forget
+    set (per-sample weights, ascent bounded at ``-ln(clean_unlearn_below)``); starting from the
+    same detection, the clean model then fits the flagged samples' labels less than the paper's
+    clean training does."""
+    from bdframe import scoring
+    from bdframe.interfaces import ScoreContext
+
+    models, stages = {}, []
+    for lam in (0.0, 2.0):
+        recipe, ctx, train = make_ctx(tmp_path / str(lam), bdframe_registry, train_size=200)
+        real = ctx.component
+
+        def component(kind, name=None, **params):
+            made = real(kind, name, **params)
+            if kind == "trainer":
+                fit = made.fit
+
+                def spy(model, data, st, made=made, fit=fit, **kw):
+                    stages.append((lam, made.name, made.config, data, kw.get("forget")))
+                    return fit(model, data, st, **kw)
+
+                made.fit = spy
+            return made
+
+        ctx.component = component
+        config = attrs.evolve(recipe.defense.config, iterations=1, clean_unlearn=lam, clean_unlearn_below=0.05)
+        res = MeCa(config).run(train, ctx)
+        models[lam] = (res, train, recipe)
+    res0, train, recipe = models[0.0]
+    res1 = models[2.0][0]
+    assert torch.equal(res0.suspected_ids, res1.suspected_ids)  # same detection: only the clean stage differs
+    flagged = res1.suspected_ids
+    assert 0 < len(flagged) < len(train)
+    clean = [s for s in stages if s[0] == 2.0 and s[1] == "mixed" and s[2].lam == 2.0]
+    assert len(clean) == 1
+    _, _, cfg, kept, forget = clean[0]
+    assert sorted(forget.ids.tolist()) == sorted(flagged.tolist())
+    assert set(kept.ids.tolist()).isdisjoint(forget.ids.tolist()) and len(kept) + len(forget) == len(train)
+    own = recipe.train.config
+    assert (cfg.lam, cfg.normalize, cfg.forget_ceiling) == (2.0, "batch", pytest.approx(-math.log(0.05)))
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.schedule) == (own.epochs, own.lr, own.batch_size, own.schedule)
+    paper = [s for s in stages if s[0] == 0.0 and s[1] == "standard" and len(s[3]) < len(train)]
+    assert len(paper) == 1 and paper[0][4] is None
+
+    sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
+    rows = train.subset(train.contains(flagged))
+
+    def fit_of_flagged(model):
+        return torch.softmax(scoring.logits(model, rows, sctx), 1).gather(1, rows.labels.view(-1, 1)).mean()
+
+    assert fit_of_flagged(res1.model) < fit_of_flagged(res0.model)
+
+
+def test_clean_unlearn_refuses_a_train_stage_setting_the_mixed_stage_lacks(tmp_path, bdframe_registry):
+    from bdframe.build import materialise
+    from bdframe.recipe import loads_dict
+
+    data = tomllib.loads(recipe_text(tmp_path, train_size=120, attack=False, relearn=False))
+    data["train"]["cutmix_prob"] = 0.5
+    data["defense"]["clean_unlearn"] = 1.0
+    recipe = loads_dict(data, bdframe_registry)
+    parts = materialise(recipe, bdframe_registry)
+    ctx = runner.RunContext.for_parts(parts, torch.device("cpu"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="cutmix_prob"):
+        MeCa(recipe.defense.config).run(parts.train, ctx)
+    assert not (tmp_path / "state").exists()  # refused before any training
+
+
+@pytest.mark.parametrize("below", [0.0, 1.0, -0.1])
+def test_clean_unlearn_below_must_be_a_probability_strictly_inside_0_1(tmp_path, bdframe_registry, below):
+    from bdframe.errors import RecipeError
+    from bdframe.recipe import loads_dict
+
+    data = tomllib.loads(recipe_text(tmp_path, attack=False, relearn=False))
+    data["defense"]["clean_unlearn_below"] = below
+    with pytest.raises(RecipeError) as ei:
+        loads_dict(data, bdframe_registry)
+    assert any("clean_unlearn_below" in p and "(0, 1)" in p for p in ei.value.problems), ei.value.problems
+
+
+def test_class_test_both_confirms_classes_with_the_warm_up_models_fit(tmp_path, bdframe_registry):
+    """``class_test = "both"``: detection computes the warm-up model's ``p(y|x)`` (saved in
+    ``meca_scores.pt``), and a class is picked only where both models single it out."""
+    from bdframe import scoring
+    from bdframe.interfaces import ScoreContext
+    from bdframe_defense_meca.plugin import detect as rule, flag_label_aware, suspicious_classes
+
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
+    config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test="both")
+    res = MeCa(config).run(train, ctx)
+    saved = torch.load(tmp_path / "meca_scores.pt")
+    pos = train.positions(saved["ids"])
+    labels = train.labels[pos]
+    warm = ctx.new_model(state_dict=torch.load(tmp_path / "meca_warmup_model.pt"))
+    sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
+    _, p_w = rule(scoring.logits(warm, train.subset(pos), sctx), labels)
+    assert torch.allclose(saved["warmup_prob"], p_w, atol=1e-6)
+    want, classes = flag_label_aware(saved["enhanced_prob"], labels, confirm=p_w)
+    assert torch.equal(saved["detected_poison"], want)
+    rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
+    assert rec["suspicious_classes"] == classes
+    assert set(classes) <= set(suspicious_classes(p_w, labels)) & set(suspicious_classes(saved["enhanced_prob"], labels))
+    assert sorted(res.suspected_ids.tolist()) == sorted(saved["ids"][want].tolist())

@@ -96,6 +96,45 @@ def test_the_reference_split_flags_only_inside_the_classes_that_stand_out(data, 
     assert not (higher & ~flags).any()
 
 
+@SET
+@given(labelled(), labelled(), st.sampled_from(["otsu", "reference"]), st.randoms())
+def test_a_confirming_model_only_removes_classes_and_agrees_with_itself(data, other, inside, rnd):
+    """``confirm``: a class is picked only where it also stands out in the confirming model's
+    probabilities; confirming with the same probabilities changes nothing; the rule stays order
+    invariant; a class that is not confirmed is never split (with none left: the global rule)."""
+    prob, labels = data
+    other_prob = torch.cat([other[0], torch.rand(max(0, len(prob) - len(other[0])), dtype=torch.float64)])[:len(prob)]
+    plain, classes = flag_label_aware(prob, labels, inside=inside)
+    same, same_classes = flag_label_aware(prob, labels, inside=inside, confirm=prob)
+    assert torch.equal(same, plain) and same_classes == classes
+    flags, confirmed = flag_label_aware(prob, labels, inside=inside, confirm=other_prob)
+    assert confirmed == [c for c in classes if c in suspicious_classes(other_prob, labels)]
+    if not confirmed:
+        assert torch.equal(flags, flag_confident(prob))
+    elif inside == "otsu":
+        assert not flags[~torch.isin(labels, torch.tensor(confirmed))].any()
+    perm = torch.tensor(rnd.sample(range(len(prob)), len(prob)))
+    flags2, confirmed2 = flag_label_aware(prob[perm], labels[perm], inside=inside, confirm=other_prob[perm])
+    assert torch.equal(flags2, flags[perm]) and confirmed2 == confirmed
+
+
+def test_a_class_only_the_enhanced_model_singles_out_is_not_split_when_the_warm_up_disagrees():
+    """The clean-data failure the confirmation exists for: the enhanced model fits one clean
+    class far more confidently than the others, the warm-up model does not."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(1000) % 10
+    warm = torch.rand(1000, generator=g) * 0.9
+    enhanced = torch.rand(1000, generator=g) * 0.9
+    easy = (labels == 8) & (torch.arange(1000) < 400)
+    enhanced[easy] = 0.999
+    flags, classes = flag_label_aware(enhanced, labels)
+    assert classes == [8] and flags[easy].all()
+    flags, classes = flag_label_aware(enhanced, labels, confirm=warm)
+    assert classes == [] and torch.equal(flags, flag_confident(enhanced))
+    with pytest.raises(ValueError, match="one probability per sample"):
+        flag_label_aware(enhanced, labels, confirm=warm[:10])
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 def test_equal_confidences_flag_nothing_deterministically(p):
     prob = torch.full((50,), p, dtype=torch.float64)
@@ -128,7 +167,7 @@ def test_the_rules_cannot_see_ground_truth():
                upper_outliers):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
-                          "quantile"}, (fn, params)
+                          "quantile", "confirm"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():

@@ -17,10 +17,13 @@ Pipeline, every piece taken from the registry through the defense context:
    rule, ``argmax != label`` -> clean, otherwise poisoned (the enhanced-model score ``p_e(y|x)``
    is saved too). Options: the confidence rule (a threshold on ``logit(p_e)`` chosen from the
    data) and the label-aware rule (inside the classes whose high-confidence share is a Grubbs
-   outlier: Otsu's split, or the samples fitted more confidently than a typical sample of the
+   outlier, in the enhanced model or, with ``class_test = "both"``, in the warm-up model as
+   well: Otsu's split, or the samples fitted more confidently than a typical sample of the
    other classes), neither needing a poison rate.
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
-   clean set with the recipe's ``[train]`` stage.
+   clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
+   ``clean_unlearn`` trains it with the ``mixed`` stage instead, unlearning the detected
+   poisoned set (bounded ascent) so that poison detection missed does not reinstall the backdoor.
 5. **Relabel and relearn** (optional, ``relearn = true``; off by default as in the paper's main
    tables): detected poisoned samples get the clean model's argmax as label (Eq. 12) and the
    clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01, reconstructed).
@@ -36,7 +39,8 @@ finished steps are loaded instead of redone and their history records are replay
 Files written to the run directory: ``meca_trend.png`` (ACC/ASR of the model after warm-up and
 after each iteration, drawn with matplotlib, the core's ``plots`` extra; without it the picture is
 skipped and ``defense_metrics.plot`` is null), ``meca_scores.pt`` (ids, per-iteration consistency scores and forget
-sets, enhanced-model probabilities, detected flags; for offline ROC analysis), and with
+sets, enhanced-model probabilities, detected flags, and with ``class_test = "both"`` the
+warm-up model's probabilities; for offline ROC analysis), and with
 ``save_models``: ``meca_warmup_model.pt``, ``meca_enhanced_model.pt`` and ``meca_clean_model.pt``
 (before relearning), as state dicts.
 """
@@ -126,6 +130,10 @@ class MeCaConfig:
     class_alpha: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
         "help": "label-aware: significance of the one-sided Grubbs outlier test (applied sequentially) on the "
                 "classes' high-confidence shares"})
+    class_test: str = attrs.field(default="enhanced", validator=one_of("enhanced", "both"), metadata={
+        "help": "label-aware: which models' high-confidence shares must single a class out: enhanced (the "
+                "enhanced model's) or both (the warm-up model's too: a class the enhancement merely leaves "
+                "easy is not picked)"})
     inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference"), metadata={
         "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
                 "logit(p_e)) or reference (flag its samples fitted more confidently than the "
@@ -134,6 +142,16 @@ class MeCaConfig:
                                             metadata={"help": "label-aware, inside = reference: the quantile of "
                                                               "the ordinary classes' logit(p_e) above which a "
                                                               "sample of a class that stands out is flagged"})
+    # -- clean training ---------------------------------------------------------------------------
+    clean_unlearn: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
+        "help": "weight of an unlearning term on the detected poisoned set during clean training: the clean "
+                "model learns the kept set and unlearns the flagged one (the mixed stage, per-sample weights: "
+                "a flagged sample weighs clean_unlearn times a kept one), so poisoned samples that detection "
+                "missed do not reinstall the backdoor; 0: the paper's clean training on the kept set alone"})
+    clean_unlearn_below: float = attrs.field(default=0.1, validator=in_range(0, 1, lo_open=True, hi_open=True),
+                                             metadata={"help": "clean_unlearn > 0: a flagged sample is unlearned "
+                                                               "only while the model gives its label a "
+                                                               "probability above this (bounded ascent)"})
     # -- relabel and relearn ------------------------------------------------------------------
     relearn: bool = attrs.field(default=False, metadata={
         "help": "[S, optional] relabel detected poisoned samples with the clean model and fine-tune on all"})
@@ -359,10 +377,15 @@ def suspicious_classes(prob, labels, *, high: float = 0.99, alpha: float = 0.05)
 
 
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
-                     inside: str = "otsu", quantile: float = 0.5):
+                     inside: str = "otsu", quantile: float = 0.5, confirm=None):
     """Label-aware detection: find the classes that stand out (:func:`suspicious_classes`) and
     flag part of each of them; when no class stands out, the confidence rule over all samples
     with ``threshold``. Returns ``(flags, classes)``.
+
+    ``confirm``: another model's ``p(y|x)`` for the same samples (MeCa: the warm-up model's);
+    a class is then picked only when it stands out in both, so a class that one model happens
+    to fit easily is not taken for a target class. The split inside a picked class always uses
+    ``prob``.
 
     How a class that stands out is split (``inside``):
 
@@ -380,6 +403,11 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
         raise ValueError(f"inside must be 'otsu' or 'reference', got {inside!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
     classes = suspicious_classes(prob, labels, high=high, alpha=alpha)
+    if confirm is not None:
+        if len(confirm) != len(labels):
+            raise ValueError("confirm must hold one probability per sample")
+        also = set(suspicious_classes(confirm, labels, high=high, alpha=alpha))
+        classes = [c for c in classes if c in also]
     if not classes:
         return flag_confident(prob, threshold=threshold, k=k), []
     if inside == "reference":
@@ -411,6 +439,32 @@ class MeCa(Defense):
         return ScoreContext(seed=derive_seed(ctx.seed, "meca", what), device=ctx.device,
                             batch_size=self.config.score_batch_size, progress=ctx.progress)
 
+    def _clean_trainer(self, ctx):
+        """The clean-training stage: the recipe's ``[train]`` stage, or with ``clean_unlearn`` the
+        ``mixed`` stage with the ``[train]`` stage's optimisation settings (learn the kept set,
+        unlearn the flagged set with per-sample weight ``clean_unlearn``, each flagged sample's CE
+        capped at ``-ln(clean_unlearn_below)``)."""
+        from bdframe.training import OptimSettings
+
+        c = self.config
+        trainer = ctx.component("trainer")
+        if c.clean_unlearn <= 0:
+            return trainer
+        own = trainer.config
+        if not isinstance(own, OptimSettings):
+            raise ValueError(f"meca: clean_unlearn needs a [train] stage with the standard optimisation settings; "
+                             f"the recipe's {trainer.name!r} stage has none")
+        shared = {f.name for f in attrs.fields(OptimSettings)}
+        extra = [f.name for f in attrs.fields(type(own))
+                 if f.name not in shared and getattr(own, f.name) != f.default]
+        if extra:
+            raise ValueError(f"meca: clean_unlearn trains the clean model with the mixed stage, which has no "
+                             f"[train] {', '.join(extra)}; leave {'it' if len(extra) == 1 else 'them'} at the "
+                             f"default or set clean_unlearn = 0")
+        settings = {name: getattr(own, name) for name in shared}
+        return ctx.component("trainer", "mixed", **settings, lam=c.clean_unlearn, normalize="batch",
+                             forget_ceiling=-math.log(c.clean_unlearn_below))
+
     # -- the pipeline -----------------------------------------------------------------------------
     def run(self, data, ctx):
         """Warm-up, iterative enhancement, detection, clean training and optional relearning.
@@ -441,7 +495,7 @@ class MeCa(Defense):
         scorer_params = {"epsilon": c.epsilon, "patch_size": c.patch_size, "mask_mode": c.mask_mode,
                          "keep_prob": c.keep_prob, "grad_loss": c.grad_loss}
         ctx.component("scorer", "adv-kl", **scorer_params)
-        clean_trainer = ctx.component("trainer")
+        clean_trainer = self._clean_trainer(ctx)
         relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs, lr=c.relearn_lr, **self._optim())
                      if c.relearn else None)
 
@@ -466,6 +520,7 @@ class MeCa(Defense):
             done = {"model": steps.cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0}
             step.save(done)
         seconds["warmup"] = done["seconds"]
+        warmup_state = done["model"]
         if out_dir is not None and c.save_models:
             save_atomic(done["model"], out_dir / "meca_warmup_model.pt")
         trend = [{"iteration": 0, "alpha": 0.0, "forget_size": 0, "learn_size": n,
@@ -521,18 +576,23 @@ class MeCa(Defense):
             logits = scoring.logits(model, data, self._score_ctx(ctx, "detect"), desc="meca detect")
             poisoned, prob = detect(logits, data.labels)
             paper_rule = poisoned.clone()
-            classes = None
+            classes, confirm = None, None
             if c.detection == "confidence":
                 poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
             elif c.detection == "label-aware":
+                if c.class_test == "both":
+                    warm = ctx.new_model(state_dict=warmup_state)
+                    _, confirm = detect(scoring.logits(warm, data, self._score_ctx(ctx, "detect-warmup"),
+                                                       desc="meca warm-up fit"), data.labels)
+                    del warm
                 poisoned, classes = flag_label_aware(prob, data.labels.cpu(), high=c.confidence_high, alpha=c.class_alpha,
                                                      threshold=c.threshold, k=c.outlier_k, inside=c.inside,
-                                                     quantile=c.reference_quantile)
+                                                     quantile=c.reference_quantile, confirm=confirm)
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
                    "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "paper_rule": paper_rule,
-                   "seconds": time.perf_counter() - t0}
+                   "warmup_prob": confirm, "seconds": time.perf_counter() - t0}
             step.save(det)
         seconds["detect"] = det["seconds"]
         if out_dir is not None:
@@ -543,7 +603,8 @@ class MeCa(Defense):
                          "consistency_scores": [r["scores"] for r in records],
                          "forget_ids": [r["forget_ids"] for r in records],
                          "enhanced_prob": det["prob"], "detected_poison": det["poisoned"],
-                         "paper_rule_poison": det.get("paper_rule", det["poisoned"])},
+                         "paper_rule_poison": det.get("paper_rule", det["poisoned"]),
+                         "warmup_prob": det.get("warmup_prob")},
                         out_dir / "meca_scores.pt")
         clean_set = data.subset(data.contains(det["kept_ids"]))
         poison_set = data.subset(data.contains(det["flagged_ids"]))
@@ -559,7 +620,10 @@ class MeCa(Defense):
         else:
             t0 = time.perf_counter()
             st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch, lr_setting="[train] lr")
-            clean_trainer.fit(clean_model, clean_set, st)
+            if c.clean_unlearn > 0:
+                clean_trainer.fit(clean_model, clean_set, st, forget=poison_set)
+            else:
+                clean_trainer.fit(clean_model, clean_set, st)
             ev = ctx.evaluate(clean_model)
             ctx.log({"stage": "meca-clean", "train_size": len(clean_set), **ev})
             done = {"model": steps.cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
