@@ -494,15 +494,17 @@ def test_clean_unlearn_below_must_be_a_probability_strictly_inside_0_1(tmp_path,
     assert any("clean_unlearn_below" in p and "(0, 1)" in p for p in ei.value.problems), ei.value.problems
 
 
-def test_class_test_both_confirms_classes_with_the_warm_up_models_fit(tmp_path, bdframe_registry):
+@pytest.mark.parametrize("class_test", ["both", "warmup"])
+def test_class_test_picks_classes_with_the_warm_up_models_fit(tmp_path, bdframe_registry, class_test):
     """``class_test = "both"``: detection computes the warm-up model's ``p(y|x)`` (saved in
-    ``meca_scores.pt``), and a class is picked only where both models single it out."""
+    ``meca_scores.pt``), and a class is picked only where both models single it out;
+    ``"warmup"``: where the warm-up model does."""
     from bdframe import scoring
     from bdframe.interfaces import ScoreContext
     from bdframe_defense_meca.plugin import detect as rule, flag_label_aware, suspicious_classes
 
     recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
-    config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test="both")
+    config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test=class_test)
     res = MeCa(config).run(train, ctx)
     saved = torch.load(tmp_path / "meca_scores.pt")
     pos = train.positions(saved["ids"])
@@ -511,9 +513,14 @@ def test_class_test_both_confirms_classes_with_the_warm_up_models_fit(tmp_path, 
     sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
     _, p_w = rule(scoring.logits(warm, train.subset(pos), sctx), labels)
     assert torch.allclose(saved["warmup_prob"], p_w, atol=1e-6)
-    want, classes = flag_label_aware(saved["enhanced_prob"], labels, confirm=p_w)
+    pick = "both" if class_test == "both" else "confirm"
+    want, classes = flag_label_aware(saved["enhanced_prob"], labels, confirm=p_w, pick=pick)
     assert torch.equal(saved["detected_poison"], want)
     rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
     assert rec["suspicious_classes"] == classes
-    assert set(classes) <= set(suspicious_classes(p_w, labels)) & set(suspicious_classes(saved["enhanced_prob"], labels))
+    if class_test == "both":
+        assert set(classes) <= set(suspicious_classes(p_w, labels)) & set(suspicious_classes(saved["enhanced_prob"],
+                                                                                            labels))
+    else:
+        assert classes == suspicious_classes(p_w, labels)
     assert sorted(res.suspected_ids.tolist()) == sorted(saved["ids"][want].tolist())

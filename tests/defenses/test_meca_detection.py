@@ -116,6 +116,17 @@ def test_a_confirming_model_only_removes_classes_and_agrees_with_itself(data, ot
     perm = torch.tensor(rnd.sample(range(len(prob)), len(prob)))
     flags2, confirmed2 = flag_label_aware(prob[perm], labels[perm], inside=inside, confirm=other_prob[perm])
     assert torch.equal(flags2, flags[perm]) and confirmed2 == confirmed
+    # pick = "confirm": the confirming model's classes alone, split by prob as usual
+    alone, picked = flag_label_aware(prob, labels, inside=inside, confirm=other_prob, pick="confirm")
+    assert picked == suspicious_classes(other_prob, labels)
+    if not picked:
+        assert torch.equal(alone, flag_confident(prob))
+    elif inside == "otsu":
+        assert not alone[~torch.isin(labels, torch.tensor(picked))].any()
+        for c in picked:
+            assert torch.equal(alone[labels == c], flag_confident(prob, labels == c, threshold="otsu")[labels == c])
+    same, same_classes = flag_label_aware(prob, labels, inside=inside, confirm=prob, pick="confirm")
+    assert torch.equal(same, plain) and same_classes == classes
 
 
 def test_a_class_only_the_enhanced_model_singles_out_is_not_split_when_the_warm_up_disagrees():
@@ -133,6 +144,26 @@ def test_a_class_only_the_enhanced_model_singles_out_is_not_split_when_the_warm_
     assert classes == [] and torch.equal(flags, flag_confident(enhanced))
     with pytest.raises(ValueError, match="one probability per sample"):
         flag_label_aware(enhanced, labels, confirm=warm[:10])
+    with pytest.raises(ValueError, match="pick"):
+        flag_label_aware(enhanced, labels, confirm=warm, pick="either")
+
+
+def test_the_warm_up_models_class_is_split_even_where_the_enhanced_model_does_not_single_it_out():
+    """``pick = "confirm"``: the warm-up model singles out the target class, the enhanced model
+    (which fits it no better than the others) does not; the class is still split, by the
+    enhanced model's confidences."""
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(1000) % 10
+    warm = torch.rand(1000, generator=g) * 0.9
+    enhanced = torch.rand(1000, generator=g) * 0.9
+    poisoned = (labels == 3) & (torch.arange(1000) < 500)
+    warm[poisoned] = 0.999
+    enhanced[poisoned] = 0.98  # fitted, but below the 0.99 that the class test counts
+    assert suspicious_classes(enhanced, labels) == []
+    flags, classes = flag_label_aware(enhanced, labels, confirm=warm)
+    assert classes == []
+    flags, classes = flag_label_aware(enhanced, labels, confirm=warm, pick="confirm")
+    assert classes == [3] and flags[poisoned].all() and not flags[labels != 3].any()
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
@@ -167,7 +198,7 @@ def test_the_rules_cannot_see_ground_truth():
                upper_outliers):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
-                          "quantile", "confirm"}, (fn, params)
+                          "quantile", "confirm", "pick"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():

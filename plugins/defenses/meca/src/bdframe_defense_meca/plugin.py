@@ -17,8 +17,8 @@ Pipeline, every piece taken from the registry through the defense context:
    rule, ``argmax != label`` -> clean, otherwise poisoned (the enhanced-model score ``p_e(y|x)``
    is saved too). Options: the confidence rule (a threshold on ``logit(p_e)`` chosen from the
    data) and the label-aware rule (inside the classes whose high-confidence share is a Grubbs
-   outlier, in the enhanced model or, with ``class_test = "both"``, in the warm-up model as
-   well: Otsu's split, or the samples fitted more confidently than a typical sample of the
+   outlier, in the enhanced model or, with ``class_test``, in the warm-up model as well
+   (``"both"``) or instead (``"warmup"``): Otsu's split, or the samples fitted more confidently than a typical sample of the
    other classes), neither needing a poison rate.
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
    clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
@@ -39,8 +39,8 @@ finished steps are loaded instead of redone and their history records are replay
 Files written to the run directory: ``meca_trend.png`` (ACC/ASR of the model after warm-up and
 after each iteration, drawn with matplotlib, the core's ``plots`` extra; without it the picture is
 skipped and ``defense_metrics.plot`` is null), ``meca_scores.pt`` (ids, per-iteration consistency scores and forget
-sets, enhanced-model probabilities, detected flags, and with ``class_test = "both"`` the
-warm-up model's probabilities; for offline ROC analysis), and with
+sets, enhanced-model probabilities, detected flags, and with ``class_test`` ``"both"`` or
+``"warmup"`` the warm-up model's probabilities; for offline ROC analysis), and with
 ``save_models``: ``meca_warmup_model.pt``, ``meca_enhanced_model.pt`` and ``meca_clean_model.pt``
 (before relearning), as state dicts.
 """
@@ -130,10 +130,11 @@ class MeCaConfig:
     class_alpha: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
         "help": "label-aware: significance of the one-sided Grubbs outlier test (applied sequentially) on the "
                 "classes' high-confidence shares"})
-    class_test: str = attrs.field(default="enhanced", validator=one_of("enhanced", "both"), metadata={
+    class_test: str = attrs.field(default="enhanced", validator=one_of("enhanced", "both", "warmup"), metadata={
         "help": "label-aware: which models' high-confidence shares must single a class out: enhanced (the "
-                "enhanced model's) or both (the warm-up model's too: a class the enhancement merely leaves "
-                "easy is not picked)"})
+                "enhanced model's), both (the warm-up model's too: a class the enhancement merely leaves "
+                "easy is not picked) or warmup (the warm-up model's alone; the split inside the class uses "
+                "the enhanced model either way)"})
     inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference"), metadata={
         "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
                 "logit(p_e)) or reference (flag its samples fitted more confidently than the "
@@ -377,15 +378,16 @@ def suspicious_classes(prob, labels, *, high: float = 0.99, alpha: float = 0.05)
 
 
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
-                     inside: str = "otsu", quantile: float = 0.5, confirm=None):
+                     inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both"):
     """Label-aware detection: find the classes that stand out (:func:`suspicious_classes`) and
     flag part of each of them; when no class stands out, the confidence rule over all samples
     with ``threshold``. Returns ``(flags, classes)``.
 
     ``confirm``: another model's ``p(y|x)`` for the same samples (MeCa: the warm-up model's);
-    a class is then picked only when it stands out in both, so a class that one model happens
-    to fit easily is not taken for a target class. The split inside a picked class always uses
-    ``prob``.
+    with ``pick = "both"`` a class is then picked only when it stands out in both, so a class
+    that one model happens to fit easily is not taken for a target class; with
+    ``pick = "confirm"`` the classes are those that stand out in ``confirm`` alone. The split
+    inside a picked class (and the fallback) always uses ``prob``.
 
     How a class that stands out is split (``inside``):
 
@@ -401,13 +403,15 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
 
     if inside not in ("otsu", "reference"):
         raise ValueError(f"inside must be 'otsu' or 'reference', got {inside!r}")
+    if pick not in ("both", "confirm"):
+        raise ValueError(f"pick must be 'both' or 'confirm', got {pick!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
     classes = suspicious_classes(prob, labels, high=high, alpha=alpha)
     if confirm is not None:
         if len(confirm) != len(labels):
             raise ValueError("confirm must hold one probability per sample")
-        also = set(suspicious_classes(confirm, labels, high=high, alpha=alpha))
-        classes = [c for c in classes if c in also]
+        other = suspicious_classes(confirm, labels, high=high, alpha=alpha)
+        classes = [c for c in classes if c in set(other)] if pick == "both" else other
     if not classes:
         return flag_confident(prob, threshold=threshold, k=k), []
     if inside == "reference":
@@ -580,14 +584,15 @@ class MeCa(Defense):
             if c.detection == "confidence":
                 poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
             elif c.detection == "label-aware":
-                if c.class_test == "both":
+                if c.class_test != "enhanced":
                     warm = ctx.new_model(state_dict=warmup_state)
                     _, confirm = detect(scoring.logits(warm, data, self._score_ctx(ctx, "detect-warmup"),
                                                        desc="meca warm-up fit"), data.labels)
                     del warm
                 poisoned, classes = flag_label_aware(prob, data.labels.cpu(), high=c.confidence_high, alpha=c.class_alpha,
                                                      threshold=c.threshold, k=c.outlier_k, inside=c.inside,
-                                                     quantile=c.reference_quantile, confirm=confirm)
+                                                     quantile=c.reference_quantile, confirm=confirm,
+                                                     pick="confirm" if c.class_test == "warmup" else "both")
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
