@@ -457,6 +457,7 @@ def test_clean_unlearn_trains_the_clean_model_on_the_kept_set_while_unlearning_t
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.schedule) == (own.epochs, own.lr, own.batch_size, own.schedule)
     paper = [s for s in stages if s[0] == 0.0 and s[1] == "standard" and len(s[3]) < len(train)]
     assert len(paper) == 1 and paper[0][4] is None
+    assert f"unlearning the {len(flagged)} flagged" in res1.summary[-1] and "unlearning" not in res0.summary[-1]
 
     sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
     rows = train.subset(train.contains(flagged))

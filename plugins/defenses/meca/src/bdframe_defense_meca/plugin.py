@@ -18,8 +18,8 @@ Pipeline, every piece taken from the registry through the defense context:
    is saved too). Options: the confidence rule (a threshold on ``logit(p_e)`` chosen from the
    data) and the label-aware rule (inside the classes whose high-confidence share is a Grubbs
    outlier, in the enhanced model or, with ``class_test``, in the warm-up model as well
-   (``"both"``) or instead (``"warmup"``): Otsu's split, or the samples fitted more confidently than a typical sample of the
-   other classes), neither needing a poison rate.
+   (``"both"``) or instead (``"warmup"``): Otsu's split, or the samples fitted more
+   confidently than a typical sample of the other classes), neither needing a poison rate.
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
    clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
    ``clean_unlearn`` trains it with the ``mixed`` stage instead, unlearning the detected
@@ -630,7 +630,8 @@ class MeCa(Defense):
             else:
                 clean_trainer.fit(clean_model, clean_set, st)
             ev = ctx.evaluate(clean_model)
-            ctx.log({"stage": "meca-clean", "train_size": len(clean_set), **ev})
+            ctx.log({"stage": "meca-clean", "train_size": len(clean_set),
+                     "unlearned": len(poison_set) if c.clean_unlearn > 0 else 0, **ev})
             done = {"model": steps.cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
             step.save(done)
         seconds["clean_train"] = done["seconds"]
@@ -691,7 +692,8 @@ class MeCa(Defense):
         if len(trend) > 1:
             summary.append(f"meca: enhanced model after {len(trend) - 1} iterations: {steps.figures(trend[-1])}")
         summary.append(f"meca: detected {n_p} of {n} samples as poisoned ({100 * n_p / n:.1f}%)")
-        summary.append(f"meca: clean model trained on the {n - n_p} kept samples: {steps.figures(clean_eval)}"
+        unlearned = f", unlearning the {n_p} flagged" if c.clean_unlearn > 0 else ""
+        summary.append(f"meca: clean model trained on the {n - n_p} kept samples{unlearned}: {steps.figures(clean_eval)}"
                        + ("" if relearn_metrics is None else
                           f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
         # per-sample suspicion for suspected.csv: the enhanced model's p_e(y|x), in data's row order
