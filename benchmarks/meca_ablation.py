@@ -151,14 +151,13 @@ def adv_kl(run_dir: Path, device, seed: int) -> dict:
 
 def after(run_dir: Path, device, params: dict) -> dict:
     from bdframe.metrics import detection
-    from bdframe.runs import read_json as read_run_json
 
     enhanced = run_dir / "meca_enhanced_model.pt"
     if not enhanced.is_file():
         raise SystemExit(f"{run_dir}: no meca_enhanced_model.pt (run MeCa with save_models = true)")
     out = _run_meca(run_dir, device, params, warmup_path(run_dir, device), enhanced)
     res = out["result"]
-    run = read_run_json(run_dir / "metrics.json")
+    run = read_json(run_dir / "metrics.json", {})
     final = res.metrics["relearn"] or res.metrics["clean_model"]
     return {"params": params, "seconds": out["seconds"],
             "detection": detection(res.suspected_ids, out["poison_ids"], out["train"].ids),

@@ -129,14 +129,21 @@ def test_a_confirming_model_only_removes_classes_and_agrees_with_itself(data, ot
     assert torch.equal(same, plain) and same_classes == classes
 
 
-def test_a_class_only_the_enhanced_model_singles_out_is_not_split_when_the_warm_up_disagrees():
-    """The clean-data failure the confirmation exists for: the enhanced model fits one clean
-    class far more confidently than the others, the warm-up model does not."""
-    g = torch.Generator().manual_seed(1)
+def two_models(seed, picked, n_picked):
+    """1,000 samples in 10 classes, each fitted by a warm-up and an enhanced model with
+    probabilities spread over [0, 0.9); and the mask of the first ``n_picked`` samples overall
+    that are in class ``picked`` (about a tenth of them), for a test to fit confidently."""
+    g = torch.Generator().manual_seed(seed)
     labels = torch.arange(1000) % 10
     warm = torch.rand(1000, generator=g) * 0.9
     enhanced = torch.rand(1000, generator=g) * 0.9
-    easy = (labels == 8) & (torch.arange(1000) < 400)
+    return labels, warm, enhanced, (labels == picked) & (torch.arange(1000) < n_picked)
+
+
+def test_a_class_only_the_enhanced_model_singles_out_is_not_split_when_the_warm_up_disagrees():
+    """The clean-data failure the confirmation exists for: the enhanced model fits one clean
+    class far more confidently than the others, the warm-up model does not."""
+    labels, warm, enhanced, easy = two_models(1, 8, 400)
     enhanced[easy] = 0.999
     flags, classes = flag_label_aware(enhanced, labels)
     assert classes == [8] and flags[easy].all()
@@ -152,11 +159,7 @@ def test_the_warm_up_models_class_is_split_even_where_the_enhanced_model_does_no
     """``pick = "confirm"``: the warm-up model singles out the target class, the enhanced model
     (which fits it no better than the others) does not; the class is still split, by the
     enhanced model's confidences."""
-    g = torch.Generator().manual_seed(2)
-    labels = torch.arange(1000) % 10
-    warm = torch.rand(1000, generator=g) * 0.9
-    enhanced = torch.rand(1000, generator=g) * 0.9
-    poisoned = (labels == 3) & (torch.arange(1000) < 500)
+    labels, warm, enhanced, poisoned = two_models(2, 3, 500)
     warm[poisoned] = 0.999
     enhanced[poisoned] = 0.98  # fitted, but below the 0.99 that the class test counts
     assert suspicious_classes(enhanced, labels) == []

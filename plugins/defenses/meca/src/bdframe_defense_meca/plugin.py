@@ -625,10 +625,7 @@ class MeCa(Defense):
         else:
             t0 = time.perf_counter()
             st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch, lr_setting="[train] lr")
-            if c.clean_unlearn > 0:
-                clean_trainer.fit(clean_model, clean_set, st, forget=poison_set)
-            else:
-                clean_trainer.fit(clean_model, clean_set, st)
+            clean_trainer.fit(clean_model, clean_set, st, forget=poison_set if c.clean_unlearn > 0 else None)
             ev = ctx.evaluate(clean_model)
             ctx.log({"stage": "meca-clean", "train_size": len(clean_set),
                      "unlearned": len(poison_set) if c.clean_unlearn > 0 else 0, **ev})
