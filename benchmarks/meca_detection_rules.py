@@ -3,7 +3,8 @@
 Reads ``meca_scores.pt`` (the enhanced model's ``p_e(y|x)`` and the paper rule's flags) and
 ``poison.json`` of a run directory and prints, per rule, the flagged share and detection recall
 and precision against the poison ids, then per class (by the label each sample carries) the
-share above the label-aware rule's confidence thresholds (ground truth is read here only, to score the rules; the
+share above the label-aware rule's confidence thresholds, and the warm-up model's share above 0.99
+where the run saved it (``class_test`` other than ``"enhanced"``) (ground truth is read here only, to score the rules; the
 rules themselves never see it). Clean ACC/ASR need a run with that rule (a ``detection``
 setting of the MeCa sweep); this script shows what each rule would keep.
 ``--models`` also reruns the saved warm-up and enhanced models over the training set and prints
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
     # the label-aware rule's class statistic: per class, the share of samples above the
     # confidence_high threshold (the poisoned count comes from the ground truth, for reading only)
     prob = s["enhanced_prob"]
+    warm = s.get("warmup_prob")  # saved by runs whose class_test reads the warm-up model
     classes = parts.poisoned.classes
     per_class = []
     for c in range(len(classes)):
@@ -121,10 +123,13 @@ def main(argv=None) -> int:
         per_class.append({"class": classes[c], "samples": int(m.sum()), "poisoned": int((m & truth).sum()),
                           "share_099": 100 * float((prob[m] > 0.99).double().mean()),
                           "share_0999": 100 * float((prob[m] > 0.999).double().mean())})
+        if warm is not None:
+            per_class[-1]["warmup_share_099"] = 100 * float((warm[m] > 0.99).double().mean())
     print()
     print_table(per_class, [("class", "class (label)", "{}"), ("samples", "samples", "{}"),
                             ("poisoned", "poisoned", "{}"), ("share_099", "p_e > 0.99 %", "{:.1f}"),
-                            ("share_0999", "p_e > 0.999 %", "{:.1f}")])
+                            ("share_0999", "p_e > 0.999 %", "{:.1f}")]
+                + ([("warmup_share_099", "p_w > 0.99 %", "{:.1f}")] if warm is not None else []))
     models = compare_models(d, parts, s["ids"], labels, truth, classes) if args.models else None
     if args.out:
         write_json(Path(args.out), {"run_dir": str(d), "rows": rows, "classes": per_class, "models": models})

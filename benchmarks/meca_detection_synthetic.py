@@ -6,6 +6,7 @@ share; writes ``benchmarks/results/meca_detection_synthetic.json``. The rules ne
 truth; it is used here only to score them.
 
     python benchmarks/meca_detection_synthetic.py
+    python benchmarks/meca_detection_synthetic.py --rules "argmax (paper)" "unlearn, warm-up classes" --out F.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ RULES = [("argmax (paper)", {"detection": "argmax"}),
          ("confidence, otsu", {"detection": "confidence", "threshold": "otsu"}),
          ("label-aware", {"detection": "label-aware"}),
          ("label-aware, protect 0.99", {"detection": "label-aware", "protect_confident": 0.99}),
-         ("label-aware, inside reference", {"detection": "label-aware", "inside": "reference"})]
+         ("label-aware, inside reference", {"detection": "label-aware", "inside": "reference"}),
+         # the MeCa sweep's meca-unlearn-warmup column: classes picked by the warm-up model, the
+         # partition that passes over the least consistent 10%, a clean training that unlearns
+         # the flagged set, no relearning
+         ("unlearn, warm-up classes", {"detection": "label-aware", "class_test": "warmup", "forget_skip": 0.1,
+                                       "clean_unlearn": 0.6, "relearn": False})]
 
 
 def main(argv=None) -> int:
@@ -31,6 +37,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_results_args(ap, "meca_detection_synthetic.json")
+    ap.add_argument("--rules", nargs="+", metavar="RULE", choices=[label for label, _ in RULES],
+                    help="run only these rules (default: all); names as in the table")
     args = ap.parse_args(argv)
     out = Path(args.out)
     rows = [] if args.recompute else read_json(out, [])
@@ -39,7 +47,7 @@ def main(argv=None) -> int:
     base["device"] = "cpu"
     for data in ("badnet", "clean"):
         for label, params in RULES:
-            if (data, label) in done:
+            if (data, label) in done or (args.rules and label not in args.rules):
                 continue
             recipe = {**base, "defense": {**base["defense"], **params}}
             if data == "clean":
