@@ -110,21 +110,21 @@ def main(argv=None) -> int:
                      "kept": int((~flags).sum())})
     print_table(rows, [("rule", "rule", "{}"), ("flagged", "flagged %", "{:.1f}"), ("recall", "recall %", "{:.1f}"),
                        ("precision", "precision %", "{:.1f}"), ("kept", "kept", "{}")])
-    # the label-aware rule's class statistic: per class, the share of samples above the
-    # confidence_high threshold (the poisoned count comes from the ground truth, for reading only)
-    prob = s["enhanced_prob"]
+    # the label-aware rule's class statistic, computed by the rule's own class_shares: per class,
+    # the share of samples above the confidence_high threshold (the poisoned count comes from the
+    # ground truth, for reading only)
+    from bdframe_defense_meca.plugin import class_shares
+
+    shares = {"share_099": (s["enhanced_prob"], 0.99), "share_0999": (s["enhanced_prob"], 0.999)}
     warm = s.get("warmup_prob")  # saved by runs whose class_test reads the warm-up model
+    if warm is not None:
+        shares["warmup_share_099"] = (warm, 0.99)
+    present, _ = class_shares(s["enhanced_prob"], labels)
+    shares = {k: class_shares(p, labels, high=high)[1] for k, (p, high) in shares.items()}
     classes = parts.poisoned.classes
-    per_class = []
-    for c in range(len(classes)):
-        m = labels == c
-        if not bool(m.any()):
-            continue
-        per_class.append({"class": classes[c], "samples": int(m.sum()), "poisoned": int((m & truth).sum()),
-                          "share_099": 100 * float((prob[m] > 0.99).double().mean()),
-                          "share_0999": 100 * float((prob[m] > 0.999).double().mean())})
-        if warm is not None:
-            per_class[-1]["warmup_share_099"] = 100 * float((warm[m] > 0.99).double().mean())
+    per_class = [{"class": classes[c], "samples": int((labels == c).sum()), "poisoned": int(((labels == c) & truth).sum()),
+                  **{k: 100 * float(v[i]) for k, v in shares.items()}}
+                 for i, c in enumerate(present.tolist())]
     print()
     print_table(per_class, [("class", "class (label)", "{}"), ("samples", "samples", "{}"),
                             ("poisoned", "poisoned", "{}"), ("share_099", "p_e > 0.99 %", "{:.1f}"),
