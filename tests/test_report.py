@@ -220,6 +220,35 @@ def test_no_reference_gives_a_dash(tmp_path, capsys):
     assert body["badnet"] == ["–", "–", f"{100 * m['clean_acc']:.2f}", f"{100 * m['asr']:.2f}"]
 
 
+def test_no_time_multiple_across_machines(tmp_path, capsys):
+    """Seconds from two machines make no multiple: where a run and its no-defense reference both
+    record their hardware in run.json and it differs, the cell has none and a note names the run;
+    runs that record no CPU (made before bdframe did) are compared as before."""
+    d = tmp_path / "sweep"
+    axes = {"attack": ["none", "badnet", "blend"], "defense": ["none", "meca"]}
+    make_sweep(d, axes, failed={}, interrupted=[], not_started=[])
+    amd = {"cpu": "AMD EPYC 9R14", "device": "cpu", "threads": 2}
+    intel = {**amd, "cpu": "Intel(R) Xeon(R) Processor"}
+    envs = {"attack=badnet,defense=none": amd, "attack=badnet,defense=meca": intel,  # two machines
+            "attack=blend,defense=none": amd, "attack=blend,defense=meca": {**amd, "threads": 4},
+            "attack=none,defense=meca": intel}  # the clean row's no-defense run records no CPU
+    for name, env in envs.items():
+        (d / "runs" / name / "run.json").write_text(json.dumps({"environment": env}))
+    t = report.collect(d)
+    assert t.cell("badnet", "meca").multiple is None and t.cell("blend", "meca").multiple is None
+    assert t.cell("badnet", "none").multiple == report.Stat(1.0, None, 1)
+    clean = fake_metrics({"attack": "none", "defense": "meca"})["seconds"]["total"] / \
+        fake_metrics({"attack": "none", "defense": "none"})["seconds"]["total"]
+    assert t.cell("none", "meca").multiple.mean == pytest.approx(clean)
+    assert t.other_hardware == ["attack=badnet,defense=meca", "attack=blend,defense=meca"]
+    text = report_md(capsys, d)
+    assert ("- wall time: no multiple for 2 runs whose no-defense run was made on other hardware (the CPU, "
+            "device, GPU or thread count in run.json differ):\n  - attack=badnet,defense=meca\n"
+            "  - attack=blend,defense=meca\n") in text
+    _, body = section(md_tables(text), "Wall time")
+    assert body["badnet"] == ["1.00", "–"] and body["none"] == ["1.00", f"{clean:.2f}"]
+
+
 def test_csv_is_one_line_per_cell(tmp_path, capsys):
     d = tmp_path / "sweep"
     finished = make_sweep(d)

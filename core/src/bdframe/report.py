@@ -26,6 +26,10 @@ Per cell:
   equal the run's on every axis except the ``--cols`` axes (the same attack, the same seed, ...).
   A run that is itself a no-defense run is its own reference (multiple 1.00). Should several
   runs qualify (a defense parameter axis that the no-defense runs repeat), their mean is used.
+  Seconds measured on two machines make no multiple: where the run and a reference both record
+  their hardware in ``run.json`` (CPU model, device, GPU, threads) and it differs, the cell
+  has no multiple and a note names the run. Runs made before bdframe recorded the CPU are
+  compared as before.
   The ACC loss in the HTML scatter plot uses the same reference.
 
 When the default ``attack`` (or ``defense``) is not an axis of the sweep, or is taken by the
@@ -95,6 +99,17 @@ class Run:
     metrics: Optional[dict] = None
     error: Optional[str] = None
     log: Optional[str] = None
+    environment: Optional[dict] = None  # run.json's, where it could be read
+
+
+def hardware(r: Run) -> Optional[tuple]:
+    """What a run's seconds depend on besides the recipe: (CPU model, device type, GPU, threads)
+    from its run.json, or None for a run that did not record its CPU (runs made before bdframe
+    recorded it)."""
+    env = r.environment
+    if not isinstance(env, dict) or not env.get("cpu"):
+        return None
+    return (env.get("cpu"), str(env.get("device", "")).split(":")[0], env.get("gpu"), env.get("threads"))
 
 
 @attrs.frozen
@@ -141,6 +156,7 @@ class Table:
     aggregated: list
     runs: list
     fallbacks: list
+    other_hardware: list = attrs.field(factory=list)  # runs without a multiple: their reference ran elsewhere
 
     def cell(self, row, col) -> Cell:
         """The cell of a row and a column group, given as keys or as " / "-joined labels."""
@@ -293,7 +309,7 @@ def _load_run(sweep_dir: Path, p: _Planned) -> Run:
                             f"must be rerun or its directory removed") from None
         if not isinstance(m, dict) or not _number(m.get("clean_acc")):
             raise UserError(f"{str(mf)!r} has no clean_acc number; is it a bdframe metrics.json?")
-        return Run(p.name, p.labels, d, FINISHED, metrics=m)
+        return Run(p.name, p.labels, d, FINISHED, metrics=m, environment=_environment(d))
     ff = sweep_dir / "failed" / f"{p.name}.json"
     if ff.is_file():
         try:
@@ -309,6 +325,14 @@ def _load_run(sweep_dir: Path, p: _Planned) -> Run:
     if d.exists():
         return Run(p.name, p.labels, d, INTERRUPTED, error=f"{p.dir} has no metrics.json")
     return Run(p.name, p.labels, d, NOT_STARTED)
+
+
+def _environment(d: Path) -> Optional[dict]:
+    try:
+        env = json.loads((d / "run.json").read_text(encoding="utf-8")).get("environment")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return env if isinstance(env, dict) else None
 
 
 def load_runs(sweep_dir) -> tuple:
@@ -425,14 +449,18 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         ref = references(r)
         total = _total_seconds(r)
         ref_totals = [s for s in map(_total_seconds, ref) if s is not None]
+        mine, theirs = hardware(r), [hardware(x) for x in ref]
         if own and total is not None:
             v["multiple"] = 1.0
+        elif mine is not None and any(h is not None and h != mine for h in theirs):
+            other_hardware.append(r.name)  # seconds of two machines are no multiple
         elif total is not None and ref_totals and statistics.fmean(ref_totals) > 0:
             v["multiple"] = total / statistics.fmean(ref_totals)
         if ref:
             v["acc_loss"] = 100 * statistics.fmean(x.metrics["clean_acc"] for x in ref) - v["acc"]
         return v
 
+    other_hardware: list = []
     values = {r.name: per_run(r) for r in done}
     cells = {}
     for rk in row_keys:
@@ -448,7 +476,7 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         fallbacks.append(f"--only: the runs with {which} ({len(runs)} of {len(every)}); the time multiple and "
                          f"ACC loss still refer to each row's no-defense run")
     return Table(sweep_dir, name, axes, row_axes, col_axes, row_names, col_names, row_keys, col_keys, cells,
-                 aggregated, runs, fallbacks)
+                 aggregated, runs, fallbacks, other_hardware)
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -510,7 +538,11 @@ def notes(t: Table) -> list:
     if not t.detection_cols():
         out.append(("detection: no finished run has detection results (no defense flagged samples)",
                     []))
-    if t.runs and not t.has_multiples():
+    if t.other_hardware:
+        out.append((f"wall time: no multiple for {len(t.other_hardware)} run"
+                    f"{'s' if len(t.other_hardware) != 1 else ''} whose no-defense run was made on other "
+                    f"hardware (the CPU, device, GPU or thread count in run.json differ):", list(t.other_hardware)))
+    if t.runs and not t.has_multiples() and not t.other_hardware:
         out.append(("wall time: no shown run has a finished no-defense run in its row to compare with, so there "
                     "is no time table (each run's metrics.json has its seconds)", []))
     n = len(t.runs)

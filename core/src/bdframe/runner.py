@@ -166,9 +166,24 @@ def sealed(data: ImageSet) -> ImageSet:
     return attrs.evolve(data, transform=transform)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: ``/proc/cpuinfo``; elsewhere what ``platform`` knows), so that
+    times measured on different machines are not compared as if they were one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment(device: torch.device) -> dict:
     env = {"bdframe": bdframe.__version__, "python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform(), "device": str(device), "threads": torch.get_num_threads()}
+           "platform": platform.platform(), "cpu": cpu_name(), "device": str(device),
+           "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name(device)
