@@ -221,32 +221,39 @@ def test_no_reference_gives_a_dash(tmp_path, capsys):
 
 
 def test_no_time_multiple_across_machines(tmp_path, capsys):
-    """Seconds from two machines make no multiple: where a run and its no-defense reference both
-    record their hardware in run.json and it differs, the cell has none and a note names the run;
-    runs that record no CPU (made before bdframe did) are compared as before."""
+    """Seconds from two machines make no multiple: where the hardware a run and its no-defense
+    reference record in run.json differs, or only one records it, the run has none and a note
+    names it; two runs that record no CPU (made before bdframe did) are compared as before."""
     d = tmp_path / "sweep"
-    axes = {"attack": ["none", "badnet", "blend"], "defense": ["none", "meca"]}
+    axes = {"attack": ["none", "badnet", "blend"], "defense": ["none", "meca"], "seed": ["0", "1"]}
     make_sweep(d, axes, failed={}, interrupted=[], not_started=[])
     amd = {"cpu": "AMD EPYC 9R14", "device": "cpu", "threads": 2}
     intel = {**amd, "cpu": "Intel(R) Xeon(R) Processor"}
-    envs = {"attack=badnet,defense=none": amd, "attack=badnet,defense=meca": intel,  # two machines
-            "attack=blend,defense=none": amd, "attack=blend,defense=meca": {**amd, "threads": 4},
-            "attack=none,defense=meca": intel}  # the clean row's no-defense run records no CPU
+    envs = {"attack=badnet,defense=none,seed=0": amd, "attack=badnet,defense=meca,seed=0": intel,  # two CPUs
+            "attack=badnet,defense=none,seed=1": amd, "attack=badnet,defense=meca,seed=1": amd,  # one machine
+            "attack=blend,defense=none,seed=0": amd, "attack=blend,defense=meca,seed=0": {**amd, "threads": 4},
+            "attack=blend,defense=meca,seed=1": intel}  # its no-defense run records no CPU
     for name, env in envs.items():
         (d / "runs" / name / "run.json").write_text(json.dumps({"environment": env}))
+
+    def ratio(attack, seed):
+        return (fake_metrics({"attack": attack, "defense": "meca", "seed": seed})["seconds"]["total"]
+                / fake_metrics({"attack": attack, "defense": "none", "seed": seed})["seconds"]["total"])
+
     t = report.collect(d)
-    assert t.cell("badnet", "meca").multiple is None and t.cell("blend", "meca").multiple is None
-    assert t.cell("badnet", "none").multiple == report.Stat(1.0, None, 1)
-    clean = fake_metrics({"attack": "none", "defense": "meca"})["seconds"]["total"] / \
-        fake_metrics({"attack": "none", "defense": "none"})["seconds"]["total"]
-    assert t.cell("none", "meca").multiple.mean == pytest.approx(clean)
-    assert t.other_hardware == ["attack=badnet,defense=meca", "attack=blend,defense=meca"]
+    assert t.cell("badnet", "meca").multiple == report.Stat(ratio("badnet", "1"), None, 1)
+    assert t.cell("blend", "meca").multiple is None
+    assert t.cell("badnet", "none").multiple == report.Stat(1.0, 0.0, 2)
+    assert t.cell("none", "meca").multiple.n == 2  # neither records its CPU: as before
+    assert t.cell("none", "meca").multiple.mean == pytest.approx((ratio("none", "0") + ratio("none", "1")) / 2)
+    assert t.other_hardware == ["attack=badnet,defense=meca,seed=0", "attack=blend,defense=meca,seed=0",
+                                "attack=blend,defense=meca,seed=1"]
     text = report_md(capsys, d)
-    assert ("- wall time: no multiple for 2 runs whose no-defense run was made on other hardware (the CPU, "
-            "device, GPU or thread count in run.json differ):\n  - attack=badnet,defense=meca\n"
-            "  - attack=blend,defense=meca\n") in text
+    assert ("- wall time: no multiple for 3 runs whose no-defense run was made on other hardware, or on "
+            "hardware one of them does not record (the CPU, device, GPU or thread count in run.json):\n"
+            "  - attack=badnet,defense=meca,seed=0\n") in text
     _, body = section(md_tables(text), "Wall time")
-    assert body["badnet"] == ["1.00", "–"] and body["none"] == ["1.00", f"{clean:.2f}"]
+    assert body["blend"] == ["1.00 ± 0.00", "–"] and body["badnet"][1] == f"{ratio('badnet', '1'):.2f}"
 
 
 def test_csv_is_one_line_per_cell(tmp_path, capsys):

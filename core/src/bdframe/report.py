@@ -26,10 +26,10 @@ Per cell:
   equal the run's on every axis except the ``--cols`` axes (the same attack, the same seed, ...).
   A run that is itself a no-defense run is its own reference (multiple 1.00). Should several
   runs qualify (a defense parameter axis that the no-defense runs repeat), their mean is used.
-  Seconds measured on two machines make no multiple: where the run and a reference both record
-  their hardware in ``run.json`` (CPU model, device, GPU, threads) and it differs, the cell
-  has no multiple and a note names the run. Runs made before bdframe recorded the CPU are
-  compared as before.
+  Seconds measured on two machines make no multiple: where the hardware that the run and a
+  reference record in ``run.json`` (CPU model, device, GPU, threads) differs, or only one of
+  them records it, the cell has no multiple and a note names the run. Two runs that both
+  predate the CPU record are compared as before.
   The ACC loss in the HTML scatter plot uses the same reference.
 
 When the default ``attack`` (or ``defense``) is not an axis of the sweep, or is taken by the
@@ -452,8 +452,8 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         mine, theirs = hardware(r), [hardware(x) for x in ref]
         if own and total is not None:
             v["multiple"] = 1.0
-        elif mine is not None and any(h is not None and h != mine for h in theirs):
-            other_hardware.append(r.name)  # seconds of two machines are no multiple
+        elif any(h != mine for h in theirs if (h, mine) != (None, None)):
+            other_hardware.append(r.name)  # seconds of two machines (or of one that is not known) are no multiple
         elif total is not None and ref_totals and statistics.fmean(ref_totals) > 0:
             v["multiple"] = total / statistics.fmean(ref_totals)
         if ref:
@@ -541,7 +541,8 @@ def notes(t: Table) -> list:
     if t.other_hardware:
         out.append((f"wall time: no multiple for {len(t.other_hardware)} run"
                     f"{'s' if len(t.other_hardware) != 1 else ''} whose no-defense run was made on other "
-                    f"hardware (the CPU, device, GPU or thread count in run.json differ):", list(t.other_hardware)))
+                    f"hardware, or on hardware one of them does not record (the CPU, device, GPU or thread count "
+                    f"in run.json):", list(t.other_hardware)))
     if t.runs and not t.has_multiples() and not t.other_hardware:
         out.append(("wall time: no shown run has a finished no-defense run in its row to compare with, so there "
                     "is no time table (each run's metrics.json has its seconds)", []))
