@@ -1,0 +1,129 @@
+"""DBR's rows of a sweep beyond what ``bdframe report`` shows: the model ``d-br`` repaired, where
+the time goes, the wall-time multiple measured on one machine, and the per-round trend.
+
+``bdframe report`` divides a run's seconds by those of its row's no-defense run, and leaves the
+multiple out where the two runs were not made on one machine. A ``d-br`` run that trains its
+starting model itself (no ``model = ...``) does so exactly as a no-defense run does, so it carries
+a same-machine reference: its own ``train`` stage. Per attack row of a sweep directory this prints
+
+- for the ``--br`` column (default ``d-br``): the model it repaired (ACC / ASR), the result, the
+  seconds of its plain training, of the FCT split (the scoring model and the scores: the rest of
+  the defense's seconds) and of the repair rounds, the run's total, and the multiple
+  ``total / plain training`` (only where the run trained its starting model);
+- for the ``--st`` column (default ``d-st``): the result, its SS-CTL and head seconds, its total,
+  and the multiple ``total / the same row's d-br plain training``, given only when both runs
+  record the same CPU and thread count in ``run.json``;
+- then, for ``d-br`` runs that logged every round (``evaluate_each_round = true``), ACC / ASR
+  after each round (reporting only: the defense keeps the last round).
+
+    bdframe sweep run benchmarks/sweeps/meca-cifar10.toml --only defense=d-br --only defense=d-st
+    python benchmarks/dbr_rows.py benchmarks/results/sweeps/meca-cifar10
+    python benchmarks/dbr_rows.py --br d-br-matched --out benchmarks/results/dbr_rows_matched.json
+
+The figures are written to ``results/dbr_rows.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, print_table, write_json  # noqa: E402
+
+
+def _run(sweep: Path, attack: str, defense: str) -> dict | None:
+    d = sweep / "runs" / f"attack={attack},defense={defense}"
+    if not (d / "metrics.json").is_file():
+        return None
+    m = json.loads((d / "metrics.json").read_text())
+    env = json.loads((d / "run.json").read_text()).get("environment", {}) if (d / "run.json").is_file() else {}
+    recipe = tomllib.loads((d / "recipe.toml").read_text()) if (d / "recipe.toml").is_file() else {}
+    return {"metrics": m, "hardware": (env.get("cpu"), env.get("threads")) if env.get("cpu") else None,
+            "cpu": env.get("cpu"), "loaded": bool(recipe.get("defense", {}).get("model"))}
+
+
+def _pct(x):
+    return None if x is None else 100 * x
+
+
+def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
+    plan = json.loads((sweep / "sweep.json").read_text())
+    attacks = next(a["labels"] for a in plan["axes"] if a["path"] == "attack")
+    rows = []
+    for attack in attacks:
+        br, st = _run(sweep, attack, br_label), _run(sweep, attack, st_label)
+        if br is None and st is None:
+            continue
+        row = {"attack": attack}
+        train = None
+        if br is not None:
+            m = br["metrics"]
+            dm = m["defense_metrics"]
+            stages = dm["stage_seconds"]
+            train = None if br["loaded"] else stages["train"]
+            trend = dm["trend"]
+            row.update(start_acc=_pct(trend[0].get("clean_acc")), start_asr=_pct(trend[0].get("asr")),
+                       br_acc=_pct(m["clean_acc"]), br_asr=_pct(m.get("asr")), br_train_s=train,
+                       br_split_s=m["seconds"]["defense"] - stages["train"] - stages["repair"],
+                       br_repair_s=stages["repair"], br_total_s=m["seconds"]["total"],
+                       br_multiple=None if train is None else m["seconds"]["total"] / train, br_cpu=br["cpu"],
+                       trend=[{"round": t["round"], "acc": _pct(t.get("clean_acc")), "asr": _pct(t.get("asr"))}
+                              for t in trend] if len(trend) > 2 else None)
+        if st is not None:
+            m = st["metrics"]
+            stages = m["defense_metrics"]["stage_seconds"]
+            same = train is not None and st["hardware"] is not None and st["hardware"] == br["hardware"]
+            row.update(st_acc=_pct(m["clean_acc"]), st_asr=_pct(m.get("asr")), st_ss_ctl_s=stages["ss_ctl"],
+                       st_linear_s=stages["linear"], st_total_s=m["seconds"]["total"],
+                       st_multiple=m["seconds"]["total"] / train if same else None, st_cpu=st["cpu"])
+        rows.append(row)
+    return rows
+
+
+def _trend_cell(t: dict) -> str:
+    return f"{t['acc']:.2f} / " + (f"{t['asr']:.2f}" if t["asr"] is not None else "-")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep_dir", nargs="?", default=str(REPO / "benchmarks/results/sweeps/meca-cifar10"))
+    ap.add_argument("--br", default="d-br", help="the defense label of the d-br column (default d-br)")
+    ap.add_argument("--st", default="d-st", help="the defense label of the d-st column (default d-st)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dbr_rows.json"))
+    args = ap.parse_args(argv)
+    sweep = Path(args.sweep_dir)
+    if not (sweep / "sweep.json").is_file():
+        print(f"error: {sweep} is not a sweep directory (no sweep.json)", file=sys.stderr)
+        return 2
+    rows = rows_of(sweep, args.br, args.st)
+    if not rows:
+        print(f"error: {sweep} has no finished {args.br} or {args.st} run", file=sys.stderr)
+        return 2
+    br, st = args.br, args.st
+    print_table(rows, [("attack", "attack", "{}"), ("start_acc", "repaired ACC", "{:.2f}"),
+                       ("start_asr", "ASR", "{:.2f}"), ("br_acc", f"{br} ACC", "{:.2f}"), ("br_asr", "ASR", "{:.2f}"),
+                       ("br_train_s", "train s", "{:.0f}"), ("br_split_s", "split s", "{:.0f}"),
+                       ("br_repair_s", "repair s", "{:.0f}"), ("br_total_s", "total s", "{:.0f}"),
+                       ("br_multiple", "x", "{:.2f}"), ("st_acc", f"{st} ACC", "{:.2f}"), ("st_asr", "ASR", "{:.2f}"),
+                       ("st_ss_ctl_s", "SS-CTL s", "{:.0f}"), ("st_linear_s", "head s", "{:.0f}"),
+                       ("st_total_s", "total s", "{:.0f}"), ("st_multiple", "x", "{:.2f}"),
+                       ("br_cpu", f"{br} CPU", "{}"), ("st_cpu", f"{st} CPU", "{}")])
+    print(f"x: total seconds over the {br} run's own plain training (the row's no-defense training, made in the "
+          f"same run); '-' where the run loaded its model, or the two runs do not record one CPU")
+    trends = [r for r in rows if r.get("trend")]
+    if trends:
+        print(f"\n{br}: ACC / ASR after each round (round 0: the model it repairs)")
+        rounds = max(len(r["trend"]) for r in trends)
+        table = [{"round": i, **{r["attack"]: _trend_cell(r["trend"][i]) if i < len(r["trend"]) else None
+                                 for r in trends}} for i in range(rounds)]
+        print_table(table, [("round", "round", "{}")] + [(r["attack"], r["attack"], "{}") for r in trends])
+    write_json(Path(args.out), {"sweep": str(sweep), "br": br, "st": st, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
