@@ -26,7 +26,6 @@ The figures are written to ``results/dbr_rows.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tomllib
 from pathlib import Path
@@ -35,15 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, print_table, write_json  # noqa: E402
 
 
-def _run(sweep: Path, attack: str, defense: str) -> dict | None:
-    d = sweep / "runs" / f"attack={attack},defense={defense}"
-    if not (d / "metrics.json").is_file():
-        return None
-    m = json.loads((d / "metrics.json").read_text())
-    env = json.loads((d / "run.json").read_text()).get("environment", {}) if (d / "run.json").is_file() else {}
-    recipe = tomllib.loads((d / "recipe.toml").read_text()) if (d / "recipe.toml").is_file() else {}
-    return {"metrics": m, "hardware": (env.get("cpu"), env.get("threads")) if env.get("cpu") else None,
-            "cpu": env.get("cpu"), "loaded": bool(recipe.get("defense", {}).get("model"))}
+def _runs(sweep: Path) -> tuple[list, dict]:
+    """The sweep's attack labels and its finished runs by (attack, defense) label."""
+    from bdframe.report import FINISHED, load_runs
+
+    _, axes, runs = load_runs(sweep)
+    return axes["attack"], {(r.labels["attack"], r.labels["defense"]): r for r in runs if r.status == FINISHED}
+
+
+def _loaded(run) -> bool:
+    """Whether the run repaired a saved model (``model = ...``) instead of training its own."""
+    recipe = run.dir / "recipe.toml"
+    return recipe.is_file() and bool(tomllib.loads(recipe.read_text()).get("defense", {}).get("model"))
 
 
 def _pct(x):
@@ -51,35 +53,38 @@ def _pct(x):
 
 
 def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
-    plan = json.loads((sweep / "sweep.json").read_text())
-    attacks = next(a["labels"] for a in plan["axes"] if a["path"] == "attack")
+    from bdframe.report import hardware
+
+    attacks, finished = _runs(sweep)
     rows = []
     for attack in attacks:
-        br, st = _run(sweep, attack, br_label), _run(sweep, attack, st_label)
+        br, st = finished.get((attack, br_label)), finished.get((attack, st_label))
         if br is None and st is None:
             continue
         row = {"attack": attack}
         train = None
         if br is not None:
-            m = br["metrics"]
+            m = br.metrics
             dm = m["defense_metrics"]
             stages = dm["stage_seconds"]
-            train = None if br["loaded"] else stages["train"]
+            train = None if _loaded(br) else stages["train"]
             trend = dm["trend"]
             row.update(start_acc=_pct(trend[0].get("clean_acc")), start_asr=_pct(trend[0].get("asr")),
                        br_acc=_pct(m["clean_acc"]), br_asr=_pct(m.get("asr")), br_train_s=train,
                        br_split_s=m["seconds"]["defense"] - stages["train"] - stages["repair"],
                        br_repair_s=stages["repair"], br_total_s=m["seconds"]["total"],
-                       br_multiple=None if train is None else m["seconds"]["total"] / train, br_cpu=br["cpu"],
+                       br_multiple=None if train is None else m["seconds"]["total"] / train,
+                       br_cpu=(br.environment or {}).get("cpu"),
                        trend=[{"round": t["round"], "acc": _pct(t.get("clean_acc")), "asr": _pct(t.get("asr"))}
                               for t in trend] if len(trend) > 2 else None)
         if st is not None:
-            m = st["metrics"]
+            m = st.metrics
             stages = m["defense_metrics"]["stage_seconds"]
-            same = train is not None and st["hardware"] is not None and st["hardware"] == br["hardware"]
+            same = train is not None and hardware(st) is not None and hardware(st) == hardware(br)
             row.update(st_acc=_pct(m["clean_acc"]), st_asr=_pct(m.get("asr")), st_ss_ctl_s=stages["ss_ctl"],
                        st_linear_s=stages["linear"], st_total_s=m["seconds"]["total"],
-                       st_multiple=m["seconds"]["total"] / train if same else None, st_cpu=st["cpu"])
+                       st_multiple=m["seconds"]["total"] / train if same else None,
+                       st_cpu=(st.environment or {}).get("cpu"))
         rows.append(row)
     return rows
 
