@@ -8,13 +8,15 @@ a same-machine reference: its own ``train`` stage. Per attack row of a sweep dir
 
 - for the ``--br`` column (default ``d-br``): the model it repaired (ACC / ASR), the result, the
   seconds of its plain training, of the FCT split (the scoring model and the scores: the rest of
-  the defense's seconds) and of the repair rounds, the run's total, and the multiple
+  the defense's seconds), of the repair rounds and of their training passes alone (from the
+  run's history), the run's total, and the multiple
   ``total / plain training`` (only where the run trained its starting model);
 - for the ``--st`` column (default ``d-st``): the result, its SS-CTL and head seconds, its total,
   and the multiple ``total / the same row's d-br plain training``, given only when both runs
   record the same CPU and thread count in ``run.json``;
 - then, for ``d-br`` runs that logged every round (``evaluate_each_round = true``), ACC / ASR
-  after each round (reporting only: the defense keeps the last round).
+  after each round (reporting only: the defense keeps the last round), with the model's
+  accuracy on its suspected-poisoned set where the run logged it (what ``stop_fit`` watches).
 
     bdframe sweep run benchmarks/sweeps/meca-cifar10.toml --only defense=d-br --only defense=d-st
     python benchmarks/dbr_rows.py benchmarks/results/sweeps/meca-cifar10
@@ -48,6 +50,22 @@ def _loaded(run) -> bool:
     return recipe.is_file() and bool(tomllib.loads(recipe.read_text()).get("defense", {}).get("model"))
 
 
+def _step_seconds(run, rounds: int) -> float:
+    """The seconds of the repair's training passes (unlearning and relearning) up to ``rounds``,
+    from the run's history: the repair without its per-round test passes, fit measurements and
+    checkpoints."""
+    import json
+
+    total = 0.0
+    for line in (run.dir / "history.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        stage = e.get("stage", "")
+        if stage.startswith("dbr-round-") and stage.endswith(("-unlearn", "-relearn")) \
+                and int(stage.split("-")[2]) <= rounds:
+            total += e.get("seconds", 0.0)
+    return total
+
+
 def _pct(x):
     return None if x is None else 100 * x
 
@@ -72,10 +90,12 @@ def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
             row.update(start_acc=_pct(trend[0].get("clean_acc")), start_asr=_pct(trend[0].get("asr")),
                        br_acc=_pct(m["clean_acc"]), br_asr=_pct(m.get("asr")), br_train_s=train,
                        br_split_s=m["seconds"]["defense"] - stages["train"] - stages["repair"],
-                       br_repair_s=stages["repair"], br_total_s=m["seconds"]["total"],
+                       br_repair_s=stages["repair"], br_steps_s=_step_seconds(br, dm.get("rounds", trend[-1]["round"])),
+                       br_fit_s=stages.get("fit"), br_total_s=m["seconds"]["total"],
                        br_multiple=None if train is None else m["seconds"]["total"] / train,
-                       br_cpu=(br.environment or {}).get("cpu"),
-                       trend=[{"round": t["round"], "acc": _pct(t.get("clean_acc")), "asr": _pct(t.get("asr"))}
+                       br_rounds=dm.get("rounds", trend[-1]["round"]), br_cpu=(br.environment or {}).get("cpu"),
+                       trend=[{"round": t["round"], "acc": _pct(t.get("clean_acc")), "asr": _pct(t.get("asr")),
+                               "fit": _pct(t.get("fit_poisoned"))}
                               for t in trend] if len(trend) > 2 else None)
         if st is not None:
             m = st.metrics
@@ -90,7 +110,8 @@ def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
 
 
 def _trend_cell(t: dict) -> str:
-    return f"{t['acc']:.2f} / " + (f"{t['asr']:.2f}" if t["asr"] is not None else "-")
+    cell = f"{t['acc']:.2f} / " + (f"{t['asr']:.2f}" if t["asr"] is not None else "-")
+    return cell if t.get("fit") is None else f"{cell} ({t['fit']:.1f})"
 
 
 def main(argv=None) -> int:
@@ -111,17 +132,21 @@ def main(argv=None) -> int:
     br, st = args.br, args.st
     print_table(rows, [("attack", "attack", "{}"), ("start_acc", "repaired ACC", "{:.2f}"),
                        ("start_asr", "ASR", "{:.2f}"), ("br_acc", f"{br} ACC", "{:.2f}"), ("br_asr", "ASR", "{:.2f}"),
-                       ("br_train_s", "train s", "{:.0f}"), ("br_split_s", "split s", "{:.0f}"),
-                       ("br_repair_s", "repair s", "{:.0f}"), ("br_total_s", "total s", "{:.0f}"),
+                       ("br_rounds", "rounds", "{}"), ("br_train_s", "train s", "{:.0f}"), ("br_split_s", "split s", "{:.0f}"),
+                       ("br_repair_s", "repair s", "{:.0f}"), ("br_steps_s", "steps s", "{:.0f}"),
+                       ("br_fit_s", "fit s", "{:.0f}"), ("br_total_s", "total s", "{:.0f}"),
                        ("br_multiple", "x", "{:.2f}"), ("st_acc", f"{st} ACC", "{:.2f}"), ("st_asr", "ASR", "{:.2f}"),
                        ("st_ss_ctl_s", "SS-CTL s", "{:.0f}"), ("st_linear_s", "head s", "{:.0f}"),
                        ("st_total_s", "total s", "{:.0f}"), ("st_multiple", "x", "{:.2f}"),
                        ("br_cpu", f"{br} CPU", "{}"), ("st_cpu", f"{st} CPU", "{}")])
     print(f"x: total seconds over the {br} run's own plain training (the row's no-defense training, made in the "
-          f"same run); '-' where the run loaded its model, or the two runs do not record one CPU")
+          f"same run); '-' where the run loaded its model, or the two runs do not record one CPU. repair s: the "
+          f"rounds, with their test passes where ACC/ASR were logged each round; steps s: its training passes alone; "
+          f"fit s: measuring the fit of the split's sets (recorded by newer runs)")
     trends = [r for r in rows if r.get("trend")]
     if trends:
-        print(f"\n{br}: ACC / ASR after each round (round 0: the model it repairs)")
+        print(f"\n{br}: ACC / ASR after each round (round 0: the model it repairs); in brackets, where the run "
+              f"logged it, its accuracy on its own suspected-poisoned set (training data, given labels)")
         rounds = max(len(r["trend"]) for r in trends)
         table = [{"round": i, **{r["attack"]: _trend_cell(r["trend"][i]) if i < len(r["trend"]) else None
                                  for r in trends}} for i in range(rounds)]

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from helpers import TINY
 from bdframe.cli import main
 from bdframe.losses import class_centre_similarity
+from bdframe_defense_dbr.plugin import plateaued
 
 pytestmark = pytest.mark.usefixtures("two_threads")
 
@@ -52,6 +53,7 @@ def test_class_centres_that_point_apart_score_lower_than_aligned_ones():
 @pytest.mark.parametrize("defense, expected", [
     (DBR + "alpha_clean = 0.9\nalpha_poison = 0.2\n", "$.defense.alpha_poison: alpha_clean + alpha_poison must be <= 1"),
     (DBR + "fct = {transforms = [\"spin\"]}\n", "$.defense.fct.transforms: element 0: must be one of"),
+    (DBR + "plateau_share = 0\n", "$.defense.plateau_share:"),
     (DBR + "fct = {alpha_clean = 0.1}\n", "$.defense.fct: 'alpha_clean' is set by the defense itself"),
     (DST.replace("simclr = {", "simclr = {mode = \"simclr\", "), "$.defense.simclr: 'mode' is set by the defense itself"),
     (DST.replace("linear = {", "linear = {lossy = 1, "), "$.defense.linear.lossy: unknown parameter"),
@@ -85,6 +87,72 @@ def test_d_br_without_a_suspected_poisoned_set_is_plain_relearning(tmp_path):
     assert m["defense_metrics"]["split"]["poisoned"] == 0
     stages = [json.loads(line)["stage"] for line in (d / "history.jsonl").read_text().splitlines()]
     assert "dbr-round-01-relearn" in stages and "dbr-round-01-unlearn" not in stages
+
+
+@settings(max_examples=50, deadline=None)
+@given(k=st.integers(1, 8), share=st.sampled_from([0.01, 0.05, 0.1, 0.25, 0.5]), n=st.integers(0, 60),
+       start=st.integers(0, 100))
+def test_a_steady_fall_has_not_plateaued_until_the_window_is_a_small_enough_share_of_it(k, share, n, start):
+    """A fall of one point per round: the last k rounds are k of the r points fallen, so the rule
+    holds exactly when k < share * r, and never in the first k rounds."""
+    fits = [float(start - i) for i in range(n + 1)]
+    assert plateaued(fits, k, share) == (n > k and k < share * n)
+
+
+@settings(max_examples=50, deadline=None)
+@given(k=st.integers(1, 6), drop=st.integers(1, 50), at=st.integers(1, 20), extra=st.integers(0, 10),
+       noise=st.lists(st.integers(0, 5), min_size=16, max_size=16))
+def test_a_fall_then_a_flat_or_rising_line_plateaus_k_rounds_after_the_lowest_point(k, drop, at, extra, noise):
+    """The accuracy falls by ``drop`` at round ``at`` and then never goes lower (it may rise
+    back): the rule holds from round ``at + k`` on, and not before."""
+    fits = [100.0] * at + [100.0 - drop] + [100.0 - drop + x for x in noise[:extra + k]]
+    for r in range(len(fits)):
+        assert plateaued(fits[: r + 1], k, 0.05) == (r >= at + k), r
+
+
+def test_no_fall_never_plateaus_and_the_window_must_be_full():
+    assert not plateaued([0.5] * 30, 5, 0.05)
+    assert not plateaued([0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7], 2, 0.05)
+    assert not plateaued([1.0, 0.0], 1, 0.05) and plateaued([1.0, 0.0, 0.0], 1, 0.05)
+    assert not plateaued([1.0, 0.0, 0.0], 0, 0.05)
+
+
+def test_d_br_stops_at_the_first_round_where_the_rule_holds_on_the_logged_fit_figures(tmp_path, monkeypatch):
+    """The run asks the rule after every round with the fit figures so far (round 0 first) and
+    the recipe's two settings, stops at the first round where it holds, reports that round's
+    model and says so. The rule is replaced by one that holds from round 2 on (the tiny model
+    does not fit its suspected-poisoned set enough for the real rule to be exercised here;
+    the rule itself is tested above)."""
+    import bdframe_defense_dbr.plugin as dbr
+
+    calls = []
+
+    def rule(fits, rounds, share):
+        calls.append((list(fits), rounds, share))
+        return len(fits) >= 3
+
+    monkeypatch.setattr(dbr, "plateaued", rule)
+    f = recipe(tmp_path, DBR.replace("rounds = 2", "rounds = 6") + "plateau_rounds = 4\nplateau_share = 0.2\n")
+    assert main(["run", str(f), "--quiet"]) == 0
+    d = tmp_path / "runs" / "tiny"
+    m = json.loads((d / "metrics.json").read_text())
+    dm = m["defense_metrics"]
+    trend = dm["trend"]
+    assert dm["rounds"] == 2 and [t["round"] for t in trend] == [0, 2]  # round 0 and the last
+    assert [len(c[0]) for c in calls] == [2, 3] and all(c[1:] == (4, 0.2) for c in calls)
+    assert calls[-1][0][0] == trend[0]["fit_poisoned"] and calls[-1][0][-1] == trend[-1]["fit_poisoned"]
+    assert all(0 <= t["fit_poisoned"] <= 1 and 0 <= t["fit_clean"] <= 1 for t in trend)
+    assert m["clean_acc"] == trend[-1]["clean_acc"]
+    stages = [json.loads(line)["stage"] for line in (d / "history.jsonl").read_text().splitlines()]
+    assert "dbr-round-02-relearn" in stages and not [s for s in stages if s.startswith("dbr-round-03")]
+    assert "after 2 rounds of unlearning and relearning (stopped:" in m["defense_summary"][-1]
+
+
+def test_d_br_without_the_rule_runs_every_round_and_measures_no_fit(tmp_path):
+    assert main(["run", str(recipe(tmp_path, DBR)), "--quiet"]) == 0
+    dm = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["defense_metrics"]
+    assert dm["rounds"] == 2 and [t["round"] for t in dm["trend"]] == [0, 2]
+    assert dm["trend"][0]["fit_poisoned"] is None
 
 
 def test_neither_defense_reads_the_test_set_except_through_the_reporting_evaluate():

@@ -15,8 +15,10 @@ move further (feature consistency towards transformations, FCT). Both defenses s
 ``d-br`` (backdoor removal) then repairs a model trained normally on all the data (trained by
 the recipe's ``[train]`` stage, or loaded: ``model = "runs/x/model.pt"``): ``rounds`` (20) times,
 one pass of gradient ascent on the suspected-poisoned set and one of cross-entropy on the
-suspected-clean set, SGD at a fixed ``repair_lr`` (1e-4). The last round's model is the result:
-the reference picks the round with the best ACC - ASR on the poisoned *test* set, which is test
+suspected-clean set, SGD at a fixed ``repair_lr`` (1e-4). The last round's model is the result;
+``plateau_rounds`` ends the repair once the model's accuracy on the suspected-poisoned set (its
+given labels) has levelled off (:func:`plateaued`), a rule that reads the training data only. The
+reference picks the round with the best ACC - ASR on the poisoned *test* set, which is test
 leakage, and bdframe never selects on the test set.
 
 ``d-st`` (secure training) trains a new model: the ``simclr`` stage in ``ss-ctl`` mode (labelled =
@@ -31,6 +33,7 @@ the FCT scores (AUROC). Every step is a checkpoint, so ``--resume`` continues a 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import attrs
@@ -120,6 +123,28 @@ class DBRConfig(FctSplitConfig):
     batch_size: int = attrs.field(default=128, validator=in_range(1, None))
     evaluate_each_round: bool = attrs.field(default=False, metadata={
         "help": "clean ACC and ASR after every round (reporting only; one test pass per round)"})
+    plateau_rounds: int = attrs.field(default=0, validator=in_range(0, None), metadata={
+        "help": "stop once the model's accuracy on the suspected-poisoned set (its given labels, no "
+                "augmentation) has stopped falling: its lowest value fell by less than plateau_share of "
+                "its whole fall over the last plateau_rounds rounds; rounds is then the most rounds. "
+                "0: always run all rounds"})
+    plateau_share: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True), metadata={
+        "help": "the share of the fall that the last plateau_rounds rounds must stay under to stop"})
+
+
+def plateaued(fits, rounds: int, share: float) -> bool:
+    """The stopping rule of ``d-br``'s ``plateau_rounds``: ``fits`` are the model's accuracies on
+    the suspected-poisoned set after round 0 (the model it repairs), 1, ..., r. Unlearning first
+    removes what only the poison taught (those samples fall to another class), while the split's
+    clean samples stay fitted through relearning, so the accuracy falls and then levels off. The
+    rule: with ``low`` the lowest accuracy so far, ``low`` moved by less than ``share`` of
+    ``fits[0] - low`` over the last ``rounds`` rounds. Never before ``rounds`` rounds, never
+    while the accuracy has not fallen at all; a rise counts as no fall."""
+    if rounds < 1 or len(fits) <= rounds:
+        return False
+    low = [min(fits[: i + 1]) for i in range(len(fits))]
+    fall = fits[0] - low[-1]
+    return fall > 0 and low[-1 - rounds] - low[-1] < share * fall
 
 
 class DBR(Defense):
@@ -133,6 +158,8 @@ class DBR(Defense):
 
     def run(self, data, ctx):
         """FCT split, the model to repair, then the alternating rounds; see the module text."""
+        from bdframe.metrics import accuracy
+
         c = self.config
         n = len(data)
         if n == 0:
@@ -145,26 +172,55 @@ class DBR(Defense):
         split = fct_split(ctx, data, c, "dbr")
         forget = data.subset(data.contains(split["poisoned"]))
         clean = data.subset(data.contains(split["clean"]))
-        trend = [{"round": 0, **start["eval"]}]
-        t_repair = 0.0
-        for r in range(1, c.rounds + 1):
-            last = r == c.rounds
+        watch = c.plateau_rounds > 0 or c.evaluate_each_round
 
+        def fit() -> dict:
+            """The model's accuracy on both sets of the split (training data alone; None where a set
+            is empty or nobody asked: two forward passes per round), and the seconds it took."""
+            t0 = time.perf_counter()
+            out = {f"fit_{k}": accuracy(model, d, device=ctx.device) if watch and len(d) else None
+                   for k, d in (("poisoned", forget), ("clean", clean))}
+            return {**out, "fit_seconds": time.perf_counter() - t0}
+
+        first = fit()
+        trend = [{"round": 0, **start["eval"], "fit_poisoned": first["fit_poisoned"], "fit_clean": first["fit_clean"]}]
+        fits = [trend[0]["fit_poisoned"]]
+        t_repair, t_fit = 0.0, first["fit_seconds"]
+        stopped = None
+        for r in range(1, c.rounds + 1):
             def work(r=r):
                 if len(forget):
                     unlearn.fit(model, forget, ctx.stage(f"dbr-round-{r:02d}-unlearn", lr_setting="[defense] repair_lr"))
                 relearn.fit(model, clean, ctx.stage(f"dbr-round-{r:02d}-relearn", lr_setting="[defense] repair_lr"))
+                return fit()
 
-            done = steps.run(ctx, f"dbr-round-{r:02d}", model, work, evaluate=c.evaluate_each_round or last)
+            # whether this round is the last is only known after it (plateau_rounds), so a round
+            # that stops is evaluated after its step
+            done = steps.run(ctx, f"dbr-round-{r:02d}", model, work, evaluate=c.evaluate_each_round)
             t_repair += done["seconds"]
-            if done["eval"] is not None:
-                trend.append({"round": r, **done["eval"]})
+            t_fit += done.get("fit_seconds", 0.0)
+            ev = done["eval"]
+            fits.append(done.get("fit_poisoned"))
+            last = r == c.rounds or (c.plateau_rounds > 0 and None not in fits
+                                     and plateaued(fits, c.plateau_rounds, c.plateau_share))
+            if last and ev is None:
+                ev = ctx.evaluate(model)
+                ctx.log({"stage": f"dbr-round-{r:02d}", **ev})
+            if ev is not None:
+                trend.append({"round": r, **ev, "fit_poisoned": fits[-1], "fit_clean": done.get("fit_clean")})
+            if last:
+                if r < c.rounds:
+                    stopped = r
+                break
         final = trend[-1]
+        why = (f" (stopped: the accuracy on the suspected-poisoned set levelled off at "
+               f"{100 * final['fit_poisoned']:.1f}%, from {100 * fits[0]:.1f}%)" if stopped else "")
         summary = [_split_line("d-br", split, n),
                    steps.start_line("d-br", c.model, start["eval"]),
-                   f"d-br: after {c.rounds} rounds of unlearning and relearning: {steps.figures(final)}"]
+                   f"d-br: after {final['round']} rounds of unlearning and relearning{why}: {steps.figures(final)}"]
         metrics = {"split": {k: len(split[k]) for k in ("clean", "uncertain", "poisoned")}, "trend": trend,
-                   "stage_seconds": {"train": start["seconds"], "repair": t_repair}}
+                   "rounds": final["round"],
+                   "stage_seconds": {"train": start["seconds"], "repair": t_repair, "fit": t_fit}}
         return DefenseResult(model=model, suspected_ids=split["poisoned"].clone(), scores=split["scores"],
                              metrics=metrics, summary=summary)
 
