@@ -16,7 +16,7 @@ a same-machine reference: its own ``train`` stage. Per attack row of a sweep dir
   record the same CPU and thread count in ``run.json``;
 - then, for ``d-br`` runs that logged every round (``evaluate_each_round = true``), ACC / ASR
   after each round (reporting only: the defense keeps the last round), with the model's
-  accuracy on its suspected-poisoned set where the run logged it (what ``stop_fit`` watches).
+  accuracy on its suspected-poisoned set where the run logged it (what ``plateau_rounds`` watches).
 
     bdframe sweep run benchmarks/sweeps/meca-cifar10.toml --only defense=d-br --only defense=d-st
     python benchmarks/dbr_rows.py benchmarks/results/sweeps/meca-cifar10

@@ -142,9 +142,9 @@ def plateaued(fits, rounds: int, share: float) -> bool:
     while the accuracy has not fallen at all; a rise counts as no fall."""
     if rounds < 1 or len(fits) <= rounds:
         return False
-    low = [min(fits[: i + 1]) for i in range(len(fits))]
-    fall = fits[0] - low[-1]
-    return fall > 0 and low[-1 - rounds] - low[-1] < share * fall
+    low, low_before = min(fits), min(fits[:-rounds])
+    fall = fits[0] - low
+    return fall > 0 and low_before - low < share * fall
 
 
 class DBR(Defense):
@@ -186,7 +186,6 @@ class DBR(Defense):
         trend = [{"round": 0, **start["eval"], "fit_poisoned": first["fit_poisoned"], "fit_clean": first["fit_clean"]}]
         fits = [trend[0]["fit_poisoned"]]
         t_repair, t_fit = 0.0, first["fit_seconds"]
-        stopped = None
         for r in range(1, c.rounds + 1):
             def work(r=r):
                 if len(forget):
@@ -209,12 +208,10 @@ class DBR(Defense):
             if ev is not None:
                 trend.append({"round": r, **ev, "fit_poisoned": fits[-1], "fit_clean": done.get("fit_clean")})
             if last:
-                if r < c.rounds:
-                    stopped = r
                 break
         final = trend[-1]
         why = (f" (stopped: the accuracy on the suspected-poisoned set levelled off at "
-               f"{100 * final['fit_poisoned']:.1f}%, from {100 * fits[0]:.1f}%)" if stopped else "")
+               f"{100 * final['fit_poisoned']:.1f}%, from {100 * fits[0]:.1f}%)" if final["round"] < c.rounds else "")
         summary = [_split_line("d-br", split, n),
                    steps.start_line("d-br", c.model, start["eval"]),
                    f"d-br: after {final['round']} rounds of unlearning and relearning{why}: {steps.figures(final)}"]
