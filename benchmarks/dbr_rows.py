@@ -22,6 +22,15 @@ a same-machine reference: its own ``train`` stage. Per attack row of a sweep dir
     python benchmarks/dbr_rows.py benchmarks/results/sweeps/meca-cifar10
     python benchmarks/dbr_rows.py --br d-br-matched --out benchmarks/results/dbr_rows_matched.json
 
+``--replay plateau_rounds=5 plateau_fall=0.05`` (any of ``plateau_rounds``, ``plateau_share``,
+``plateau_fall``; the others keep the defense's defaults) also replays ``d-br``'s stopping rule
+with those settings on every run of the column that logged every round: the round where the
+rule would have stopped the repair, read from the run's own fit figures, and the ACC / ASR the
+run logged after that round. A run is deterministic and the rule only decides when to stop, so
+a run with those settings would have reached that round with these figures. Where the rule
+does not hold within the logged rounds, the replay gives the run's last round if the run went
+to its ``rounds`` cap (the rule's cap too), and nothing if the run itself stopped earlier.
+
 The figures are written to ``results/dbr_rows.json`` (``--out``).
 """
 
@@ -33,7 +42,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, print_table, write_json  # noqa: E402
+from _common import REPO, parse_key_values, print_table, write_json  # noqa: E402
 
 
 def _runs(sweep: Path) -> tuple[list, dict]:
@@ -87,6 +96,7 @@ def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
             stages = dm["stage_seconds"]
             train = None if _loaded(br) else stages["train"]
             trend = dm["trend"]
+            row["cap"] = int(tomllib.loads((br.dir / "recipe.toml").read_text())["defense"].get("rounds", 20))
             row.update(start_acc=_pct(trend[0].get("clean_acc")), start_asr=_pct(trend[0].get("asr")),
                        br_acc=_pct(m["clean_acc"]), br_asr=_pct(m.get("asr")), br_train_s=train,
                        br_split_s=m["seconds"]["defense"] - stages["train"] - stages["repair"],
@@ -109,6 +119,30 @@ def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
     return rows
 
 
+REPLAY_KEYS = ("plateau_rounds", "plateau_share", "plateau_fall")
+
+
+def replay(row: dict, cap: int, settings: dict) -> dict | None:
+    """Where ``d-br``'s stopping rule with ``settings`` stops on a run's logged per-round fit
+    figures (see the module text), with that round's logged figures; None where unknown."""
+    from bdframe_defense_dbr.plugin import DBRConfig, plateaued
+
+    c = DBRConfig(**settings)
+    trend = row.get("trend") or []
+    if not trend or [t["round"] for t in trend] != list(range(len(trend))) or None in [t["fit"] for t in trend]:
+        return None
+    fits = [t["fit"] / 100 for t in trend]
+    stop = next((r for r in range(1, len(fits))
+                 if plateaued(fits[: r + 1], c.plateau_rounds, c.plateau_share, c.plateau_fall)), None)
+    if stop is None and trend[-1]["round"] == cap:
+        stop = cap
+    if stop is None:
+        return None
+    return {"attack": row["attack"], "logged_rounds": trend[-1]["round"], "stop": stop,
+            "acc": trend[stop]["acc"], "asr": trend[stop]["asr"], "fit": trend[stop]["fit"],
+            "fit_start": trend[0]["fit"]}
+
+
 def _trend_cell(t: dict) -> str:
     cell = f"{t['acc']:.2f} / " + (f"{t['asr']:.2f}" if t["asr"] is not None else "-")
     return cell if t.get("fit") is None else f"{cell} ({t['fit']:.1f})"
@@ -120,7 +154,24 @@ def main(argv=None) -> int:
     ap.add_argument("--br", default="d-br", help="the defense label of the d-br column (default d-br)")
     ap.add_argument("--st", default="d-st", help="the defense label of the d-st column (default d-st)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dbr_rows.json"))
+    ap.add_argument("--replay", nargs="+", metavar="KEY=VALUE",
+                    help="replay d-br's stopping rule with these settings on the runs that logged every round")
     args = ap.parse_args(argv)
+    settings = parse_key_values(args.replay or [], "--replay ")
+    bad = sorted(set(settings) - set(REPLAY_KEYS))
+    if bad:
+        print(f"error: --replay {bad[0]}: not a setting of the stopping rule; allowed: {', '.join(REPLAY_KEYS)}",
+              file=sys.stderr)
+        return 2
+    if args.replay:
+        from bdframe_defense_dbr.plugin import DBRConfig
+
+        for key, value in settings.items():
+            try:
+                DBRConfig(**{key: value})
+            except (TypeError, ValueError) as e:
+                print(f"error: --replay {key}: {e}", file=sys.stderr)
+                return 2
     sweep = Path(args.sweep_dir)
     if not (sweep / "sweep.json").is_file():
         print(f"error: {sweep} is not a sweep directory (no sweep.json)", file=sys.stderr)
@@ -151,7 +202,21 @@ def main(argv=None) -> int:
         table = [{"round": i, **{r["attack"]: _trend_cell(r["trend"][i]) if i < len(r["trend"]) else None
                                  for r in trends}} for i in range(rounds)]
         print_table(table, [("round", "round", "{}")] + [(r["attack"], r["attack"], "{}") for r in trends])
-    write_json(Path(args.out), {"sweep": str(sweep), "br": br, "st": st, "rows": rows})
+    replayed = None
+    if args.replay:
+        replayed = [r for r in (replay(row, row["cap"], settings) for row in rows if "cap" in row) if r]
+        print(f"\n{br} replayed with {' '.join(args.replay)}: where the rule stops on each run's own per-round "
+              f"fit, and the ACC / ASR the run logged after that round")
+        print_table(replayed, [("attack", "attack", "{}"), ("logged_rounds", "rounds logged", "{}"),
+                               ("stop", "stops after", "{}"), ("acc", "ACC", "{:.2f}"), ("asr", "ASR", "{:.2f}"),
+                               ("fit_start", "fit at round 0", "{:.1f}"), ("fit", "fit there", "{:.1f}")])
+        unknown = [row["attack"] for row in rows if "cap" in row and row.get("trend")
+                   and row["attack"] not in {r["attack"] for r in replayed}]
+        if unknown:
+            print(f"not decided within the logged rounds (the run stopped earlier by its own rule): "
+                  f"{', '.join(unknown)}")
+    write_json(Path(args.out), {"sweep": str(sweep), "br": br, "st": st, "rows": rows,
+                                **({"replay": {"settings": settings, "rows": replayed}} if args.replay else {})})
     return 0
 
 

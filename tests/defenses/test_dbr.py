@@ -54,6 +54,7 @@ def test_class_centres_that_point_apart_score_lower_than_aligned_ones():
     (DBR + "alpha_clean = 0.9\nalpha_poison = 0.2\n", "$.defense.alpha_poison: alpha_clean + alpha_poison must be <= 1"),
     (DBR + "fct = {transforms = [\"spin\"]}\n", "$.defense.fct.transforms: element 0: must be one of"),
     (DBR + "plateau_share = 0\n", "$.defense.plateau_share:"),
+    (DBR + "plateau_fall = 1.0\n", "$.defense.plateau_fall:"),
     (DBR + "fct = {alpha_clean = 0.1}\n", "$.defense.fct: 'alpha_clean' is set by the defense itself"),
     (DST.replace("simclr = {", "simclr = {mode = \"simclr\", "), "$.defense.simclr: 'mode' is set by the defense itself"),
     (DST.replace("linear = {", "linear = {lossy = 1, "), "$.defense.linear.lossy: unknown parameter"),
@@ -110,6 +111,18 @@ def test_a_fall_then_a_flat_or_rising_line_plateaus_k_rounds_after_the_lowest_po
         assert plateaued(fits[: r + 1], k, 0.05) == (r >= at + k), r
 
 
+@settings(max_examples=50, deadline=None)
+@given(k=st.integers(1, 6), drop=st.integers(1, 50), least=st.integers(0, 60), at=st.integers(1, 10),
+       flat=st.integers(0, 12))
+def test_a_fall_smaller_than_least_fall_never_plateaus_and_a_larger_one_is_unaffected(k, drop, least, at, flat):
+    """``least_fall``: a dip of ``drop`` points followed by a flat line is a plateau only when the
+    dip is at least ``least_fall``; when it is, the rule answers as without ``least_fall``."""
+    fits = [100.0] * at + [100.0 - drop] * (1 + flat)
+    for r in range(len(fits)):
+        with_least = plateaued(fits[: r + 1], k, 0.05, float(least))
+        assert with_least == (plateaued(fits[: r + 1], k, 0.05) and drop >= least), r
+
+
 def test_no_fall_never_plateaus_and_the_window_must_be_full():
     assert not plateaued([0.5] * 30, 5, 0.05)
     assert not plateaued([0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7], 2, 0.05)
@@ -127,19 +140,20 @@ def test_d_br_stops_at_the_first_round_where_the_rule_holds_on_the_logged_fit_fi
 
     calls = []
 
-    def rule(fits, rounds, share):
-        calls.append((list(fits), rounds, share))
+    def rule(fits, rounds, share, least_fall):
+        calls.append((list(fits), rounds, share, least_fall))
         return len(fits) >= 3
 
     monkeypatch.setattr(dbr, "plateaued", rule)
-    f = recipe(tmp_path, DBR.replace("rounds = 2", "rounds = 6") + "plateau_rounds = 4\nplateau_share = 0.2\n")
+    f = recipe(tmp_path, DBR.replace("rounds = 2", "rounds = 6")
+               + "plateau_rounds = 4\nplateau_share = 0.2\nplateau_fall = 0.1\n")
     assert main(["run", str(f), "--quiet"]) == 0
     d = tmp_path / "runs" / "tiny"
     m = json.loads((d / "metrics.json").read_text())
     dm = m["defense_metrics"]
     trend = dm["trend"]
     assert dm["rounds"] == 2 and [t["round"] for t in trend] == [0, 2]  # round 0 and the last
-    assert [len(c[0]) for c in calls] == [2, 3] and all(c[1:] == (4, 0.2) for c in calls)
+    assert [len(c[0]) for c in calls] == [2, 3] and all(c[1:] == (4, 0.2, 0.1) for c in calls)
     assert calls[-1][0][0] == trend[0]["fit_poisoned"] and calls[-1][0][-1] == trend[-1]["fit_poisoned"]
     assert all(0 <= t["fit_poisoned"] <= 1 and 0 <= t["fit_clean"] <= 1 for t in trend)
     assert m["clean_acc"] == trend[-1]["clean_acc"]

@@ -17,7 +17,8 @@ the recipe's ``[train]`` stage, or loaded: ``model = "runs/x/model.pt"``): ``rou
 one pass of gradient ascent on the suspected-poisoned set and one of cross-entropy on the
 suspected-clean set, SGD at a fixed ``repair_lr`` (1e-4). The last round's model is the result;
 ``plateau_rounds`` ends the repair once the model's accuracy on the suspected-poisoned set (its
-given labels) has levelled off (:func:`plateaued`), a rule that reads the training data only. The
+given labels) has levelled off (:func:`plateaued`), after falling by at least ``plateau_fall``,
+a rule that reads the training data only. The
 reference picks the round with the best ACC - ASR on the poisoned *test* set, which is test
 leakage, and bdframe never selects on the test set.
 
@@ -130,21 +131,26 @@ class DBRConfig(FctSplitConfig):
                 "0: always run all rounds"})
     plateau_share: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True), metadata={
         "help": "the share of the fall that the last plateau_rounds rounds must stay under to stop"})
+    plateau_fall: float = attrs.field(default=0.0, validator=in_range(0, 1, hi_open=True), metadata={
+        "help": "the least fall of that accuracy (0.1: ten points) before the repair may stop; a smaller "
+                "dip is taken for noise and the repair goes on (at most rounds). 0: any fall"})
 
 
-def plateaued(fits, rounds: int, share: float) -> bool:
+def plateaued(fits, rounds: int, share: float, least_fall: float = 0.0) -> bool:
     """The stopping rule of ``d-br``'s ``plateau_rounds``: ``fits`` are the model's accuracies on
     the suspected-poisoned set after round 0 (the model it repairs), 1, ..., r. Unlearning first
     removes what only the poison taught (those samples fall to another class), while the split's
     clean samples stay fitted through relearning, so the accuracy falls and then levels off. The
     rule: with ``low`` the lowest accuracy so far, ``low`` moved by less than ``share`` of
     ``fits[0] - low`` over the last ``rounds`` rounds. Never before ``rounds`` rounds, never
-    while the accuracy has not fallen at all; a rise counts as no fall."""
+    while the accuracy has not fallen at all, or by less than ``least_fall`` (a dip of a few
+    points in the first rounds, within the measurement's noise on a few hundred samples, is not
+    yet the fall the repair is after); a rise counts as no fall."""
     if rounds < 1 or len(fits) <= rounds:
         return False
     low, low_before = min(fits), min(fits[:-rounds])
     fall = fits[0] - low
-    return fall > 0 and low_before - low < share * fall
+    return fall > 0 and fall >= least_fall and low_before - low < share * fall
 
 
 class DBR(Defense):
@@ -201,7 +207,7 @@ class DBR(Defense):
             ev = done["eval"]
             fits.append(done.get("fit_poisoned"))
             last = r == c.rounds or (c.plateau_rounds > 0 and None not in fits
-                                     and plateaued(fits, c.plateau_rounds, c.plateau_share))
+                                     and plateaued(fits, c.plateau_rounds, c.plateau_share, c.plateau_fall))
             if last and ev is None:
                 ev = ctx.evaluate(model)
                 ctx.log({"stage": f"dbr-round-{r:02d}", **ev})
