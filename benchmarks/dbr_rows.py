@@ -53,10 +53,10 @@ def _runs(sweep: Path) -> tuple[list, dict]:
     return axes["attack"], {(r.labels["attack"], r.labels["defense"]): r for r in runs if r.status == FINISHED}
 
 
-def _loaded(run) -> bool:
-    """Whether the run repaired a saved model (``model = ...``) instead of training its own."""
+def _defense(run) -> dict:
+    """The ``[defense]`` table of the run's resolved recipe ({} where the run has none)."""
     recipe = run.dir / "recipe.toml"
-    return recipe.is_file() and bool(tomllib.loads(recipe.read_text()).get("defense", {}).get("model"))
+    return tomllib.loads(recipe.read_text()).get("defense", {}) if recipe.is_file() else {}
 
 
 def _step_seconds(run, rounds: int) -> float:
@@ -94,9 +94,10 @@ def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
             m = br.metrics
             dm = m["defense_metrics"]
             stages = dm["stage_seconds"]
-            train = None if _loaded(br) else stages["train"]
+            defense = _defense(br)
+            train = None if defense.get("model") else stages["train"]  # a saved model was repaired
             trend = dm["trend"]
-            row["cap"] = int(tomllib.loads((br.dir / "recipe.toml").read_text())["defense"].get("rounds", 20))
+            row["cap"] = int(defense.get("rounds", 20))
             row.update(start_acc=_pct(trend[0].get("clean_acc")), start_asr=_pct(trend[0].get("asr")),
                        br_acc=_pct(m["clean_acc"]), br_asr=_pct(m.get("asr")), br_train_s=train,
                        br_split_s=m["seconds"]["defense"] - stages["train"] - stages["repair"],
@@ -122,20 +123,20 @@ def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
 REPLAY_KEYS = ("plateau_rounds", "plateau_share", "plateau_fall")
 
 
-def replay(row: dict, cap: int, settings: dict) -> dict | None:
-    """Where ``d-br``'s stopping rule with ``settings`` stops on a run's logged per-round fit
-    figures (see the module text), with that round's logged figures; None where unknown."""
-    from bdframe_defense_dbr.plugin import DBRConfig, plateaued
+def replay(row: dict, c) -> dict | None:
+    """Where ``d-br``'s stopping rule with the settings of ``c`` (a ``DBRConfig``) stops on a
+    run's logged per-round fit figures (see the module text), with that round's logged figures;
+    None where unknown."""
+    from bdframe_defense_dbr.plugin import plateaued
 
-    c = DBRConfig(**settings)
     trend = row.get("trend") or []
     if not trend or [t["round"] for t in trend] != list(range(len(trend))) or None in [t["fit"] for t in trend]:
         return None
     fits = [t["fit"] / 100 for t in trend]
     stop = next((r for r in range(1, len(fits))
                  if plateaued(fits[: r + 1], c.plateau_rounds, c.plateau_share, c.plateau_fall)), None)
-    if stop is None and trend[-1]["round"] == cap:
-        stop = cap
+    if stop is None and trend[-1]["round"] == row["cap"]:
+        stop = row["cap"]
     if stop is None:
         return None
     return {"attack": row["attack"], "logged_rounds": trend[-1]["round"], "stop": stop,
@@ -163,6 +164,7 @@ def main(argv=None) -> int:
         print(f"error: --replay {bad[0]}: not a setting of the stopping rule; allowed: {', '.join(REPLAY_KEYS)}",
               file=sys.stderr)
         return 2
+    rule = None
     if args.replay:
         from bdframe_defense_dbr.plugin import DBRConfig
 
@@ -172,6 +174,7 @@ def main(argv=None) -> int:
             except (TypeError, ValueError) as e:
                 print(f"error: --replay {key}: {e}", file=sys.stderr)
                 return 2
+        rule = DBRConfig(**settings)
     sweep = Path(args.sweep_dir)
     if not (sweep / "sweep.json").is_file():
         print(f"error: {sweep} is not a sweep directory (no sweep.json)", file=sys.stderr)
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
         print_table(table, [("round", "round", "{}")] + [(r["attack"], r["attack"], "{}") for r in trends])
     replayed = None
     if args.replay:
-        replayed = [r for r in (replay(row, row["cap"], settings) for row in rows if "cap" in row) if r]
+        replayed = [r for r in (replay(row, rule) for row in rows if "cap" in row) if r]
         print(f"\n{br} replayed with {' '.join(args.replay)}: where the rule stops on each run's own per-round "
               f"fit, and the ACC / ASR the run logged after that round")
         print_table(replayed, [("attack", "attack", "{}"), ("logged_rounds", "rounds logged", "{}"),
