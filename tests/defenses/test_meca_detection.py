@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe_defense_meca.plugin import (MeCaConfig, flag_confident, flag_label_aware, otsu_threshold,
-                                         outlier_threshold, student_t_quantile, suspicious_classes,
-                                         upper_outliers)
+from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, flag_confident, flag_label_aware, margins,
+                                         otsu_threshold, outlier_threshold, spread_classes, spread_z,
+                                         student_t_quantile, suspicious_classes, upper_outliers)
 
 SET = settings(max_examples=60, deadline=None)
 PROBS = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=2, max_size=80)
@@ -198,10 +198,10 @@ def test_a_target_class_that_stands_out_is_found_and_split():
 
 def test_the_rules_cannot_see_ground_truth():
     for fn in (flag_confident, flag_label_aware, suspicious_classes, otsu_threshold, outlier_threshold,
-               upper_outliers):
+               upper_outliers, margins, class_spreads, spread_z, spread_classes):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
-                          "quantile", "confirm", "pick"}, (fn, params)
+                          "quantile", "confirm", "pick", "classes", "logits", "margin", "q", "limit"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():
@@ -253,3 +253,126 @@ def test_outliers_are_order_invariant_a_minority_and_the_largest(values, rnd):
     if out:  # the outliers are the largest values
         rest = [x for i, x in enumerate(values) if i not in out]
         assert min(v[out].tolist()) >= max(rest)
+
+
+# -- the spread class test (class_stat = "spread") ------------------------------------------------
+
+
+def test_margins_are_the_labels_logit_minus_the_best_other_and_do_not_saturate():
+    logits = torch.tensor([[5.0, 1.0, 2.0], [0.0, 3.0, -1.0], [60.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    assert margins(logits, labels).tolist() == [3.0, -3.0, 59.0, 0.0]
+    # p(y|x) is 1.0 in float32 for both of these, the margins still order them
+    far = margins(torch.tensor([[40.0, 0.0], [80.0, 0.0]]), torch.tensor([0, 0]))
+    assert far[1] > far[0]
+    with pytest.raises(ValueError, match="one label per row"):
+        margins(logits, labels[:2])
+
+
+@st.composite
+def margins_in_classes(draw, k_min=3, k_max=8):
+    k = draw(st.integers(k_min, k_max))
+    n = draw(st.integers(2 * k, 90))
+    m = draw(st.lists(st.floats(-30, 30, allow_nan=False), min_size=n, max_size=n))
+    labels = list(range(k)) + draw(st.lists(st.integers(0, k - 1), min_size=n - k, max_size=n - k))
+    return torch.tensor(m, dtype=torch.float64), torch.tensor(labels)
+
+
+@SET
+@given(margins_in_classes(), st.randoms(), st.floats(0.55, 0.95), st.floats(0.5, 4.0))
+def test_the_spread_test_is_order_invariant_and_ignores_class_names(data, rnd, q, k):
+    margin, labels = data
+    picked = spread_classes(margin, labels, q=q, k=k)
+    perm = torch.tensor(rnd.sample(range(len(margin)), len(margin)))
+    assert spread_classes(margin[perm], labels[perm], q=q, k=k) == picked
+    names = torch.tensor(rnd.sample(range(100), int(labels.max()) + 1))  # any distinct integers
+    assert spread_classes(margin, names[labels], q=q, k=k) == sorted(int(names[c]) for c in picked)
+    # a larger k never picks more; only classes above the median spread can be picked
+    assert set(spread_classes(margin, labels, q=q, k=k + 1)) <= set(picked)
+    classes, spread = class_spreads(margin, labels, q=q)
+    assert all(float(spread[list(classes).index(c)]) > float(spread.median()) for c in picked)
+
+
+def difficulty_classes(seed):
+    """5,000 samples in 10 classes whose margins are centred on different values (some classes
+    are much easier than others), each spread the same way around its centre."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(5000) % 10
+    centre = torch.linspace(-2.0, 6.0, 10)[labels]
+    return labels, centre + torch.randn(5000, generator=g)
+
+
+def test_a_confidently_fitted_group_is_picked_and_an_easy_class_is_not():
+    """The point of the spread: the easiest class (9) is fitted more confidently than any other
+    as a whole and is not picked; a third of a hard class (2) fitted far beyond its own samples
+    (a trigger the model learns more easily than the class) is."""
+    labels, margin = difficulty_classes(0)
+    assert spread_classes(margin, labels) == []
+    poisoned = (labels == 2) & (torch.arange(5000) < 1650)
+    margin[poisoned] = 12.0 + torch.rand(int(poisoned.sum()), generator=torch.Generator().manual_seed(1))
+    assert spread_classes(margin, labels) == [2]
+    # the picked class is still fitted less confidently than the easy one as a whole
+    assert margin[labels == 2].median() < margin[labels == 9].median()
+
+
+def test_with_no_picked_class_label_aware_detection_is_the_global_rule():
+    labels, margin = difficulty_classes(3)
+    prob = torch.sigmoid(margin)
+    assert spread_classes(margin, labels) == []
+    for threshold in ("mad", "otsu"):
+        flags, classes = flag_label_aware(prob, labels, threshold=threshold, classes=[])
+        assert classes == [] and torch.equal(flags, flag_confident(prob, threshold=threshold))
+
+
+def test_given_classes_replace_the_share_test_and_its_confirmation():
+    labels, warm, enhanced, poisoned = two_models(4, 6, 600)
+    enhanced[poisoned] = 0.9999
+    flags, classes = flag_label_aware(enhanced, labels, classes=[6], confirm=warm, pick="both")
+    assert classes == [6] and torch.equal(flags, flag_confident(enhanced, labels == 6, threshold="otsu"))
+    flags, classes = flag_label_aware(enhanced, labels, classes=[6, 6], inside="reference")
+    assert classes == [6] and not (flags & (labels != 6)).any()
+    with pytest.raises(ValueError, match="not picked"):
+        flag_label_aware(enhanced, labels, classes=list(range(10)), inside="reference")
+
+
+@pytest.mark.parametrize("value", [0.0, 7.5])
+def test_equal_spreads_pick_nothing_deterministically(value):
+    labels = torch.arange(60) % 6
+    assert spread_classes(torch.full((60,), value), labels) == []
+    assert spread_z(torch.full((60,), value), labels)[1] is None
+    # fewer than three classes: nothing to compare a class with
+    two = torch.arange(40) % 2
+    assert spread_classes(torch.arange(40.0), two) == [] and spread_z(torch.arange(40.0), two)[1] is None
+
+
+def test_nearly_equal_spreads_are_not_stretched_into_outliers():
+    """Spreads that differ by a hair (MAD tiny) are scored against a tenth of the median
+    spread: the class whose spread is 5% larger is not picked, one whose spread is twice the
+    others' is."""
+    base = torch.tensor([-1.0, 0.0, 1.0] * 4)  # every class: the same margins, spread 1.0 at q = 0.9
+    labels = torch.arange(60) // 12
+    margin = base.repeat(5).clone()
+    margin[(labels == 4) & (margin > 0)] *= 1.05
+    assert spread_classes(margin, labels) == []
+    margin[(labels == 4) & (margin > 0)] *= 2
+    assert spread_classes(margin, labels) == [4]
+
+
+def test_the_spread_quantile_must_lie_above_the_median():
+    with pytest.raises(ValueError, match=r"\(0.5, 1\)"):
+        class_spreads(torch.zeros(10), torch.arange(10) % 5, q=0.5)
+
+
+def test_a_class_limit_keeps_the_classes_that_stand_out_most():
+    labels, margin = difficulty_classes(5)
+    g = torch.Generator().manual_seed(2)
+    for c, n in ((2, 1650), (6, 900)):  # two stretched classes, 2 more than 6
+        group = (labels == c) & (torch.arange(5000) < n)
+        margin[group] = margin[group] + 10.0 + torch.rand(int(group.sum()), generator=g)
+    both = spread_classes(margin, labels)
+    assert both == [2, 6]
+    _, z = spread_z(margin, labels)
+    assert float(z[2]) > float(z[6])
+    assert spread_classes(margin, labels, limit=1) == [2]
+    assert spread_classes(margin, labels, limit=2) == both == spread_classes(margin, labels, limit=5)
+    assert spread_classes(margin, labels, k=100.0, limit=1) == []  # the limit never adds a class

@@ -20,6 +20,9 @@ Pipeline, every piece taken from the registry through the defense context:
    outlier, in the enhanced model or, with ``class_test``, in the warm-up model as well
    (``"both"``) or instead (``"warmup"``): Otsu's split, or the samples fitted more
    confidently than a typical sample of the other classes), neither needing a poison rate.
+   With ``class_stat = "spread"`` a class is picked instead when the upper tail of its samples'
+   margins lies far from their median compared with the other classes (a confidently fitted
+   group inside the class, whatever the class's difficulty).
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
    clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
    ``clean_unlearn`` trains it with the ``mixed`` stage instead, unlearning the detected
@@ -40,7 +43,7 @@ Files written to the run directory: ``meca_trend.png`` (ACC/ASR of the model aft
 after each iteration, drawn with matplotlib, the core's ``plots`` extra; without it the picture is
 skipped and ``defense_metrics.plot`` is null), ``meca_scores.pt`` (ids, per-iteration consistency scores and forget
 sets, enhanced-model probabilities, detected flags, and with ``class_test`` ``"both"`` or
-``"warmup"`` the warm-up model's probabilities; for offline ROC analysis), and with
+``"warmup"`` the warm-up model's probabilities and margins; for offline ROC analysis), and with
 ``save_models``: ``meca_warmup_model.pt``, ``meca_enhanced_model.pt`` and ``meca_clean_model.pt``
 (before relearning), as state dicts.
 """
@@ -135,6 +138,21 @@ class MeCaConfig:
                 "enhanced model's), both (the warm-up model's too: a class the enhancement merely leaves "
                 "easy is not picked) or warmup (the warm-up model's alone; the split inside the class uses "
                 "the enhanced model either way)"})
+    class_stat: str = attrs.field(default="share", validator=one_of("share", "spread"), metadata={
+        "help": "label-aware: the statistic a class must stand out in: share (its share of samples fitted "
+                "above confidence_high; Grubbs's test at class_alpha) or spread (how far the spread_quantile of "
+                "its samples' margins lies above their median, a robust z-score above spread_k: reads a "
+                "confidently fitted group inside a class, not how easy the class is)"})
+    spread_quantile: float = attrs.field(default=0.9, validator=in_range(0.5, 1, lo_open=True, hi_open=True),
+                                         metadata={"help": "label-aware, class_stat = spread: the upper quantile of "
+                                                           "a class's margins compared with their median"})
+    spread_k: float = attrs.field(default=2.0, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "label-aware, class_stat = spread: a class is picked when its spread lies more than this many "
+                "robust standard deviations (1.4826 MAD of the spreads, at least a tenth of their median) above "
+                "the median spread of the classes"})
+    spread_max_classes: int = attrs.field(default=0, validator=in_range(0, None), metadata={
+        "help": "label-aware, class_stat = spread: pick at most this many classes, those with the largest "
+                "z-scores (1 suits an all-to-one attack, which has one target class); 0: every class above spread_k"})
     inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference"), metadata={
         "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
                 "logit(p_e)) or reference (flag its samples fitted more confidently than the "
@@ -377,8 +395,80 @@ def suspicious_classes(prob, labels, *, high: float = 0.99, alpha: float = 0.05)
     return [int(classes[i]) for i in upper_outliers(share, alpha)]
 
 
+def margins(logits, labels):
+    """Each sample's margin under a model: the logit of its label minus the largest other logit
+    (float64). Positive when the model predicts the label; unlike ``p(y|x)`` it does not
+    saturate at 1 for samples fitted with near certainty."""
+    import torch
+
+    z = torch.as_tensor(logits).double().cpu()
+    labels = torch.as_tensor(labels, dtype=torch.int64).cpu().view(-1, 1)
+    if z.ndim != 2 or len(z) != len(labels):
+        raise ValueError("margins needs logits of shape (N, classes) and one label per row")
+    own = z.gather(1, labels).squeeze(1)
+    others = z.scatter(1, labels, float("-inf")).max(1).values
+    return own - others
+
+
+def class_spreads(margin, labels, *, q: float = 0.9):
+    """``(classes, spread)``: the labels present and, per class, how far the ``q`` quantile of its
+    samples' margins lies above their median.
+
+    A class is hard or easy as a whole, which moves its median and its upper quantile together;
+    an all-to-one backdoor adds a group of samples the model fits far more confidently than the
+    class's own clean samples (the trigger is easier to learn than the class), which stretches
+    the class's upper tail away from its median. The spread reads that stretch, not how easy
+    the class is."""
+    import torch
+
+    if not 0.5 < q < 1:
+        raise ValueError(f"q must lie in (0.5, 1), got {q}")
+    margin = torch.as_tensor(margin, dtype=torch.float64).flatten().cpu()
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
+    if len(margin) != len(labels):
+        raise ValueError("class_spreads needs one margin per label")
+    classes = torch.unique(labels)
+    spread = torch.stack([torch.quantile(margin[labels == c], q) - torch.quantile(margin[labels == c], 0.5)
+                          for c in classes]) if len(classes) else torch.empty(0, dtype=torch.float64)
+    return classes, spread
+
+
+def spread_z(margin, labels, *, q: float = 0.9):
+    """``(classes, z)``: the labels present and each class's spread (:func:`class_spreads`) as a
+    robust z-score among the classes, ``(spread - median) / scale``, where the scale is
+    ``1.4826 MAD`` of the spreads but at least a tenth of the median spread (so that classes
+    whose spreads are all nearly equal do not turn noise into large scores). ``z`` is None with
+    fewer than three classes (nothing to compare a class with) or when the scale is 0."""
+    import torch
+
+    classes, spread = class_spreads(margin, labels, q=q)
+    if len(classes) < 3:
+        return classes, None
+    med = spread.median()
+    scale = max(1.4826 * float((spread - med).abs().median()), 0.1 * abs(float(med)))
+    if not scale > 0:
+        return classes, None
+    return classes, (spread - med) / torch.tensor(scale, dtype=torch.float64)
+
+
+def spread_classes(margin, labels, *, q: float = 0.9, k: float = 2.0, limit: int = 0) -> list[int]:
+    """Classes whose spread's robust z-score (:func:`spread_z`) is above ``k``; with ``limit`` > 0
+    only the ``limit`` largest of them (exactly equal z-scores: the smaller label first). The test is one pass, not repeated on the
+    rest: a single target class stands out against nine ordinary ones, and a second pass over a
+    narrowed set would pick ordinary classes one after another. Nothing is picked when
+    :func:`spread_z` gives no scores. The answer does not depend on the sample order or on which
+    integers name the classes, except for the tie-break between exactly equal z-scores."""
+    classes, z = spread_z(margin, labels, q=q)
+    if z is None:
+        return []
+    above = [(float(zc), i) for i, zc in enumerate(z) if float(zc) > k]
+    if limit > 0:
+        above = sorted(above, key=lambda t: (-t[0], t[1]))[:limit]
+    return sorted(int(classes[i]) for _, i in above)
+
+
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
-                     inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both"):
+                     inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both", classes=None):
     """Label-aware detection: find the classes that stand out (:func:`suspicious_classes`) and
     flag part of each of them; when no class stands out, the confidence rule over all samples
     with ``threshold``. Returns ``(flags, classes)``.
@@ -387,7 +477,9 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
     with ``pick = "both"`` a class is then picked only when it stands out in both, so a class
     that one model happens to fit easily is not taken for a target class; with
     ``pick = "confirm"`` the classes are those that stand out in ``confirm`` alone. The split
-    inside a picked class (and the fallback) always uses ``prob``.
+    inside a picked class (and the fallback) always uses ``prob``. ``classes``: the classes picked
+    by another test (e.g. :func:`spread_classes`); the share test is then skipped and ``confirm``
+    and ``pick`` are ignored.
 
     How a class that stands out is split (``inside``):
 
@@ -406,8 +498,12 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
     if pick not in ("both", "confirm"):
         raise ValueError(f"pick must be 'both' or 'confirm', got {pick!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
-    classes = suspicious_classes(prob, labels, high=high, alpha=alpha)
-    if confirm is not None:
+    given = classes is not None
+    if given:
+        classes = sorted({int(c) for c in classes})
+    else:
+        classes = suspicious_classes(prob, labels, high=high, alpha=alpha)
+    if confirm is not None and not given:
         if len(confirm) != len(labels):
             raise ValueError("confirm must hold one probability per sample")
         other = suspicious_classes(confirm, labels, high=high, alpha=alpha)
@@ -417,7 +513,9 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
     if inside == "reference":
         z = confidence_scores(prob)
         standing_out = torch.isin(labels, torch.tensor(classes, dtype=torch.int64))
-        cut = float(torch.quantile(z[~standing_out], quantile))  # never empty: outliers are a minority
+        if bool(standing_out.all()):
+            raise ValueError("inside = 'reference' needs at least one class that is not picked")
+        cut = float(torch.quantile(z[~standing_out], quantile))
         return standing_out & (z > cut), classes
     flags = torch.zeros(len(labels), dtype=torch.bool)
     for c in classes:
@@ -580,24 +678,41 @@ class MeCa(Defense):
             logits = scoring.logits(model, data, self._score_ctx(ctx, "detect"), desc="meca detect")
             poisoned, prob = detect(logits, data.labels)
             paper_rule = poisoned.clone()
-            classes, confirm = None, None
+            classes, confirm, margin, zs = None, None, {}, None
+            labels = data.labels.cpu()
             if c.detection == "confidence":
                 poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
             elif c.detection == "label-aware":
                 if c.class_test != "enhanced":
                     warm = ctx.new_model(state_dict=warmup_state)
-                    _, confirm = detect(scoring.logits(warm, data, self._score_ctx(ctx, "detect-warmup"),
-                                                       desc="meca warm-up fit"), data.labels)
-                    del warm
-                poisoned, classes = flag_label_aware(prob, data.labels.cpu(), high=c.confidence_high, alpha=c.class_alpha,
+                    warm_logits = scoring.logits(warm, data, self._score_ctx(ctx, "detect-warmup"),
+                                                 desc="meca warm-up fit")
+                    _, confirm = detect(warm_logits, data.labels)
+                    margin["warmup"] = margins(warm_logits, labels)
+                    del warm, warm_logits
+                picked = None
+                if c.class_stat == "spread":
+                    if c.class_test != "warmup":
+                        margin["enhanced"] = margins(logits, labels)
+                    zs, votes = {}, []
+                    for tag, m in margin.items():
+                        present, z = spread_z(m, labels, q=c.spread_quantile)
+                        zs[tag] = {int(k): (None if z is None else float(z[i])) for i, k in enumerate(present)}
+                        votes.append(set(spread_classes(m, labels, q=c.spread_quantile, k=c.spread_k,
+                                                        limit=c.spread_max_classes)))
+                    picked = sorted(set.intersection(*votes))
+                poisoned, classes = flag_label_aware(prob, labels, high=c.confidence_high, alpha=c.class_alpha,
                                                      threshold=c.threshold, k=c.outlier_k, inside=c.inside,
                                                      quantile=c.reference_quantile, confirm=confirm,
-                                                     pick="confirm" if c.class_test == "warmup" else "both")
+                                                     pick="confirm" if c.class_test == "warmup" else "both",
+                                                     classes=picked)
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
-                     "detected_poison": int(poisoned.sum()), "suspicious_classes": classes})
+                     "detected_poison": int(poisoned.sum()), "suspicious_classes": classes,
+                     **({} if zs is None else {"class_spread_z": zs})})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
                    "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "paper_rule": paper_rule,
-                   "warmup_prob": confirm, "seconds": time.perf_counter() - t0}
+                   "warmup_prob": confirm, "warmup_margin": margin.get("warmup"),
+                   "seconds": time.perf_counter() - t0}
             step.save(det)
         seconds["detect"] = det["seconds"]
         if out_dir is not None:
@@ -609,7 +724,7 @@ class MeCa(Defense):
                          "forget_ids": [r["forget_ids"] for r in records],
                          "enhanced_prob": det["prob"], "detected_poison": det["poisoned"],
                          "paper_rule_poison": det.get("paper_rule", det["poisoned"]),
-                         "warmup_prob": det.get("warmup_prob")},
+                         "warmup_prob": det.get("warmup_prob"), "warmup_margin": det.get("warmup_margin")},
                         out_dir / "meca_scores.pt")
         clean_set = data.subset(data.contains(det["kept_ids"]))
         poison_set = data.subset(data.contains(det["flagged_ids"]))
