@@ -55,7 +55,7 @@ def read_run(d: Path, q: float, k: float) -> dict:
     import torch
 
     from bdframe.scan import load_run
-    from bdframe_defense_meca.plugin import spread_classes, spread_z, suspicious_classes
+    from bdframe_defense_meca.plugin import classes_above, spread_z, suspicious_classes
 
     scores = torch.load(d / "meca_scores.pt", weights_only=False)
     parts, _ = load_run(d, device="cpu")
@@ -72,7 +72,7 @@ def read_run(d: Path, q: float, k: float) -> dict:
             "target": None if target is None else names[target], "poisoned": int(truth.sum()),
             "warmup_asr": None if warm.get("asr") is None else 100 * warm["asr"],
             "share_pick": [names[c] for c in suspicious_classes(prob, labels)],
-            "spread_pick": [names[c] for c in spread_classes(margin, labels, q=q, k=k)],
+            "spread_pick": [names[c] for c in classes_above(present, z, k=k)],
             "target_z": None if target is None else zc.get(target),
             "top_other_z": max(others) if others else None,
             "spread_z": {names[c]: v for c, v in zc.items()}}

@@ -288,9 +288,15 @@ def outlier_threshold(values, k: float = 3.0) -> float | None:
     v = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
     if len(v) == 0:
         return None
+    med, mad = median_mad(v)
+    return None if mad <= 0 else med + k * mad
+
+
+def median_mad(v) -> tuple[float, float]:
+    """The median of non-empty float64 values and their MAD scaled to a normal standard
+    deviation (``1.4826 * median |v - median|``)."""
     med = v.median()
-    mad = 1.4826 * (v - med).abs().median()
-    return None if float(mad) <= 0 else float(med + k * mad)
+    return float(med), 1.4826 * float((v - med).abs().median())
 
 
 def flag_confident(prob, rows=None, *, threshold: str = "mad", k: float = 3.0):
@@ -444,8 +450,8 @@ def spread_z(margin, labels, *, q: float = 0.9):
     classes, spread = class_spreads(margin, labels, q=q)
     if len(classes) < 3:
         return classes, None
-    med = spread.median()
-    scale = max(1.4826 * float((spread - med).abs().median()), 0.1 * abs(float(med)))
+    med, mad = median_mad(spread)
+    scale = max(mad, 0.1 * abs(med))
     if not scale > 0:
         return classes, None
     return classes, (spread - med) / torch.tensor(scale, dtype=torch.float64)
@@ -458,7 +464,12 @@ def spread_classes(margin, labels, *, q: float = 0.9, k: float = 2.0, limit: int
     narrowed set would pick ordinary classes one after another. Nothing is picked when
     :func:`spread_z` gives no scores. The answer does not depend on the sample order or on which
     integers name the classes, except for the tie-break between exactly equal z-scores."""
-    classes, z = spread_z(margin, labels, q=q)
+    return classes_above(*spread_z(margin, labels, q=q), k=k, limit=limit)
+
+
+def classes_above(classes, z, *, k: float, limit: int = 0) -> list[int]:
+    """The classes whose z-score is above ``k`` (none when ``z`` is None), with ``limit`` > 0 the
+    ``limit`` largest of them (equal z-scores: the smaller label first); sorted."""
     if z is None:
         return []
     above = [(float(zc), i) for i, zc in enumerate(z) if float(zc) > k]
@@ -698,8 +709,7 @@ class MeCa(Defense):
                     for tag, m in margin.items():
                         present, z = spread_z(m, labels, q=c.spread_quantile)
                         zs[tag] = {int(k): (None if z is None else float(z[i])) for i, k in enumerate(present)}
-                        votes.append(set(spread_classes(m, labels, q=c.spread_quantile, k=c.spread_k,
-                                                        limit=c.spread_max_classes)))
+                        votes.append(set(classes_above(present, z, k=c.spread_k, limit=c.spread_max_classes)))
                     picked = sorted(set.intersection(*votes))
                 poisoned, classes = flag_label_aware(prob, labels, high=c.confidence_high, alpha=c.class_alpha,
                                                      threshold=c.threshold, k=c.outlier_k, inside=c.inside,
