@@ -29,7 +29,17 @@ RULES = [("argmax (paper)", {"detection": "argmax"}),
          # partition that passes over the least consistent 10%, a clean training that unlearns
          # the flagged set, no relearning
          ("unlearn, warm-up classes", {"detection": "label-aware", "class_test": "warmup", "forget_skip": 0.1,
-                                       "clean_unlearn": 0.6, "relearn": False})]
+                                       "clean_unlearn": 0.6, "relearn": False}),
+         # the same with the class picked by the spread of the warm-up model's margins, at most one
+         # (the MeCa sweeps' meca-spread-top column); with and without relabel-and-relearn
+         ("spread, top class", {"detection": "label-aware", "class_test": "warmup", "class_stat": "spread",
+                                "spread_max_classes": 1, "forget_skip": 0.1, "clean_unlearn": 0.6, "relearn": False}),
+         ("spread, top class, relearn", {"detection": "label-aware", "class_test": "warmup", "class_stat": "spread",
+                                         "spread_max_classes": 1, "forget_skip": 0.1, "clean_unlearn": 0.6})]
+
+# what a rule does not set is the paper's pipeline, whatever the defense's defaults
+PAPER = {"detection": "argmax", "class_test": "enhanced", "class_stat": "share", "spread_max_classes": 0,
+         "forget_skip": 0.0, "clean_unlearn": 0.0}
 
 
 def main(argv=None) -> int:
@@ -49,7 +59,7 @@ def main(argv=None) -> int:
         for label, params in RULES:
             if (data, label) in done or (args.rules and label not in args.rules):
                 continue
-            recipe = {**base, "defense": {**base["defense"], **params}}
+            recipe = {**base, "defense": {**base["defense"], **PAPER, **params}}
             if data == "clean":
                 recipe.pop("attack")
             with tempfile.TemporaryDirectory() as tmp:

@@ -162,10 +162,13 @@ def test_trend_plot_has_labelled_axes_and_skips_missing_values(tmp_path):
 
 
 class Forbidden:
-    """A component stand-in whose every use fails the test."""
+    """A component stand-in whose every use fails the test; reading the real component's
+    ``config`` (settings, not work) is allowed when one is given."""
 
-    def __init__(self, what):
+    def __init__(self, what, real=None):
         self.what = what
+        if real is not None:
+            self.config = real.config
 
     def __getattr__(self, attr):
         pytest.fail(f"{self.what}.{attr} used: a finished stage was redone")
@@ -199,7 +202,9 @@ def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(t
     ctx.component = component
     defense = MeCa(recipe.defense.config)
     res = defense.run(plain, ctx)
-    assert asked == [("trainer", "standard", None), ("trainer", "mixed", None), ("scorer", "adv-kl", None),
+    # the recipe's [train] stage is asked first: MeCa's own stages follow its amp setting (amp = "auto")
+    assert asked == [("trainer", None, None), ("trainer", "standard", None), ("trainer", "mixed", None),
+                     ("scorer", "adv-kl", None),
                      ("trainer", None, None), ("scorer", "adv-kl", 1), ("scorer", "adv-kl", 2)]
     n = len(plain)
     sus = set(res.suspected_ids.tolist())
@@ -219,7 +224,8 @@ def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(t
     assert not any(p.suffix == ".pt" for p in (tmp_path / "state").iterdir())  # per-epoch files are gone
     # a second run over the same run directory reuses every finished stage: no training, no scoring
     _, ctx2, _ = make_ctx(tmp_path, bdframe_registry)
-    ctx2.component = lambda kind, name=None, **params: Forbidden(f"{kind} {name}")
+    real2 = ctx2.component
+    ctx2.component = lambda kind, name=None, **params: Forbidden(f"{kind} {name}", real2(kind, name, **params))
     res2 = defense.run(plain, ctx2)
     assert res2.metrics["resumed_stages"] == ["warmup", "iteration-1", "iteration-2", "detect", "clean"]
     assert torch.equal(res2.suspected_ids, res.suspected_ids)
@@ -559,3 +565,81 @@ def test_class_stat_spread_picks_the_classes_whose_margin_spread_stands_out(tmp_
     flags, _ = flag_label_aware(saved["enhanced_prob"], labels, classes=sorted(want))
     assert torch.equal(saved["detected_poison"], flags)
     assert sorted(res.suspected_ids.tolist()) == sorted(saved["ids"][flags].tolist())
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("train_amp, own, want", [("auto", "auto", "auto"), ("on", "auto", "on"),
+                                                  ("on", "off", "off"), ("off", "on", "on")])
+def test_own_stages_take_the_defense_amp_or_the_train_stages(tmp_path, bdframe_registry, train_amp, own, want):
+    """``amp = "auto"`` gives MeCa's warm-up, mixed steps and relearning the recipe's ``[train]``
+    amp setting; ``on`` / ``off`` set them whatever ``[train]`` says."""
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry)
+    real = ctx.component
+    given_amp = {}
+
+    def component(kind, name=None, **params):
+        if kind == "trainer" and name is None:
+            return real(kind, None, **{"amp": train_amp, **params})
+        if kind == "trainer":
+            given_amp[name] = params.get("amp")
+        return real(kind, name, **params)
+
+    def new_model(**kw):
+        raise _Stop  # every component is built before the first model: stop there
+
+    ctx.component, ctx.new_model = component, new_model
+    config = attrs.evolve(recipe.defense.config, amp=own, relearn=True)
+    with pytest.raises(_Stop):
+        MeCa(config).run(train, ctx)
+    assert given_amp == {"standard": want, "mixed": want, "relearn": want}
+
+
+def test_scoring_runs_under_bfloat16_autocast_exactly_when_amp_gives_bfloat16():
+    """Consistency scoring autocasts to bfloat16 where the stages' amp setting gives bfloat16 on
+    the device, never to float16 (input gradients would underflow to a zero sign)."""
+    cpu = torch.device("cpu")
+    for amp, on in (("auto", False), ("off", False), ("on", True)):
+        with MeCa._score_autocast(amp, cpu):
+            assert torch.is_autocast_enabled("cpu") is on
+            if on:
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if torch.cuda.is_available():
+        with MeCa._score_autocast("auto", torch.device("cuda")):
+            assert torch.is_autocast_enabled("cuda") is torch.cuda.is_bf16_supported()
+
+
+@pytest.mark.skipif(not __import__("bdframe.training").training.cpu_bf16_supported(),
+                    reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX); emulated bfloat16 is too slow "
+                           "to be an option here")
+def test_amp_on_scores_under_bfloat16_and_ranks_like_float32(tmp_path, bdframe_registry, monkeypatch):
+    """With ``amp = "on"`` each iteration's consistency scores are computed under bfloat16
+    autocast; scoring the same model both ways ranks the samples nearly alike."""
+    from bdframe_scorer_adv_kl.plugin import AdvKL
+
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
+    states = []
+    real_score = AdvKL.score
+
+    def score(self, model, data, sctx):
+        states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_score(self, model, data, sctx)
+
+    monkeypatch.setattr(AdvKL, "score", score)
+    config = attrs.evolve(recipe.defense.config, iterations=1, amp="on")
+    res = MeCa(config).run(train, ctx)
+    assert states == [(True, torch.bfloat16)]
+    assert res.metrics["split"]["clean"] + res.metrics["split"]["poison"] == len(train)
+    # the enhanced model scored in float32 and in bfloat16: the rankings agree
+    from bdframe.interfaces import ScoreContext
+
+    model = ctx.new_model(state_dict=torch.load(tmp_path / "meca_enhanced_model.pt"))
+    scorer = bdframe_registry.create("scorer", "adv-kl", iteration=2)
+    sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=64, progress=False)
+    a = real_score(scorer, model, train, sctx)
+    with MeCa._score_autocast("on", "cpu"):
+        b = real_score(scorer, model, train, sctx)
+    ranks = torch.stack([a.argsort().argsort(), b.argsort().argsort()]).double()
+    assert float(torch.corrcoef(ranks)[0, 1]) > 0.9

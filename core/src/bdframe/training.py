@@ -140,17 +140,18 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
-def amp_dtype(s: OptimSettings, device: torch.device):
-    """The autocast dtype of a stage, or None for float32.
+def amp_dtype(s: OptimSettings | str, device: torch.device):
+    """The autocast dtype of a stage (its settings, or an ``amp`` value), or None for float32.
 
     ``auto``: bfloat16 (or float16 where bfloat16 is missing) on CUDA, float32 elsewhere.
     ``on``: the same on CUDA, bfloat16 on the CPU (fast only where :func:`cpu_bf16_supported`).
     ``off``: float32.
     """
-    if s.amp == "off" or device.type not in ("cuda", "cpu"):
+    amp = s if isinstance(s, str) else s.amp
+    if amp == "off" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cpu":
-        return torch.bfloat16 if s.amp == "on" else None
+        return torch.bfloat16 if amp == "on" else None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 

@@ -105,6 +105,11 @@ class MeCaConfig:
         "help": "[R] batch size of MeCa's own stages"})
     augment: bool = attrs.field(default=True, metadata={
         "help": "[R] crop(4)+flip augmentation in MeCa's own training stages (scoring never augments)"})
+    amp: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"), metadata={
+        "help": "precision of MeCa's own stages (warm-up, the enhancement's mixed steps and consistency scoring, "
+                "relearning): auto follows the recipe's [train] amp; on: bfloat16 autocast (on a CPU fast only "
+                "where it computes bfloat16 natively); off: float32. Detection always runs in float32 and the "
+                "clean model is trained by the recipe's [train] stage"})
     # -- consistency scorer (Algorithm 1, Eq. 3) --------------------------------------------------
     epsilon: float = attrs.field(default=8 / 255, validator=in_range(0, 1), metadata={
         "help": "[R] L-inf bound of the single-step perturbation, [0,1] pixel units"})
@@ -540,10 +545,30 @@ class MeCa(Defense):
     summary = "MeCa: iterative backdoor enhancement (adv-KL consistency + mixed step), detection, clean retraining"
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _optim(self) -> dict:
+    def _optim(self, amp: str) -> dict:
         c = self.config
         return {"batch_size": c.batch_size, "momentum": c.momentum, "weight_decay": c.weight_decay,
-                "crop_padding": 4 if c.augment else 0, "flip": c.augment}
+                "crop_padding": 4 if c.augment else 0, "flip": c.augment, "amp": amp}
+
+    def _amp(self, ctx) -> str:
+        """The ``amp`` setting of MeCa's own stages: the defense's, or with ``auto`` the recipe's
+        ``[train]`` stage's (``auto`` where that stage has none)."""
+        if self.config.amp != "auto":
+            return self.config.amp
+        return getattr(ctx.component("trainer").config, "amp", "auto")
+
+    @staticmethod
+    def _score_autocast(amp: str, device):
+        """The autocast context of consistency scoring: bfloat16 where ``amp`` gives bfloat16 on
+        this device, else float32. Never float16: only the sign of each input-gradient entry is
+        used, and float16 gradients underflow to zero (a zero sign) where bfloat16's do not."""
+        import torch
+
+        from bdframe.training import amp_dtype
+
+        device = torch.device(device)
+        on = amp_dtype(amp, device) == torch.bfloat16
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
     def _score_ctx(self, ctx, what: str):
         from bdframe.interfaces import ScoreContext
@@ -600,16 +625,17 @@ class MeCa(Defense):
         seconds: dict = {}
         resumed: list[str] = []
         # every component up front, so a missing plugin or a rejected parameter fails before training
+        amp = self._amp(ctx)
         warmup_trainer = ctx.component("trainer", "standard", epochs=c.warmup_epochs, lr=c.warmup_lr,
-                                       **self._optim())
+                                       **self._optim(amp))
         mixed = ctx.component("trainer", "mixed", epochs=c.epochs_per_iteration, lr=c.enhance_lr,
                               schedule=c.enhance_schedule, lam=c.lam, normalize=c.unlearn_norm,
-                              forget_ceiling=c.unlearn_ceiling, **self._optim())
+                              forget_ceiling=c.unlearn_ceiling, **self._optim(amp))
         scorer_params = {"epsilon": c.epsilon, "patch_size": c.patch_size, "mask_mode": c.mask_mode,
                          "keep_prob": c.keep_prob, "grad_loss": c.grad_loss}
         ctx.component("scorer", "adv-kl", **scorer_params)
         clean_trainer = self._clean_trainer(ctx)
-        relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs, lr=c.relearn_lr, **self._optim())
+        relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs, lr=c.relearn_lr, **self._optim(amp))
                      if c.relearn else None)
 
         # 1. warm-up ------------------------------------------------------------------------
@@ -650,7 +676,8 @@ class MeCa(Defense):
         for k in range(enh["k"] + 1, c.iterations + 1):
             t0 = time.perf_counter()
             scorer = ctx.component("scorer", "adv-kl", **scorer_params, iteration=k)
-            scores = scorer.score(model, data, sctx).double().cpu()
+            with self._score_autocast(amp, ctx.device):
+                scores = scorer.score(model, data, sctx).double().cpu()
             alpha = alpha_at(k, c.alpha_step, c.alpha_max)
             eligible = None
             if c.protect_confident > 0:

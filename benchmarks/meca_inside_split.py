@@ -1,0 +1,137 @@
+"""How well can MeCa's own signals separate the poison from the clean samples inside the class
+the label-aware rule picked?
+
+With the right class picked, what is left of a backdoor comes from the poison that the split
+inside the class keeps (Otsu's split of the enhanced model's ``logit(p_e)``). For each finished
+MeCa run given, this reads, inside the class detection picked (or, where it picked none, the
+class most poison ids carry), four per-sample signals the defense has:
+
+- ``enhanced``: the enhanced model's ``logit(p_e(y|x))`` (what the split uses);
+- ``warm-up``: the warm-up model's margin (logit of the label minus the largest other logit),
+  from ``meca_scores.pt`` where the run saved it, else by rerunning ``meca_warmup_model.pt``;
+- ``consistency, first`` / ``consistency, last``: the adv-KL consistency score of the first
+  and the last enhancement iteration;
+
+and prints per signal the AUROC of the poison against the class's clean samples, what Otsu's
+split of the signal flags (count, recall, precision), and the precision of the smallest
+top-scored set that holds 95% of the class's poison (the best precision any threshold on that
+signal can reach at recall >= 95%). Ground truth (``poison.json``) is read only to score the
+signals; nothing here changes a run.
+
+    python benchmarks/meca_inside_split.py "benchmarks/results/sweeps/meca-heldout/runs/seed=1,attack=blend-t5,defense=meca-spread" \\
+        --out benchmarks/results/meca_inside_split.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+RECALL = 0.95
+
+
+def precision_at_recall(score, truth, recall: float = RECALL) -> float | None:
+    """Precision of the smallest set of top-scored samples that holds ``recall`` of the positives
+    (ties broken by order: the figure is what the best threshold on ``score`` can reach)."""
+    import math
+
+    import torch
+
+    pos = int(truth.sum())
+    if pos == 0:
+        return None
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    hits = torch.cumsum(truth[order].to(torch.int64), 0)
+    need = math.ceil(recall * pos)
+    k = int(torch.nonzero(hits >= need)[0]) + 1
+    return need / k
+
+
+def read_run(d: Path) -> dict:
+    import torch
+
+    from bdframe.detection import auroc
+    from bdframe.interfaces import ScoreContext
+    from bdframe.runs import read_json
+    from bdframe.scan import load_run
+    from bdframe.scoring import logits
+    from bdframe_defense_meca.plugin import confidence_scores, margins, otsu_threshold
+
+    scores = torch.load(d / "meca_scores.pt", weights_only=False)
+    parts, _ = load_run(d, device="cpu")
+    ids = scores["ids"]
+    pos = parts.poisoned.positions(ids)
+    labels = parts.poisoned.labels[pos]
+    truth = torch.isin(ids, torch.as_tensor(parts.poison_ids, dtype=torch.int64))
+    picked = None
+    for line in (d / "history.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("stage") == "meca-detect":
+            picked = rec.get("suspicious_classes") or []
+    if not bool(truth.any()):
+        raise SystemExit(f"{d}: the run has no poisoned samples: nothing to separate")
+    cls = picked[0] if picked else int(torch.mode(labels[truth]).values)
+    inside = labels == cls
+    margin = scores.get("warmup_margin")
+    if margin is None:
+        model = parts.build_model()
+        model.load_state_dict(torch.load(d / "meca_warmup_model.pt", map_location="cpu", weights_only=True))
+        margin = margins(logits(model, parts.poisoned.subset(pos), ScoreContext(progress=False)), labels)
+    signals = {"enhanced": confidence_scores(scores["enhanced_prob"]), "warm-up": margin.double(),
+               "consistency, first": scores["consistency_scores"][0].double(),
+               "consistency, last": scores["consistency_scores"][-1].double()}
+    t = truth[inside]
+    metrics = read_json(d / "metrics.json")
+    row = {"run": d.parent.parent.name + "/" + d.name, "attack": metrics.get("attack"),
+           "class": parts.poisoned.classes[cls], "picked": bool(picked), "class_size": int(inside.sum()),
+           "poison_in_class": int(t.sum()), "poison": int(truth.sum()), "signals": {}}
+    for name, v in signals.items():
+        v = v[inside]
+        cut = otsu_threshold(v)
+        f = v > cut if cut is not None else torch.zeros_like(t)
+        n = int(f.sum())
+        row["signals"][name] = {"auroc": auroc(v, t), "otsu_flagged": n,
+                                "otsu_recall": float((f & t).sum()) / max(1, int(t.sum())),
+                                "otsu_precision": float((f & t).sum()) / n if n else None,
+                                "precision_at_95_recall": precision_at_recall(v, t)}
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", nargs="+", help="finished MeCa run directories of attacked rows")
+    ap.add_argument("--out", help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    dirs = [Path(d) for d in args.run_dir]
+    bad = [str(d) for d in dirs if not (d / "meca_scores.pt").is_file() or not (d / "poison.json").is_file()]
+    if bad:
+        print(f"meca_inside_split.py: not a finished MeCa run of an attacked row (meca_scores.pt and poison.json "
+              f"needed): {', '.join(bad)}", file=sys.stderr)
+        return 2
+    rows = [read_run(d) for d in dirs]
+    flat = []
+    for r in rows:
+        for name, s in r["signals"].items():
+            flat.append({"run": r["run"].split("/", 1)[1], "class": r["class"] + ("" if r["picked"] else " (not picked)"),
+                         "in_class": f"{r['poison_in_class']}/{r['poison']}", "signal": name,
+                         "auroc": s["auroc"], "otsu": f"{s['otsu_flagged']}",
+                         "otsu_recall": None if s["otsu_recall"] is None else 100 * s["otsu_recall"],
+                         "otsu_precision": None if s["otsu_precision"] is None else 100 * s["otsu_precision"],
+                         "p95": None if s["precision_at_95_recall"] is None else 100 * s["precision_at_95_recall"]})
+    print_table(flat, [("run", "run", "{}"), ("class", "class", "{}"), ("in_class", "poison in class", "{}"),
+                       ("signal", "signal", "{}"), ("auroc", "AUROC in class", "{:.3f}"),
+                       ("otsu", "Otsu flags", "{}"), ("otsu_recall", "recall %", "{:.1f}"),
+                       ("otsu_precision", "precision %", "{:.1f}"),
+                       ("p95", "precision % at 95% recall", "{:.1f}")])
+    if args.out:
+        write_json(Path(args.out), {"recall_for_precision": RECALL, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
