@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 from bdframe import runner
 from bdframe.cli import main
 from bdframe.data import ImageSet
+from bdframe.training import cpu_bf16_supported
 from bdframe_defense_meca.plugin import MeCa, MeCaConfig, alpha_at, detect, forget_count, partition
 
 SET = settings(max_examples=30, deadline=None)
@@ -611,7 +612,7 @@ def test_scoring_runs_under_bfloat16_autocast_exactly_when_amp_gives_bfloat16():
             assert torch.is_autocast_enabled("cuda") is torch.cuda.is_bf16_supported()
 
 
-@pytest.mark.skipif(not __import__("bdframe.training").training.cpu_bf16_supported(),
+@pytest.mark.skipif(not cpu_bf16_supported(),
                     reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX); emulated bfloat16 is too slow "
                            "to be an option here")
 def test_amp_on_scores_under_bfloat16_and_ranks_like_float32(tmp_path, bdframe_registry, monkeypatch):

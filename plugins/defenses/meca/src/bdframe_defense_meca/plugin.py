@@ -31,6 +31,10 @@ Pipeline, every piece taken from the registry through the defense context:
    tables): detected poisoned samples get the clean model's argmax as label (Eq. 12) and the
    clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01, reconstructed).
 
+Precision: ``amp`` sets steps 1, 2 and 5 (training and consistency scoring) to bfloat16 autocast
+or float32; ``"auto"`` takes the recipe's ``[train]`` setting. Detection is always float32 and
+step 4 is the recipe's ``[train]``.
+
 The defense sees only the untrusted ImageSet (images, labels, ids): no poison ids, poison
 ratio, trigger or target class. Ground truth is used only by the runner, after the defense.
 
