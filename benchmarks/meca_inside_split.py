@@ -55,7 +55,7 @@ def precision_at_recall(score, truth, recall: float = RECALL) -> float | None:
 def read_run(d: Path) -> dict:
     import torch
 
-    from bdframe.detection import auroc
+    from bdframe.detection import auroc, flag_metrics
     from bdframe.interfaces import ScoreContext
     from bdframe.runs import read_json
     from bdframe.scan import load_run
@@ -93,11 +93,10 @@ def read_run(d: Path) -> dict:
     for name, v in signals.items():
         v = v[inside]
         cut = otsu_threshold(v)
-        f = v > cut if cut is not None else torch.zeros_like(t)
-        n = int(f.sum())
-        row["signals"][name] = {"auroc": auroc(v, t), "otsu_flagged": n,
-                                "otsu_recall": float((f & t).sum()) / max(1, int(t.sum())),
-                                "otsu_precision": float((f & t).sum()) / n if n else None,
+        split = flag_metrics(v > cut if cut is not None else torch.zeros_like(t), t)
+        row["signals"][name] = {"auroc": auroc(v, t), "otsu_flagged": split["flagged"],
+                                "otsu_recall": split["recall"],
+                                "otsu_precision": split["precision"] if split["flagged"] else None,
                                 "precision_at_95_recall": precision_at_recall(v, t)}
     return row
 
