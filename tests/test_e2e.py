@@ -7,7 +7,7 @@ import torch
 
 from bdframe import runner
 from bdframe.cli import main
-from helpers import RECORDED_CPU_VENDOR, TINY, cpu_vendor
+from helpers import README_CPU, TINY, cpu_signature
 
 
 def recipe_file(tmp_path, epochs=2, name="r.toml"):
@@ -145,10 +145,11 @@ def locked_environment() -> str | None:
         return f"{platform.system()} {platform.machine()} is not x86-64 Linux"
     if torch.cuda.is_available():
         return "a GPU is present (the quickstart's device is auto)"
-    vendor = cpu_vendor()
-    if vendor != RECORDED_CPU_VENDOR:
-        return (f"the CPU is {vendor or 'of unknown make'}, the README's figures come from an "
-                f"{RECORDED_CPU_VENDOR} CPU (on this tiny dataset the CPU's floating-point order changes them)")
+    sig = cpu_signature()
+    if sig != README_CPU:
+        return (f"the CPU is {sig[0] or 'of unknown make'} with {sig[1]} kernels, the README's figures come "
+                f"from an {README_CPU[0]} CPU with {README_CPU[1]} kernels (on this tiny dataset the "
+                f"CPU's floating-point order changes them)")
     return None
 
 

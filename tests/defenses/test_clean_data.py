@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import RECORDED_CPU_VENDOR, TINY, cpu_vendor
+from helpers import EXAMPLES_CPU, TINY, cpu_signature
 from bdframe import inversion
 from bdframe.build import materialise
 from bdframe.cli import main
@@ -331,7 +331,7 @@ def test_the_clean_data_examples_run(tmp_path, example):
 def test_the_scanft_example_finds_the_poison_and_unlearns_the_backdoor(tmp_path):
     """examples/scanft-quickstart.toml: SCAn flags every poisoned sample (and some clean ones of
     the target class), on any CPU; the stronger flooded unlearning removes the backdoor on the
-    CPU docs/clean-data.md's figures come from. Pure gradient ascent on ~130 samples is chaotic:
+    CPU docs/clean-data.md's figures come from (AMD, AVX2 kernels). Pure gradient ascent on ~130 samples is chaotic:
     on an Intel Xeon the same run kept the backdoor (docs/clean-data.md says so), so there the
     test checks that the unlearning ran and changed the model."""
     assert main(["run", str(REPO / "examples" / "scanft-quickstart.toml"), "--quiet", "--out", str(tmp_path / "r")]) == 0
@@ -339,7 +339,7 @@ def test_the_scanft_example_finds_the_poison_and_unlearns_the_backdoor(tmp_path)
     start = m["defense_metrics"]["trend"][0]
     assert start["asr"] > 0.8  # the model SCAnFT repairs has the backdoor
     assert m["detection"]["recall"] > 0.9 and m["detection"]["precision"] > 0.5
-    if cpu_vendor() == RECORDED_CPU_VENDOR:
+    if cpu_signature() == EXAMPLES_CPU:
         assert m["asr"] < 0.2 and m["clean_acc"] > 0.5
     else:
         assert m["clean_acc"] != start["clean_acc"] or m["asr"] != start["asr"]
