@@ -37,9 +37,8 @@ lr = 0.05
 """
 
 
-# the CPU the figures of the README quickstart and of the docs' synthetic examples were recorded on
-RECORDED_CPU_VENDOR = "AuthenticAMD"
-# ... and the instruction set torch's CPU kernels used there (torch.backends.cpu.get_cpu_capability()):
+# the CPUs the figures of the README quickstart and of the docs' synthetic examples were recorded on:
+# vendor id and the instruction set torch's CPU kernels used there (torch.backends.cpu.get_cpu_capability()).
 # the README quickstart was re-recorded on an AMD EPYC whose kernels use AVX512; the docs' synthetic
 # examples (SCAnFT, CLP) were recorded on an AMD EPYC with AVX2 only. A different instruction set
 # changes the order of floating-point sums, which on these tiny datasets changes the figures.

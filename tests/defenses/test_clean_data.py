@@ -331,9 +331,10 @@ def test_the_clean_data_examples_run(tmp_path, example):
 def test_the_scanft_example_finds_the_poison_and_unlearns_the_backdoor(tmp_path):
     """examples/scanft-quickstart.toml: SCAn flags every poisoned sample (and some clean ones of
     the target class), on any CPU; the stronger flooded unlearning removes the backdoor on the
-    CPU docs/clean-data.md's figures come from (AMD, AVX2 kernels). Pure gradient ascent on ~130 samples is chaotic:
-    on an Intel Xeon the same run kept the backdoor (docs/clean-data.md says so), so there the
-    test checks that the unlearning ran and changed the model."""
+    CPU docs/clean-data.md's figures come from (AMD, AVX2 kernels). Pure gradient ascent on ~130
+    samples is chaotic: on an Intel Xeon and on an AMD CPU with AVX512 kernels the same run kept
+    the backdoor (docs/clean-data.md says so), so there the test checks that the unlearning ran
+    and changed the model."""
     assert main(["run", str(REPO / "examples" / "scanft-quickstart.toml"), "--quiet", "--out", str(tmp_path / "r")]) == 0
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     start = m["defense_metrics"]["trend"][0]
