@@ -88,7 +88,7 @@ def attack_grid_script():
     return mod
 
 
-def test_image_grid_labels_rows_and_columns(tmp_path):
+def test_the_attack_grid_script_labels_rows_and_columns(tmp_path):
     img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
     d = attack_grid_script().image_grid([[img, img, img], [img, img, img]], tmp_path / "g.png", row_labels=["a", "b"],
                          col_labels=["clean", "poisoned", "difference x4"], group=3, title="grid")
