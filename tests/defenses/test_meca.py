@@ -234,6 +234,58 @@ def test_runs_on_plain_data_through_the_registry_and_resumes_from_saved_stages(t
     assert all(r.get("replayed") for r in ctx2.history)
 
 
+def test_warmup_model_replaces_the_warm_up_training_with_the_saved_model(tmp_path, bdframe_registry):
+    """``warmup_model``: the enhancement starts from the saved model (a plain run's ``model.pt``):
+    no warm-up epoch is trained, the trend starts with that model's figures, and
+    ``meca_warmup_model.pt`` is that model."""
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry)
+    trained = ctx.new_model()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not what a fresh model of the recipe would start with
+    saved = tmp_path / "plain-model.pt"
+    torch.save({k: v.clone() for k, v in trained.state_dict().items()}, saved)
+    res = MeCa(attrs.evolve(recipe.defense.config, iterations=1, warmup_model=str(saved))).run(train, ctx)
+    assert not [r for r in ctx.history if r.get("stage") == "meca-warmup" and "epoch" in r]
+    loaded = [r for r in ctx.history if r.get("stage") == "meca-warmup"]
+    assert len(loaded) == 1 and loaded[0]["loaded_from"] == str(saved)
+    assert res.metrics["trend"][0]["clean_acc"] == pytest.approx(ctx.evaluate(trained)["clean_acc"])
+    assert res.metrics["stage_seconds"]["warmup"] == 0.0
+    warm = torch.load(tmp_path / "meca_warmup_model.pt")
+    assert all(torch.equal(warm[k], v) for k, v in trained.state_dict().items())
+    assert res.summary[0].startswith(f"meca: warm-up model (loaded from {saved})")
+    # the resumed run loads the saved step, not the file again
+    (tmp_path / "plain-model.pt").unlink()
+    _, ctx2, _ = make_ctx(tmp_path, bdframe_registry)
+    res2 = MeCa(attrs.evolve(recipe.defense.config, iterations=1, warmup_model=str(saved))).run(train, ctx2)
+    assert res2.metrics["resumed_stages"][0] == "warmup"
+
+
+def test_warmup_model_that_is_missing_or_does_not_fit_is_a_user_error(tmp_path, bdframe_registry):
+    from bdframe.errors import UserError
+
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry)
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(UserError, match=r"\$\.defense\.warmup_model: .*nope\.pt.* does not exist"):
+        MeCa(attrs.evolve(recipe.defense.config, warmup_model=str(missing))).run(train, ctx)
+    other = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(3)}, other)
+    _, ctx, _ = make_ctx(tmp_path / "b", bdframe_registry)
+    with pytest.raises(UserError, match=r"\$\.defense\.warmup_model: .*other\.pt.* does not fit the recipe's \[model\]"):
+        MeCa(attrs.evolve(recipe.defense.config, warmup_model=str(other))).run(train, ctx)
+    assert not (tmp_path / "b" / "meca_scores.pt").exists()
+
+
+def test_bdframe_run_with_a_missing_warmup_model_exits_2_and_leaves_no_run_directory(tmp_path, capsys):
+    text = recipe_text(tmp_path / "runs").replace('name = "meca"\n', f'name = "meca"\nwarmup_model = "{tmp_path / "gone.pt"}"\n')
+    f = tmp_path / "r.toml"
+    f.write_text(text)
+    assert main(["run", str(f), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "bdframe: error: $.defense.warmup_model:" in err and "gone.pt" in err and "does not exist" in err
+    assert not (tmp_path / "runs" / "tiny-meca").exists() and not (tmp_path / "runs" / "tiny-meca.partial").exists()
+
+
 def test_protected_partition_and_sparse_evaluation_run_end_to_end(tmp_path, bdframe_registry):
     """``protect_confident`` keeps every sample fitted above it out of D_c (each iteration logs how
     many were protected and D_c never exceeds ceil(alpha N)); ``evaluate_iterations = false``

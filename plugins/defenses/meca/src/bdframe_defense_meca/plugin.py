@@ -4,7 +4,9 @@ detection and clean training from scratch (Pu et al. 2024; see docs/meca.md).
 Pipeline, every piece taken from the registry through the defense context:
 
 1. **Warm-up** (reconstructed): the ``standard`` stage on all of D for ``warmup_epochs`` (10) epochs, so
-   the backdoor is learned.
+   the backdoor is learned. Option: ``warmup_model``, a model already trained on D (the
+   ``model.pt`` of a plain run), is loaded instead, so a user who has trained the model once does
+   not pay for a second training of it.
 2. **Backdoor enhancement** (Algorithms 1 and 2), for k = 1..K (``iterations`` = 10, reconstructed):
    score D with the ``adv-kl`` scorer (``iteration = k``: fresh masks each iteration), take
    ``D_c`` = the ``ceil(alpha_k N)`` least consistent samples (highest KL), with
@@ -73,6 +75,10 @@ class MeCaConfig:
         "help": "[R] epochs of standard training on all of D before the enhancement"})
     warmup_lr: float = attrs.field(default=0.1, validator=in_range(0, None, lo_open=True), metadata={
         "help": "[R] warm-up learning rate (SGD, cosine schedule over the warm-up)"})
+    warmup_model: str = attrs.field(default="", metadata={
+        "help": "model.pt of a model already trained on the same data (e.g. a plain run of the same recipe; it "
+                "must fit [model]) to start the enhancement from instead of training the warm-up; "
+                "warmup_epochs and warmup_lr are then unused. Empty: train the warm-up"})
     # -- enhancement (Algorithm 2) ---------------------------------------------------------------
     iterations: int = attrs.field(default=10, validator=in_range(0, None), metadata={
         "help": "[R] K, number of score/partition/mixed-step iterations"})
@@ -646,7 +652,15 @@ class MeCa(Defense):
         model = ctx.new_model()
         step = ctx.checkpoint("meca-warmup")
         done = step.load()
-        if done is not None:
+        if done is None and c.warmup_model:
+            # a model trained on D before (a plain run's model.pt) takes the warm-up's place
+            model, start = steps.starting_model(ctx, "meca-warmup", data, path=c.warmup_model,
+                                                field="$.defense.warmup_model")
+            ctx.log({"stage": "meca-warmup", "meca_iteration": 0, "alpha": 0.0, "forget_size": 0,
+                     "learn_size": n, "loaded_from": c.warmup_model, **start["eval"]})
+            done = {"model": steps.cpu_state(model), "eval": start["eval"], "seconds": 0.0, "loaded": True}
+            step.save(done)
+        elif done is not None:
             model.load_state_dict(done["model"])
             resumed.append("warmup")
             if not done.get("eval"):
@@ -841,7 +855,8 @@ class MeCa(Defense):
             "resumed_stages": resumed,
             "plot": plot,
         }
-        summary = [f"meca: warm-up model (all data, no defense yet): {steps.figures(trend[0])}"]
+        warm_src = f"loaded from {c.warmup_model}" if c.warmup_model else "all data, no defense yet"
+        summary = [f"meca: warm-up model ({warm_src}): {steps.figures(trend[0])}"]
         if len(trend) > 1:
             summary.append(f"meca: enhanced model after {len(trend) - 1} iterations: {steps.figures(trend[-1])}")
         summary.append(f"meca: detected {n_p} of {n} samples as poisoned ({100 * n_p / n:.1f}%)")
