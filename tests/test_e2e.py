@@ -174,3 +174,26 @@ def test_meca_quickstart_removes_the_backdoor_and_prints_what_the_readme_says(tm
     if why:
         pytest.skip(f"README figures are for the locked install on x86-64 Linux CPU: {why}")
     assert printed[1:] == readme_quickstart_output()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_a_cpu_that_emulates_it_is_announced_before_the_run(tmp_path, capsys, monkeypatch, native):
+    """``amp = "on"`` on a CPU without native bfloat16: one warning line naming the setting
+    before any work; on a CPU with it (or with amp left at auto), no warning."""
+    import bdframe.training
+
+    monkeypatch.setattr(bdframe.training, "cpu_bf16_supported", lambda: native)
+    f = tmp_path / "r.toml"
+    f.write_text(TINY.format(out=tmp_path / "runs", epochs=1) + 'amp = "on"\n')
+    assert main(["run", str(f), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "bfloat16" in line]
+    if native:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warned[0].startswith('warning: [train] amp = "on" asks for bfloat16 autocast')
+        lines = err.splitlines()
+        assert lines[lines.index("device cpu") + 1] == warned[0]  # announced before the data is made
+    f.write_text(TINY.format(out=tmp_path / "runs2", epochs=1))
+    assert main(["run", str(f), "--quiet"]) == 0
+    assert "bfloat16" not in capsys.readouterr().err

@@ -166,3 +166,19 @@ def test_lookahead_with_alpha_one_is_plain_training_and_one_step_ends_halfway():
     half = _train(copy.deepcopy(start), data, lookahead=0.5, lookahead_steps=1)
     for n in plain:
         assert torch.allclose(half[n], (w0[n] + plain[n]) / 2, atol=1e-6), n
+
+
+def test_emulated_bfloat16_warning_names_every_setting_that_asks_for_it(monkeypatch):
+    import bdframe.training
+
+    from bdframe.training import emulated_bf16_warning
+
+    cpu = torch.device("cpu")
+    amps = {"[train] amp": "on", "[defense] amp": "auto", "[model] amp": "on"}
+    monkeypatch.setattr(bdframe.training, "cpu_bf16_supported", lambda: False)
+    w = emulated_bf16_warning(amps, cpu)
+    assert w.startswith('warning: [train] amp, [model] amp = "on"') and "emulated" in w
+    assert emulated_bf16_warning({"[train] amp": "auto", "[defense] amp": "off"}, cpu) is None
+    assert emulated_bf16_warning(amps, torch.device("meta")) is None  # not the CPU: not this warning
+    monkeypatch.setattr(bdframe.training, "cpu_bf16_supported", lambda: True)
+    assert emulated_bf16_warning(amps, cpu) is None

@@ -22,6 +22,7 @@ from bdframe.recipe import Recipe
 from bdframe.registry import Registry
 from bdframe.runs import RunDir, save_atomic, write_json_atomic, write_text_atomic
 from bdframe.seeding import derive_seed, seed_everything
+from bdframe.training import emulated_bf16_warning
 
 
 class RunContext:
@@ -235,6 +236,11 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
     write_json_atomic(rd.file("run.json"), run_info)
 
     log(f"device {device}")
+    amps = {f"[{section}] amp": spec.config.amp for section in SECTIONS
+            if (spec := getattr(recipe, section, None)) is not None and isinstance(getattr(spec.config, "amp", None), str)}
+    warning = emulated_bf16_warning(amps, device)
+    if warning:
+        log(warning)
     parts = materialise(recipe, registry, log=log)
     train, test, poisoned_train, poison_ids, cover_ids = (parts.train, parts.test, parts.poisoned, parts.poison_ids,
                                                           parts.cover_ids)
