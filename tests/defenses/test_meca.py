@@ -470,6 +470,26 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(reference_run, 
 
 # -- clean training that unlearns the flagged set ------------------------------------------------
 
+def spy_on_trainers(ctx, record):
+    """Every training stage the defense takes from ``ctx`` calls ``record(stage, data, keyword
+    inputs)`` before it trains."""
+    real = ctx.component
+
+    def component(kind, name=None, **params):
+        made = real(kind, name, **params)
+        if kind == "trainer":
+            fit = made.fit
+
+            def spy(model, data, st, made=made, fit=fit, **kw):
+                record(made, data, kw)
+                return fit(model, data, st, **kw)
+
+            made.fit = spy
+        return made
+
+    ctx.component = component
+
+
 def test_clean_unlearn_trains_the_clean_model_on_the_kept_set_while_unlearning_the_flagged_one(tmp_path,
                                                                                              bdframe_registry):
     """With ``clean_unlearn`` the clean model is trained by the ``mixed`` stage with the recipe's
@@ -483,21 +503,8 @@ def test_clean_unlearn_trains_the_clean_model_on_the_kept_set_while_unlearning_t
     models, stages = {}, []
     for lam in (0.0, 2.0):
         recipe, ctx, train = make_ctx(tmp_path / str(lam), bdframe_registry, train_size=200)
-        real = ctx.component
-
-        def component(kind, name=None, **params):
-            made = real(kind, name, **params)
-            if kind == "trainer":
-                fit = made.fit
-
-                def spy(model, data, st, made=made, fit=fit, **kw):
-                    stages.append((lam, made.name, made.config, data, kw.get("forget")))
-                    return fit(model, data, st, **kw)
-
-                made.fit = spy
-            return made
-
-        ctx.component = component
+        spy_on_trainers(ctx, lambda made, data, kw, lam=lam: stages.append(
+            (lam, made.name, made.config, data, kw.get("forget"))))
         config = attrs.evolve(recipe.defense.config, iterations=1, clean_unlearn=lam, clean_unlearn_below=0.05)
         res = MeCa(config).run(train, ctx)
         models[lam] = (res, train, recipe)
@@ -540,6 +547,59 @@ def test_clean_unlearn_refuses_a_train_stage_setting_the_mixed_stage_lacks(tmp_p
     with pytest.raises(ValueError, match="cutmix_prob"):
         MeCa(recipe.defense.config).run(parts.train, ctx)
     assert not (tmp_path / "state").exists()  # refused before any training
+
+
+def test_clean_stage_semi_trains_the_clean_model_on_the_kept_set_with_the_flagged_set_unlabelled(tmp_path,
+                                                                                               bdframe_registry):
+    """``clean_stage = "semi"``: the clean model is trained from scratch by the ``mixmatch`` stage
+    with the ``semi`` table's parameters, the kept set as its labelled input and exactly the flagged
+    set as its unlabelled input; detection is the same as with the paper's clean training, and
+    the run reports how many samples were unlabelled."""
+    stages = []
+    results = {}
+    for stage in ("train", "semi"):
+        recipe, ctx, train = make_ctx(tmp_path / stage, bdframe_registry, train_size=200)
+        spy_on_trainers(ctx, lambda made, data, kw, stage=stage: stages.append(
+            (stage, made.name, made.config, data, kw.get("unlabelled"))))
+        semi = {"epochs": 2, "batch_size": 32, "lambda_u": 5.0} if stage == "semi" else {}
+        config = attrs.evolve(recipe.defense.config, iterations=1, clean_stage=stage, semi=semi)
+        results[stage] = (MeCa(config).run(train, ctx), ctx, train)
+    paper, semi_res = results["train"][0], results["semi"][0]
+    ctx, train = results["semi"][1], results["semi"][2]
+    assert torch.equal(paper.suspected_ids, semi_res.suspected_ids)  # only the clean stage differs
+    flagged = semi_res.suspected_ids
+    assert 0 < len(flagged) < len(train)
+    mm = [s for s in stages if s[1] == "mixmatch"]
+    assert len(mm) == 1 and mm[0][0] == "semi"
+    _, _, cfg, kept, unlabelled = mm[0]
+    assert (cfg.epochs, cfg.batch_size, cfg.lambda_u, cfg.credible_share) == (2, 32, 5.0, 0.0)
+    assert sorted(unlabelled.ids.tolist()) == sorted(flagged.tolist())
+    assert set(kept.ids.tolist()).isdisjoint(unlabelled.ids.tolist()) and len(kept) + len(unlabelled) == len(train)
+    assert [s for s in stages if s[0] == "train" and s[4] is not None] == []
+    rec = [r for r in ctx.history if r.get("stage") == "meca-clean" and "train_size" in r]
+    assert rec[-1]["unlabelled"] == len(flagged) and rec[-1]["train_size"] == len(kept)
+    epochs = [r for r in ctx.history if r.get("stage") == "meca-clean" and "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert f"with the {len(flagged)} flagged as unlabelled data" in semi_res.summary[-1]
+    assert "unlabelled" not in paper.summary[-1]
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"clean_stage": "semi", "semi": {"epoch": 3}}, "semi.epoch", "unknown parameter"),
+    ({"clean_stage": "semi", "semi": {"credible_share": 0.5}}, "semi", "set by the defense itself"),
+    ({"clean_stage": "semi", "clean_unlearn": 0.6}, "clean_unlearn", 'must be 0 with clean_stage = "semi"'),
+    ({"semi": {"epochs": 3}}, "semi", 'used only with clean_stage = "semi"'),
+    ({"clean_stage": "mixmatch"}, "clean_stage", "semi"),
+])
+def test_clean_stage_semi_settings_are_checked_with_the_recipe(tmp_path, bdframe_registry, change, field, message):
+    from bdframe.errors import RecipeError
+    from bdframe.recipe import loads_dict
+
+    data = tomllib.loads(recipe_text(tmp_path, attack=False, relearn=False))
+    data["defense"].update(change)
+    with pytest.raises(RecipeError) as ei:
+        loads_dict(data, bdframe_registry)
+    assert any(p.startswith(f"$.defense.{field}") and message in p for p in ei.value.problems), ei.value.problems
 
 
 @pytest.mark.parametrize("below", [0.0, 1.0, -0.1])

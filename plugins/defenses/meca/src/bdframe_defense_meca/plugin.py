@@ -29,6 +29,10 @@ Pipeline, every piece taken from the registry through the defense context:
    clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
    ``clean_unlearn`` trains it with the ``mixed`` stage instead, unlearning the detected
    poisoned set (bounded ascent) so that poison detection missed does not reinstall the backdoor.
+   Option (bdframe's): ``clean_stage = "semi"`` trains it by semi-supervised learning instead,
+   the ``mixmatch`` stage with the kept set as labelled and the flagged set as *unlabelled* data
+   (its labels unused), so the images detection discards still teach the clean model, and the
+   poisoned ones among them carry no label that could teach the trigger.
 5. **Relabel and relearn** (optional, ``relearn = true``; off by default as in the paper's main
    tables): detected poisoned samples get the clean model's argmax as label (Eq. 12) and the
    clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01, reconstructed).
@@ -59,6 +63,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -186,6 +191,13 @@ class MeCaConfig:
                                              metadata={"help": "clean_unlearn > 0: a flagged sample is unlearned "
                                                                "only while the model gives its label a "
                                                                "probability above this (bounded ascent)"})
+    clean_stage: str = attrs.field(default="train", validator=one_of("train", "semi"), metadata={
+        "help": "how the clean model is trained from scratch: train (the recipe's [train] stage on the kept set "
+                "alone, the paper's) or semi (the mixmatch stage: the kept set labelled, the flagged set as "
+                "unlabelled data whose labels are not used, so the images detection discards still teach it)"})
+    semi: dict[str, Any] = attrs.field(factory=dict, metadata={
+        "help": "clean_stage = semi: parameters of the mixmatch stage, a table (e.g. {epochs = 60}; an epoch "
+                "is one pass over the kept set); the stage's own defaults otherwise"})
     # -- relabel and relearn ------------------------------------------------------------------
     relearn: bool = attrs.field(default=False, metadata={
         "help": "[S, optional] relabel detected poisoned samples with the clean model and fine-tune on all"})
@@ -554,6 +566,19 @@ class MeCa(Defense):
     Config = MeCaConfig
     summary = "MeCa: iterative backdoor enhancement (adv-KL consistency + mixed step), detection, clean retraining"
 
+    @classmethod
+    def check_components(cls, config, registry):
+        """The ``semi`` table against the mixmatch stage, and the options it cannot be combined with."""
+        from bdframe.recipe import table_problems
+
+        if config.clean_stage != "semi":
+            return [("semi", 'is used only with clean_stage = "semi"')] if config.semi else []
+        problems = table_problems(registry, "trainer", "mixmatch", "semi", dict(config.semi), owned=("credible_share",))
+        if config.clean_unlearn > 0:
+            problems.append(("clean_unlearn", 'must be 0 with clean_stage = "semi": the flagged set is unlabelled '
+                                              'data there, not unlearned'))
+        return problems
+
     # -- plumbing ---------------------------------------------------------------------------------
     def _optim(self, amp: str) -> dict:
         c = self.config
@@ -644,7 +669,8 @@ class MeCa(Defense):
         scorer_params = {"epsilon": c.epsilon, "patch_size": c.patch_size, "mask_mode": c.mask_mode,
                          "keep_prob": c.keep_prob, "grad_loss": c.grad_loss}
         ctx.component("scorer", "adv-kl", **scorer_params)
-        clean_trainer = self._clean_trainer(ctx)
+        semi = c.clean_stage == "semi"
+        clean_trainer = ctx.component("trainer", "mixmatch", **dict(c.semi)) if semi else self._clean_trainer(ctx)
         relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs, lr=c.relearn_lr, **self._optim(amp))
                      if c.relearn else None)
 
@@ -794,11 +820,14 @@ class MeCa(Defense):
             resumed.append("clean")
         else:
             t0 = time.perf_counter()
-            st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch, lr_setting="[train] lr")
-            clean_trainer.fit(clean_model, clean_set, st, forget=poison_set if c.clean_unlearn > 0 else None)
+            st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch,
+                           lr_setting="[defense] semi.lr" if semi else "[train] lr")
+            clean_trainer.fit(clean_model, clean_set, st, forget=poison_set if c.clean_unlearn > 0 else None,
+                              unlabelled=poison_set if semi and len(poison_set) else None)
             ev = ctx.evaluate(clean_model)
             ctx.log({"stage": "meca-clean", "train_size": len(clean_set),
-                     "unlearned": len(poison_set) if c.clean_unlearn > 0 else 0, **ev})
+                     "unlearned": len(poison_set) if c.clean_unlearn > 0 else 0,
+                     "unlabelled": len(poison_set) if semi else 0, **ev})
             done = {"model": steps.cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
             step.save(done)
         seconds["clean_train"] = done["seconds"]
@@ -861,6 +890,8 @@ class MeCa(Defense):
             summary.append(f"meca: enhanced model after {len(trend) - 1} iterations: {steps.figures(trend[-1])}")
         summary.append(f"meca: detected {n_p} of {n} samples as poisoned ({100 * n_p / n:.1f}%)")
         unlearned = f", unlearning the {n_p} flagged" if c.clean_unlearn > 0 else ""
+        if semi:
+            unlearned = f", with the {n_p} flagged as unlabelled data"
         summary.append(f"meca: clean model trained on the {n - n_p} kept samples{unlearned}: {steps.figures(clean_eval)}"
                        + ("" if relearn_metrics is None else
                           f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
