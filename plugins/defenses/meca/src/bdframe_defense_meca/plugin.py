@@ -889,10 +889,10 @@ class MeCa(Defense):
         if len(trend) > 1:
             summary.append(f"meca: enhanced model after {len(trend) - 1} iterations: {steps.figures(trend[-1])}")
         summary.append(f"meca: detected {n_p} of {n} samples as poisoned ({100 * n_p / n:.1f}%)")
-        unlearned = f", unlearning the {n_p} flagged" if c.clean_unlearn > 0 else ""
-        if semi:
-            unlearned = f", with the {n_p} flagged as unlabelled data"
-        summary.append(f"meca: clean model trained on the {n - n_p} kept samples{unlearned}: {steps.figures(clean_eval)}"
+        # clean_unlearn and clean_stage = "semi" exclude each other (check_components)
+        flagged_use = (f", with the {n_p} flagged as unlabelled data" if semi else
+                       f", unlearning the {n_p} flagged" if c.clean_unlearn > 0 else "")
+        summary.append(f"meca: clean model trained on the {n - n_p} kept samples{flagged_use}: {steps.figures(clean_eval)}"
                        + ("" if relearn_metrics is None else
                           f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
         # per-sample suspicion for suspected.csv: the enhanced model's p_e(y|x), in data's row order
