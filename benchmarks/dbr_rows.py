@@ -127,7 +127,7 @@ def replay(row: dict, c) -> dict | None:
     """Where ``d-br``'s stopping rule with the settings of ``c`` (a ``DBRConfig``) stops on a
     run's logged per-round fit figures (see the module text), with that round's logged figures;
     None where unknown."""
-    from bdframe_defense_dbr.plugin import plateaued
+    from bdframe.steps import plateaued
 
     trend = row.get("trend") or []
     if not trend or [t["round"] for t in trend] != list(range(len(trend))) or None in [t["fit"] for t in trend]:

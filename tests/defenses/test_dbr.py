@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from helpers import TINY
 from bdframe.cli import main
 from bdframe.losses import class_centre_similarity
-from bdframe_defense_dbr.plugin import plateaued
+from bdframe.steps import plateaued
 
 pytestmark = pytest.mark.usefixtures("two_threads")
 
@@ -136,7 +136,7 @@ def test_d_br_stops_at_the_first_round_where_the_rule_holds_on_the_logged_fit_fi
     model and says so. The rule is replaced by one that holds from round 2 on (the tiny model
     does not fit its suspected-poisoned set enough for the real rule to be exercised here;
     the rule itself is tested above)."""
-    import bdframe_defense_dbr.plugin as dbr
+    from bdframe import steps
 
     calls = []
 
@@ -144,7 +144,7 @@ def test_d_br_stops_at_the_first_round_where_the_rule_holds_on_the_logged_fit_fi
         calls.append((list(fits), rounds, share, least_fall))
         return len(fits) >= 3
 
-    monkeypatch.setattr(dbr, "plateaued", rule)
+    monkeypatch.setattr(steps, "plateaued", rule)  # the repair's rule, shared with MeCa's repair
     f = recipe(tmp_path, DBR.replace("rounds = 2", "rounds = 6")
                + "plateau_rounds = 4\nplateau_share = 0.2\nplateau_fall = 0.1\n")
     assert main(["run", str(f), "--quiet"]) == 0

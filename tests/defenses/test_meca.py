@@ -16,7 +16,8 @@ from bdframe import runner
 from bdframe.cli import main
 from bdframe.data import ImageSet
 from bdframe.training import cpu_bf16_supported
-from bdframe_defense_meca.plugin import MeCa, MeCaConfig, alpha_at, detect, forget_count, partition
+from bdframe_defense_meca.plugin import (MeCa, MeCaConfig, alpha_at, detect, forget_count, partition,
+                                         repair_split)
 
 SET = settings(max_examples=30, deadline=None)
 
@@ -590,8 +591,13 @@ def test_clean_stage_semi_trains_the_clean_model_on_the_kept_set_with_the_flagge
     ({"clean_stage": "semi", "clean_unlearn": 0.6}, "clean_unlearn", 'must be 0 with clean_stage = "semi"'),
     ({"semi": {"epochs": 3}}, "semi", 'used only with clean_stage = "semi"'),
     ({"clean_stage": "mixmatch"}, "clean_stage", "semi"),
+    ({"clean_stage": "repair", "clean_unlearn": 0.6}, "clean_unlearn", 'must be 0 with clean_stage = "repair"'),
+    ({"clean_stage": "repair", "relearn": True}, "relearn", 'must be false with clean_stage = "repair"'),
+    ({"clean_stage": "repair", "semi": {"epochs": 3}}, "semi", 'used only with clean_stage = "semi"'),
+    ({"clean_stage": "repair", "repair_poison": 0.0}, "repair_poison", ""),
+    ({"clean_stage": "repair", "repair_clean": 1.0}, "repair_clean", ""),
 ])
-def test_clean_stage_semi_settings_are_checked_with_the_recipe(tmp_path, bdframe_registry, change, field, message):
+def test_clean_stage_settings_are_checked_with_the_recipe(tmp_path, bdframe_registry, change, field, message):
     from bdframe.errors import RecipeError
     from bdframe.recipe import loads_dict
 
@@ -600,6 +606,116 @@ def test_clean_stage_semi_settings_are_checked_with_the_recipe(tmp_path, bdframe
     with pytest.raises(RecipeError) as ei:
         loads_dict(data, bdframe_registry)
     assert any(p.startswith(f"$.defense.{field}") and message in p for p in ei.value.problems), ei.value.problems
+
+
+# -- clean_stage = "repair" ---------------------------------------------------------------------
+
+def _repair_case(n, classes, seed, flag_p):
+    g = torch.Generator().manual_seed(seed)
+    prob = torch.rand(n, generator=g, dtype=torch.float64).round(decimals=2)  # ties are common
+    labels = torch.randint(0, classes, (n,), generator=g)
+    ids = torch.randperm(10 * n, generator=g)[:n]
+    flagged = torch.rand(n, generator=g) < flag_p
+    return prob, labels, ids, flagged
+
+
+@SET
+@given(st.integers(1, 300), st.integers(1, 6), st.integers(0, 10 ** 6), st.floats(0.0, 1.0),
+       st.floats(0.01, 0.5), st.floats(0.01, 0.9))
+def test_repair_split_takes_the_most_confident_flagged_and_each_classs_least_confident(n, classes, seed, flag_p,
+                                                                                      poison, clean):
+    prob, labels, ids, flagged = _repair_case(n, classes, seed, flag_p)
+    forget, learn = repair_split(prob, labels, ids, flagged, poison_share=poison, clean_share=clean)
+    f, l_ = set(forget.tolist()), set(learn.tolist())
+    assert f.isdisjoint(l_) and torch.equal(forget, forget.sort().values) and torch.equal(learn, learn.sort().values)
+    # the unlearned set: flagged rows only, as many as the share allows, the highest p_e
+    assert all(bool(flagged[i]) for i in f)
+    assert len(f) == min(forget_count(poison, n), int(flagged.sum()))
+    if f:
+        left = [i for i in range(n) if flagged[i] and i not in f]
+        assert all(prob[i] <= prob[forget].min() for i in left)
+    # the relearned set: per class the share of the class, the lowest p_e outside the unlearned set
+    for c in range(classes):
+        rows = [i for i in range(n) if labels[i] == c]
+        mine = [i for i in l_ if labels[i] == c]
+        assert len(mine) == min(forget_count(clean, len(rows)), len([i for i in rows if i not in f]))
+        if mine:
+            top = max(prob[i] for i in mine)
+            assert all(prob[i] >= top for i in rows if i not in f and i not in mine)
+
+
+@SET
+@given(st.integers(2, 200), st.integers(1, 5), st.integers(0, 10 ** 6))
+def test_repair_split_depends_on_the_samples_not_their_order_or_class_names(n, classes, seed):
+    prob, labels, ids, flagged = _repair_case(n, classes, seed, 0.6)
+    forget, learn = repair_split(prob, labels, ids, flagged, poison_share=0.1, clean_share=0.2)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    renamed = (labels + 3) % classes
+    f2, l2 = repair_split(prob[perm], renamed[perm], ids[perm], flagged[perm], poison_share=0.1, clean_share=0.2)
+    assert sorted(ids[forget].tolist()) == sorted(ids[perm][f2].tolist())
+    assert sorted(ids[learn].tolist()) == sorted(ids[perm][l2].tolist())
+
+
+def test_repair_split_with_nothing_flagged_unlearns_nothing_and_refuses_bad_input():
+    prob, labels, ids, _ = _repair_case(50, 2, 0, 0.0)
+    forget, learn = repair_split(prob, labels, ids, torch.zeros(50, dtype=torch.bool), poison_share=0.1,
+                                 clean_share=0.2)
+    assert len(forget) == 0 and len(learn) == sum(forget_count(0.2, int((labels == c).sum())) for c in (0, 1))
+    with pytest.raises(ValueError, match="one entry per sample"):
+        repair_split(prob[:-1], labels, ids, torch.zeros(50, dtype=torch.bool), poison_share=0.1, clean_share=0.2)
+    bad = prob.clone()
+    bad[3] = float("nan")
+    with pytest.raises(FloatingPointError):
+        repair_split(bad, labels, ids, torch.ones(50, dtype=torch.bool), poison_share=0.1, clean_share=0.2)
+
+
+def test_clean_stage_repair_repairs_the_warm_up_model_with_the_split_of_the_enhanced_model(tmp_path,
+                                                                                         bdframe_registry):
+    """``clean_stage = "repair"``: no model is trained from scratch; the warm-up model is repaired
+    by rounds of one ``unlearning`` pass (gradient ascent) over the split's unlearned set and one
+    ``relearn`` pass over its relearned set, exactly :func:`repair_split` of the enhanced model's
+    p_e and the detection, at ``repair_lr``; the suspects reported are the unlearned samples, and
+    detection itself is the same as with the paper's clean training."""
+    import numpy as np
+
+    stages, results = [], {}
+    for stage in ("train", "repair"):
+        recipe, ctx, train = make_ctx(tmp_path / stage, bdframe_registry, train_size=200)
+        spy_on_trainers(ctx, lambda made, data, kw, stage=stage: stages.append((stage, made.name, made.config, data)))
+        config = attrs.evolve(recipe.defense.config, iterations=1, clean_stage=stage, repair_rounds=3,
+                              repair_lr=0.01, repair_poison=0.1, repair_clean=0.25, repair_plateau_rounds=0)
+        results[stage] = (MeCa(config).run(train, ctx), ctx, train, config)
+    paper = results["train"][0]
+    res, ctx, train, config = results["repair"]
+    assert [s for s in stages if s[0] == "repair" and s[1] == "standard" and len(s[3]) < len(train)] == []
+    scores = torch.load(tmp_path / "repair" / "meca_scores.pt")
+    assert torch.equal(scores["detected_poison"], torch.load(tmp_path / "train" / "meca_scores.pt")["detected_poison"])
+    pos = train.positions(scores["ids"])
+    prob = torch.empty(len(train), dtype=torch.float64)
+    prob[pos] = scores["enhanced_prob"].double()
+    flagged = torch.zeros(len(train), dtype=torch.bool)
+    flagged[pos] = scores["detected_poison"]
+    want_f, want_l = repair_split(prob, train.labels, train.ids, flagged, poison_share=0.1, clean_share=0.25)
+    unlearn = [s for s in stages if s[0] == "repair" and s[1] == "unlearning"]
+    relearn = [s for s in stages if s[0] == "repair" and s[1] == "relearn"]
+    assert len(unlearn) == len(relearn) == 3
+    for _, _, cfg, d in unlearn:
+        assert sorted(d.ids.tolist()) == sorted(train.ids[want_f].tolist())
+        assert (cfg.objective, cfg.lr, cfg.epochs) == ("ascent", 0.01, 1)
+    for _, _, cfg, d in relearn:
+        assert sorted(d.ids.tolist()) == sorted(train.ids[want_l].tolist()) and cfg.lr == 0.01
+    assert 0 < len(res.suspected_ids) <= forget_count(0.1, len(train))
+    assert sorted(res.suspected_ids.tolist()) == sorted(train.ids[want_f].tolist())
+    rep = res.metrics["repair"]
+    assert (rep["unlearned"], rep["relearned"], rep["rounds"], rep["stopped"]) == (len(want_f), len(want_l), 3, False)
+    assert res.metrics["clean_model"]["clean_acc"] == rep["trend"][-1]["clean_acc"]
+    assert f"{len(want_f)} unlearned, {len(want_l)} relearned, 3 rounds" in res.summary[-1]
+    assert paper.metrics["repair"] is None
+    # the result is the repaired warm-up model, not the warm-up model itself
+    warm = torch.load(tmp_path / "repair" / "meca_warmup_model.pt")
+    final = res.model.state_dict()
+    assert any(not torch.equal(warm[k], final[k]) for k in warm if warm[k].is_floating_point())
+    assert np.isfinite(res.metrics["stage_seconds"]["repair"])
 
 
 @pytest.mark.parametrize("below", [0.0, 1.0, -0.1])

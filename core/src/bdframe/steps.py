@@ -91,6 +91,91 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
     return model, {"eval": ctx.evaluate(model), "seconds": 0.0}
 
 
+def plateaued(fits, rounds: int, share: float, least_fall: float = 0.0) -> bool:
+    """The stopping rule of :func:`repair`: ``fits`` are the model's accuracies on the
+    suspected-poisoned set after round 0 (the model it repairs), 1, ..., r. Unlearning first
+    removes what only the poison taught (those samples fall to another class), while the split's
+    clean samples stay fitted through relearning, so the accuracy falls and then levels off. The
+    rule: with ``low`` the lowest accuracy so far, ``low`` moved by less than ``share`` of
+    ``fits[0] - low`` over the last ``rounds`` rounds. Never before ``rounds`` rounds, never
+    while the accuracy has not fallen at all, or by less than ``least_fall`` (a dip of a few
+    points in the first rounds, within the measurement's noise on a few hundred samples, is not
+    yet the fall the repair is after); a rise counts as no fall."""
+    if rounds < 1 or len(fits) <= rounds:
+        return False
+    low, low_before = min(fits), min(fits[:-rounds])
+    fall = fits[0] - low
+    return fall > 0 and fall >= least_fall and low_before - low < share * fall
+
+
+def repair(ctx, prefix: str, model, forget, learn, *, start: dict, lr: float, rounds: int, batch_size: int = 128,
+           lr_setting: str, plateau_rounds: int = 0, plateau_share: float = 0.05, plateau_fall: float = 0.0,
+           evaluate_each_round: bool = False) -> dict:
+    """Backdoor removal by alternating passes, in place on ``model``: ``rounds`` times, one pass of
+    gradient ascent on ``forget`` (the suspected-poisoned samples; skipped when empty) and one
+    pass of cross-entropy on ``learn`` (the suspected-clean ones), SGD at the fixed ``lr``
+    (momentum 0.9, weight decay 5e-4), the ``unlearning`` and ``relearn`` stages of the registry.
+    Each round is a step ``{prefix}-round-NN`` (a checkpoint: a resumed run goes on from the last
+    finished round). With ``plateau_rounds`` the repair ends once the model's accuracy on
+    ``forget`` (its given labels, no augmentation) has levelled off (:func:`plateaued`), a rule
+    that reads the training data only. ``start`` is the evaluation of the model before the first
+    round. The last round's model is the result: nothing is selected on the test set.
+
+    Returns ``{"trend", "rounds", "stopped", "seconds", "fit_seconds"}``: ``trend`` starts with
+    round 0 (``start``) and holds every evaluated round (all of them with
+    ``evaluate_each_round``, else the last), each with ``fit_poisoned`` and ``fit_clean`` (the
+    accuracies on ``forget`` and ``learn``, None when nothing watches them); ``stopped`` is True
+    when the plateau rule ended the repair before ``rounds``."""
+    from bdframe.metrics import accuracy
+
+    optim = dict(epochs=1, lr=lr, momentum=0.9, weight_decay=5e-4, schedule="constant", batch_size=batch_size)
+    unlearn = ctx.component("trainer", "unlearning", objective="ascent", **optim)
+    relearn = ctx.component("trainer", "relearn", **optim)
+    watch = plateau_rounds > 0 or evaluate_each_round
+
+    def fit() -> dict:
+        """The model's accuracy on both sets (training data alone; None where a set is empty or
+        nobody asked: two forward passes per round), and the seconds it took."""
+        t0 = time.perf_counter()
+        out = {f"fit_{k}": accuracy(model, d, device=ctx.device) if watch and len(d) else None
+               for k, d in (("poisoned", forget), ("clean", learn))}
+        return {**out, "fit_seconds": time.perf_counter() - t0}
+
+    first = fit()
+    trend = [{"round": 0, **start, "fit_poisoned": first["fit_poisoned"], "fit_clean": first["fit_clean"]}]
+    fits = [trend[0]["fit_poisoned"]]
+    t_repair, t_fit = 0.0, first["fit_seconds"]
+    for r in range(1, rounds + 1):
+        def work(r=r):
+            if len(forget):
+                unlearn.fit(model, forget, ctx.stage(f"{prefix}-round-{r:02d}-unlearn", lr_setting=lr_setting))
+            relearn.fit(model, learn, ctx.stage(f"{prefix}-round-{r:02d}-relearn", lr_setting=lr_setting))
+            return fit()
+
+        # whether this round is the last is only known after it (plateau_rounds), so a round
+        # that stops is evaluated after its step
+        done = run(ctx, f"{prefix}-round-{r:02d}", model, work, evaluate=evaluate_each_round)
+        t_repair += done["seconds"]
+        t_fit += done.get("fit_seconds", 0.0)
+        ev = done["eval"]
+        fits.append(done.get("fit_poisoned"))
+        last = r == rounds or (plateau_rounds > 0 and None not in fits
+                               and plateaued(fits, plateau_rounds, plateau_share, plateau_fall))
+        if last and ev is None:
+            ev = ctx.evaluate(model)
+            ctx.log({"stage": f"{prefix}-round-{r:02d}", **ev})
+        if watch:
+            ctx.log({"stage": f"{prefix}-round-{r:02d}-fit", "fit_poisoned": fits[-1],
+                     "fit_clean": done.get("fit_clean")})
+        if ev is not None:
+            trend.append({"round": r, **ev, "fit_poisoned": fits[-1], "fit_clean": done.get("fit_clean")})
+        if last:
+            break
+    final = trend[-1]
+    return {"trend": trend, "rounds": final["round"], "stopped": final["round"] < rounds,
+            "seconds": t_repair, "fit_seconds": t_fit}
+
+
 def clean_data(ctx, defense: str):
     """The recipe's trusted clean data (``ctx.clean``) for a defense that needs it; a
     ``ValueError`` naming the defense when there is none (validation refuses such recipes, so

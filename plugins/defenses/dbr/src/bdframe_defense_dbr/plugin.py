@@ -17,7 +17,7 @@ the recipe's ``[train]`` stage, or loaded: ``model = "runs/x/model.pt"``): ``rou
 one pass of gradient ascent on the suspected-poisoned set and one of cross-entropy on the
 suspected-clean set, SGD at a fixed ``repair_lr`` (1e-4). The last round's model is the result;
 ``plateau_rounds`` ends the repair once the model's accuracy on the suspected-poisoned set (its
-given labels) has levelled off (:func:`plateaued`), after falling by at least ``plateau_fall``,
+given labels) has levelled off (``bdframe.steps.plateaued``), after falling by at least ``plateau_fall``,
 a rule that reads the training data only. The
 reference picks the round with the best ACC - ASR on the poisoned *test* set, which is test
 leakage, and bdframe never selects on the test set.
@@ -34,7 +34,6 @@ the FCT scores (AUROC). Every step is a checkpoint, so ``--resume`` continues a 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import attrs
@@ -136,23 +135,6 @@ class DBRConfig(FctSplitConfig):
                 "dip is taken for noise and the repair goes on (at most rounds). 0: any fall"})
 
 
-def plateaued(fits, rounds: int, share: float, least_fall: float = 0.0) -> bool:
-    """The stopping rule of ``d-br``'s ``plateau_rounds``: ``fits`` are the model's accuracies on
-    the suspected-poisoned set after round 0 (the model it repairs), 1, ..., r. Unlearning first
-    removes what only the poison taught (those samples fall to another class), while the split's
-    clean samples stay fitted through relearning, so the accuracy falls and then levels off. The
-    rule: with ``low`` the lowest accuracy so far, ``low`` moved by less than ``share`` of
-    ``fits[0] - low`` over the last ``rounds`` rounds. Never before ``rounds`` rounds, never
-    while the accuracy has not fallen at all, or by less than ``least_fall`` (a dip of a few
-    points in the first rounds, within the measurement's noise on a few hundred samples, is not
-    yet the fall the repair is after); a rise counts as no fall."""
-    if rounds < 1 or len(fits) <= rounds:
-        return False
-    low, low_before = min(fits), min(fits[:-rounds])
-    fall = fits[0] - low
-    return fall > 0 and fall >= least_fall and low_before - low < share * fall
-
-
 class DBR(Defense):
     name = "d-br"
     Config = DBRConfig
@@ -164,66 +146,30 @@ class DBR(Defense):
 
     def run(self, data, ctx):
         """FCT split, the model to repair, then the alternating rounds; see the module text."""
-        from bdframe.metrics import accuracy
-
         c = self.config
         n = len(data)
         if n == 0:
             raise ValueError("d-br: the training set is empty")
-        optim = dict(epochs=1, lr=c.repair_lr, momentum=0.9, weight_decay=5e-4, schedule="constant",
-                     batch_size=c.batch_size)
-        unlearn = ctx.component("trainer", "unlearning", objective="ascent", **optim)
-        relearn = ctx.component("trainer", "relearn", **optim)
+        for stage in ("unlearning", "relearn"):  # fail before training when a stage is missing
+            ctx.component("trainer", stage)
         model, start = steps.starting_model(ctx, "dbr-train", data, path=c.model)  # the plain run's model
         split = fct_split(ctx, data, c, "dbr")
         forget = data.subset(data.contains(split["poisoned"]))
         clean = data.subset(data.contains(split["clean"]))
-        watch = c.plateau_rounds > 0 or c.evaluate_each_round
-
-        def fit() -> dict:
-            """The model's accuracy on both sets of the split (training data alone; None where a set
-            is empty or nobody asked: two forward passes per round), and the seconds it took."""
-            t0 = time.perf_counter()
-            out = {f"fit_{k}": accuracy(model, d, device=ctx.device) if watch and len(d) else None
-                   for k, d in (("poisoned", forget), ("clean", clean))}
-            return {**out, "fit_seconds": time.perf_counter() - t0}
-
-        first = fit()
-        trend = [{"round": 0, **start["eval"], "fit_poisoned": first["fit_poisoned"], "fit_clean": first["fit_clean"]}]
-        fits = [trend[0]["fit_poisoned"]]
-        t_repair, t_fit = 0.0, first["fit_seconds"]
-        for r in range(1, c.rounds + 1):
-            def work(r=r):
-                if len(forget):
-                    unlearn.fit(model, forget, ctx.stage(f"dbr-round-{r:02d}-unlearn", lr_setting="[defense] repair_lr"))
-                relearn.fit(model, clean, ctx.stage(f"dbr-round-{r:02d}-relearn", lr_setting="[defense] repair_lr"))
-                return fit()
-
-            # whether this round is the last is only known after it (plateau_rounds), so a round
-            # that stops is evaluated after its step
-            done = steps.run(ctx, f"dbr-round-{r:02d}", model, work, evaluate=c.evaluate_each_round)
-            t_repair += done["seconds"]
-            t_fit += done.get("fit_seconds", 0.0)
-            ev = done["eval"]
-            fits.append(done.get("fit_poisoned"))
-            last = r == c.rounds or (c.plateau_rounds > 0 and None not in fits
-                                     and plateaued(fits, c.plateau_rounds, c.plateau_share, c.plateau_fall))
-            if last and ev is None:
-                ev = ctx.evaluate(model)
-                ctx.log({"stage": f"dbr-round-{r:02d}", **ev})
-            if ev is not None:
-                trend.append({"round": r, **ev, "fit_poisoned": fits[-1], "fit_clean": done.get("fit_clean")})
-            if last:
-                break
+        done = steps.repair(ctx, "dbr", model, forget, clean, start=start["eval"], lr=c.repair_lr, rounds=c.rounds,
+                            batch_size=c.batch_size, lr_setting="[defense] repair_lr",
+                            plateau_rounds=c.plateau_rounds, plateau_share=c.plateau_share,
+                            plateau_fall=c.plateau_fall, evaluate_each_round=c.evaluate_each_round)
+        trend, fits0 = done["trend"], done["trend"][0]["fit_poisoned"]
         final = trend[-1]
         why = (f" (stopped: the accuracy on the suspected-poisoned set levelled off at "
-               f"{100 * final['fit_poisoned']:.1f}%, from {100 * fits[0]:.1f}%)" if final["round"] < c.rounds else "")
+               f"{100 * final['fit_poisoned']:.1f}%, from {100 * fits0:.1f}%)" if done["stopped"] else "")
         summary = [_split_line("d-br", split, n),
                    steps.start_line("d-br", c.model, start["eval"]),
                    f"d-br: after {final['round']} rounds of unlearning and relearning{why}: {steps.figures(final)}"]
         metrics = {"split": {k: len(split[k]) for k in ("clean", "uncertain", "poisoned")}, "trend": trend,
                    "rounds": final["round"],
-                   "stage_seconds": {"train": start["seconds"], "repair": t_repair, "fit": t_fit}}
+                   "stage_seconds": {"train": start["seconds"], "repair": done["seconds"], "fit": done["fit_seconds"]}}
         return DefenseResult(model=model, suspected_ids=split["poisoned"].clone(), scores=split["scores"],
                              metrics=metrics, summary=summary)
 

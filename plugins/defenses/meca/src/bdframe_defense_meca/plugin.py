@@ -33,6 +33,13 @@ Pipeline, every piece taken from the registry through the defense context:
    the ``mixmatch`` stage with the kept set as labelled and the flagged set as *unlabelled* data
    (its labels unused), so the images detection discards still teach the clean model, and the
    poisoned ones among them carry no label that could teach the trigger.
+   Option (bdframe's): ``clean_stage = "repair"`` makes no new model: the warm-up model, which
+   has learned all of D, is repaired by alternating passes as in DBR's backdoor removal, with
+   the enhanced model's ``p_e(y|x)`` in the place of DBR's sensitivity score. The flagged samples
+   it fits most confidently (``repair_poison``, 5% of D) are unlearned by gradient ascent, each
+   class's samples it fits least (``repair_clean``, 20% of the class) are relearned, one pass of
+   each per round at a small fixed learning rate, until the fit of the unlearned set levels off.
+   The model keeps what it learned from all of D instead of being retrained on the kept set.
 5. **Relabel and relearn** (optional, ``relearn = true``; off by default as in the paper's main
    tables): detected poisoned samples get the clean model's argmax as label (Eq. 12) and the
    clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01, reconstructed).
@@ -191,10 +198,31 @@ class MeCaConfig:
                                              metadata={"help": "clean_unlearn > 0: a flagged sample is unlearned "
                                                                "only while the model gives its label a "
                                                                "probability above this (bounded ascent)"})
-    clean_stage: str = attrs.field(default="train", validator=one_of("train", "semi"), metadata={
-        "help": "how the clean model is trained from scratch: train (the recipe's [train] stage on the kept set "
-                "alone, the paper's) or semi (the mixmatch stage: the kept set labelled, the flagged set as "
-                "unlabelled data whose labels are not used, so the images detection discards still teach it)"})
+    clean_stage: str = attrs.field(default="train", validator=one_of("train", "semi", "repair"), metadata={
+        "help": "how the clean model is made: train (trained from scratch by the recipe's [train] stage on the "
+                "kept set alone, the paper's), semi (from scratch by the mixmatch stage: the kept set labelled, the "
+                "flagged set as unlabelled data whose labels are not used, so the images detection discards still "
+                "teach it) or repair (no new model: the warm-up model, trained on all the data, is repaired by "
+                "alternating an unlearning pass over the flagged samples the enhanced model fits most confidently "
+                "with a learning pass over each class's samples it fits least; see the repair_* settings)"})
+    repair_poison: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
+        "help": "clean_stage = repair: at most this share of D is unlearned, the flagged samples with the highest "
+                "p_e(y|x) (all flagged samples when fewer)"})
+    repair_clean: float = attrs.field(default=0.2, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
+        "help": "clean_stage = repair: the share of each class that is relearned, its samples with the lowest "
+                "p_e(y|x) (the least likely to carry a backdoor the enhancement has strengthened)"})
+    repair_rounds: int = attrs.field(default=60, validator=in_range(0, None), metadata={
+        "help": "clean_stage = repair: the most rounds (one unlearning pass, one learning pass each)"})
+    repair_lr: float = attrs.field(default=5e-4, validator=in_range(0, None, lo_open=True), metadata={
+        "help": "clean_stage = repair: learning rate of both passes (SGD, momentum 0.9, weight decay 5e-4, constant)"})
+    repair_plateau_rounds: int = attrs.field(default=5, validator=in_range(0, None), metadata={
+        "help": "clean_stage = repair: stop once the model's accuracy on the unlearned set has levelled off over "
+                "this many rounds (its lowest value moved by less than 5% of its whole fall); 0: all rounds"})
+    repair_plateau_fall: float = attrs.field(default=0.05, validator=in_range(0, 1, hi_open=True), metadata={
+        "help": "clean_stage = repair: the least fall of that accuracy (0.05: five points) before the repair may "
+                "stop; a smaller dip is taken for noise"})
+    evaluate_each_round: bool = attrs.field(default=False, metadata={
+        "help": "clean_stage = repair: clean ACC and ASR after every round (reporting only; one test pass per round)"})
     semi: dict[str, Any] = attrs.field(factory=dict, metadata={
         "help": "clean_stage = semi: parameters of the mixmatch stage, a table (e.g. {epochs = 60}; an epoch "
                 "is one pass over the kept set); the stage's own defaults otherwise"})
@@ -261,6 +289,39 @@ def partition(scores, ids, alpha: float, eligible=None, skip: float = 0.0):
     learn = torch.ones(n, dtype=torch.bool)
     learn[forget] = False
     return torch.sort(forget).values, torch.nonzero(learn).flatten()
+
+
+def repair_split(prob, labels, ids, flagged, *, poison_share: float, clean_share: float):
+    """The two sets of the repair (``clean_stage = "repair"``): ``(forget_pos, learn_pos)`` row
+    positions, each sorted and disjoint. ``forget``: the ``ceil(poison_share N)`` flagged rows the
+    enhanced model fits most confidently (highest ``p_e(y|x)``; all flagged rows when fewer): the
+    enhancement strengthens the backdoor, so the poison sits at the top. ``learn``: in every class
+    (given label), the ``ceil(clean_share n_c)`` rows of the class outside ``forget`` with the
+    lowest ``p_e``, so the relearned set covers the classes as the data does. Ties are broken by
+    id, so the split depends on the samples, not on the row order."""
+    import torch
+
+    prob = torch.as_tensor(prob, dtype=torch.float64).cpu()
+    labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+    ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
+    flagged = torch.as_tensor(flagged, dtype=torch.bool).cpu()
+    if not (prob.shape == labels.shape == ids.shape == flagged.shape):
+        raise ValueError("prob, labels, ids and flagged must have one entry per sample")
+    if not bool(torch.isfinite(prob).all()):
+        raise FloatingPointError("p_e contains nan or inf")
+    n = len(prob)
+    by_id = torch.argsort(ids, stable=True)
+    ascending = by_id[torch.argsort(prob[by_id], stable=True)]  # lowest p_e first, ties by id
+    descending = by_id[torch.argsort(-prob[by_id], stable=True)]  # highest first, ties by id
+    forget = descending[flagged[descending]][:forget_count(poison_share, n)]
+    out = torch.zeros(n, dtype=torch.bool)
+    out[forget] = True
+    learn = []
+    for c in torch.unique(labels).tolist():
+        in_class = ascending[(labels[ascending] == c) & ~out[ascending]]
+        learn.append(in_class[:forget_count(clean_share, int((labels == c).sum()))])
+    learn = torch.cat(learn) if learn else torch.empty(0, dtype=torch.int64)
+    return torch.sort(forget).values, torch.sort(learn).values
 
 
 def detect(logits, labels):
@@ -571,6 +632,18 @@ class MeCa(Defense):
         """The ``semi`` table against the mixmatch stage, and the options it cannot be combined with."""
         from bdframe.recipe import table_problems
 
+        if config.clean_stage == "repair":
+            problems = [(field, why) for field, bad, why in (
+                ("semi", bool(config.semi), 'is used only with clean_stage = "semi"'),
+                ("clean_unlearn", config.clean_unlearn > 0,
+                 'must be 0 with clean_stage = "repair": the repair itself unlearns the flagged samples'),
+                ("relearn", config.relearn,
+                 'must be false with clean_stage = "repair": the repaired model keeps the given labels'))
+                if bad]
+            for stage in ("unlearning", "relearn"):
+                if not registry.has("trainer", stage):
+                    problems.append(("clean_stage", registry.unknown_message("trainer", stage)))
+            return problems
         if config.clean_stage != "semi":
             return [("semi", 'is used only with clean_stage = "semi"')] if config.semi else []
         problems = table_problems(registry, "trainer", "mixmatch", "semi", dict(config.semi), owned=("credible_share",))
@@ -638,6 +711,36 @@ class MeCa(Defense):
         return ctx.component("trainer", "mixed", **settings, lam=c.clean_unlearn, normalize="batch",
                              forget_ceiling=-math.log(c.clean_unlearn_below))
 
+    def _repair(self, ctx, data, det, model, start: dict):
+        """``clean_stage = "repair"``: the warm-up model (``model``, trained on all of D) repaired
+        in place by alternating passes (``steps.repair``): unlearn the flagged samples the
+        enhanced model fits most confidently, relearn each class's samples it fits least
+        (:func:`repair_split`), until the fit of the unlearned set levels off. Every round is a
+        checkpoint. Returns ``(done, repaired)``: ``done`` as a clean-training step's (``eval``,
+        ``seconds``), ``repaired`` the figures for ``metrics.json``."""
+        import torch
+
+        c = self.config
+        n = len(data)
+        pos = data.positions(det["ids"])
+        prob = torch.empty(n, dtype=torch.float64)
+        prob[pos] = det["prob"].double().cpu()
+        flagged = torch.zeros(n, dtype=torch.bool)
+        flagged[pos] = det["poisoned"].cpu()
+        forget_pos, learn_pos = repair_split(prob, data.labels, data.ids, flagged,
+                                             poison_share=c.repair_poison, clean_share=c.repair_clean)
+        forget, learn = data.subset(forget_pos), data.subset(learn_pos)
+        ctx.log({"stage": "meca-repair-split", "unlearned": len(forget), "relearned": len(learn)})
+        out = steps.repair(ctx, "meca-repair", model, forget, learn, start=start, lr=c.repair_lr,
+                           rounds=c.repair_rounds if len(forget) else 0, batch_size=c.batch_size, lr_setting="[defense] repair_lr",
+                           plateau_rounds=c.repair_plateau_rounds, plateau_fall=c.repair_plateau_fall,
+                           evaluate_each_round=c.evaluate_each_round)
+        final = out["trend"][-1]
+        ev = {k: v for k, v in final.items() if k not in ("round", "fit_poisoned", "fit_clean")}
+        repaired = {"unlearned": len(forget), "relearned": len(learn), "rounds": out["rounds"],
+                    "stopped": out["stopped"], "trend": out["trend"], "unlearned_ids": forget.ids.clone()}
+        return {"eval": ev, "seconds": out["seconds"] + out["fit_seconds"]}, repaired
+
     # -- the pipeline -----------------------------------------------------------------------------
     def run(self, data, ctx):
         """Warm-up, iterative enhancement, detection, clean training and optional relearning.
@@ -669,8 +772,13 @@ class MeCa(Defense):
         scorer_params = {"epsilon": c.epsilon, "patch_size": c.patch_size, "mask_mode": c.mask_mode,
                          "keep_prob": c.keep_prob, "grad_loss": c.grad_loss}
         ctx.component("scorer", "adv-kl", **scorer_params)
-        semi = c.clean_stage == "semi"
-        clean_trainer = ctx.component("trainer", "mixmatch", **dict(c.semi)) if semi else self._clean_trainer(ctx)
+        semi, repairing = c.clean_stage == "semi", c.clean_stage == "repair"
+        if repairing:
+            clean_trainer = None
+            for stage in ("unlearning", "relearn"):  # the repair's stages (steps.repair)
+                ctx.component("trainer", stage)
+        else:
+            clean_trainer = ctx.component("trainer", "mixmatch", **dict(c.semi)) if semi else self._clean_trainer(ctx)
         relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs, lr=c.relearn_lr, **self._optim(amp))
                      if c.relearn else None)
 
@@ -703,6 +811,7 @@ class MeCa(Defense):
             done = {"model": steps.cpu_state(model), "eval": ev, "seconds": time.perf_counter() - t0}
             step.save(done)
         seconds["warmup"] = done["seconds"]
+        warmup_eval = dict(done["eval"])
         warmup_state = done["model"]
         if out_dir is not None and c.save_models:
             save_atomic(done["model"], out_dir / "meca_warmup_model.pt")
@@ -811,26 +920,31 @@ class MeCa(Defense):
         poison_set = data.subset(data.contains(det["flagged_ids"]))
         del model
 
-        # 4. clean training from scratch on the detected clean set --------------------------------------
-        clean_model = ctx.new_model()
-        step = ctx.checkpoint("meca-clean")
-        done = step.load()
-        if done is not None:
-            clean_model.load_state_dict(done["model"])
-            resumed.append("clean")
+        # 4. clean training from scratch on the detected clean set, or the repair of the warm-up model --
+        repaired = None
+        if repairing:
+            clean_model = ctx.new_model(state_dict=warmup_state)
+            done, repaired = self._repair(ctx, data, det, clean_model, warmup_eval)
         else:
-            t0 = time.perf_counter()
-            st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch,
-                           lr_setting="[defense] semi.lr" if semi else "[train] lr")
-            clean_trainer.fit(clean_model, clean_set, st, forget=poison_set if c.clean_unlearn > 0 else None,
-                              unlabelled=poison_set if semi and len(poison_set) else None)
-            ev = ctx.evaluate(clean_model)
-            ctx.log({"stage": "meca-clean", "train_size": len(clean_set),
-                     "unlearned": len(poison_set) if c.clean_unlearn > 0 else 0,
-                     "unlabelled": len(poison_set) if semi else 0, **ev})
-            done = {"model": steps.cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
-            step.save(done)
-        seconds["clean_train"] = done["seconds"]
+            clean_model = ctx.new_model()
+            step = ctx.checkpoint("meca-clean")
+            done = step.load()
+            if done is not None:
+                clean_model.load_state_dict(done["model"])
+                resumed.append("clean")
+            else:
+                t0 = time.perf_counter()
+                st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch,
+                               lr_setting="[defense] semi.lr" if semi else "[train] lr")
+                clean_trainer.fit(clean_model, clean_set, st, forget=poison_set if c.clean_unlearn > 0 else None,
+                                  unlabelled=poison_set if semi and len(poison_set) else None)
+                ev = ctx.evaluate(clean_model)
+                ctx.log({"stage": "meca-clean", "train_size": len(clean_set),
+                         "unlearned": len(poison_set) if c.clean_unlearn > 0 else 0,
+                         "unlabelled": len(poison_set) if semi else 0, **ev})
+                done = {"model": steps.cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
+                step.save(done)
+        seconds["repair" if repairing else "clean_train"] = done["seconds"]
         clean_eval = done["eval"]
         if out_dir is not None and c.save_models:
             save_atomic(steps.cpu_state(clean_model), out_dir / "meca_clean_model.pt")
@@ -880,6 +994,7 @@ class MeCa(Defense):
             "split": {"clean": n - n_p, "poison": n_p, "poison_share": n_p / n},
             "clean_model": dict(clean_eval),
             "relearn": relearn_metrics,
+            "repair": None if repaired is None else {k: v for k, v in repaired.items() if k != "unlearned_ids"},
             "stage_seconds": seconds,
             "resumed_stages": resumed,
             "plot": plot,
@@ -889,16 +1004,24 @@ class MeCa(Defense):
         if len(trend) > 1:
             summary.append(f"meca: enhanced model after {len(trend) - 1} iterations: {steps.figures(trend[-1])}")
         summary.append(f"meca: detected {n_p} of {n} samples as poisoned ({100 * n_p / n:.1f}%)")
-        # clean_unlearn and clean_stage = "semi" exclude each other (check_components)
-        flagged_use = (f", with the {n_p} flagged as unlabelled data" if semi else
-                       f", unlearning the {n_p} flagged" if c.clean_unlearn > 0 else "")
-        summary.append(f"meca: clean model trained on the {n - n_p} kept samples{flagged_use}: {steps.figures(clean_eval)}"
-                       + ("" if relearn_metrics is None else
-                          f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
+        if repaired is not None:
+            stop = (f", stopped once the fit of the unlearned set levelled off at "
+                    f"{100 * repaired['trend'][-1]['fit_poisoned']:.1f}%" if repaired["stopped"] else "")
+            summary.append(f"meca: warm-up model repaired ({repaired['unlearned']} unlearned, {repaired['relearned']} "
+                           f"relearned, {repaired['rounds']} rounds{stop}): {steps.figures(clean_eval)}")
+        else:
+            # clean_unlearn and clean_stage = "semi" exclude each other (check_components)
+            flagged_use = (f", with the {n_p} flagged as unlabelled data" if semi else
+                           f", unlearning the {n_p} flagged" if c.clean_unlearn > 0 else "")
+            summary.append(f"meca: clean model trained on the {n - n_p} kept samples{flagged_use}: {steps.figures(clean_eval)}"
+                           + ("" if relearn_metrics is None else
+                              f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
         # per-sample suspicion for suspected.csv: the enhanced model's p_e(y|x), in data's row order
         scores = torch.empty(n, dtype=torch.float64)
         scores[data.positions(det["ids"])] = det["prob"].double().cpu()
-        return DefenseResult(model=clean_model, suspected_ids=det["flagged_ids"].clone(), scores=scores,
+        # the repair acts on the samples it unlearned: those are what it suspects
+        suspected = det["flagged_ids"] if repaired is None else repaired["unlearned_ids"]
+        return DefenseResult(model=clean_model, suspected_ids=suspected.clone(), scores=scores,
                              metrics=metrics, summary=summary)
 
 
