@@ -108,6 +108,10 @@ def plateaued(fits, rounds: int, share: float, least_fall: float = 0.0) -> bool:
     return fall > 0 and fall >= least_fall and low_before - low < share * fall
 
 
+#: the registry's training stages :func:`repair` uses (a defense checks them before it trains)
+REPAIR_STAGES = ("unlearning", "relearn")
+
+
 def repair(ctx, prefix: str, model, forget, learn, *, start: dict, lr: float, rounds: int, batch_size: int = 128,
            lr_setting: str, plateau_rounds: int = 0, plateau_share: float = 0.05, plateau_fall: float = 0.0,
            evaluate_each_round: bool = False) -> dict:

@@ -150,7 +150,7 @@ class DBR(Defense):
         n = len(data)
         if n == 0:
             raise ValueError("d-br: the training set is empty")
-        for stage in ("unlearning", "relearn"):  # fail before training when a stage is missing
+        for stage in steps.REPAIR_STAGES:  # fail before training when a stage is missing
             ctx.component("trainer", stage)
         model, start = steps.starting_model(ctx, "dbr-train", data, path=c.model)  # the plain run's model
         split = fct_split(ctx, data, c, "dbr")

@@ -640,7 +640,7 @@ class MeCa(Defense):
                 ("relearn", config.relearn,
                  'must be false with clean_stage = "repair": the repaired model keeps the given labels'))
                 if bad]
-            for stage in ("unlearning", "relearn"):
+            for stage in steps.REPAIR_STAGES:
                 if not registry.has("trainer", stage):
                     problems.append(("clean_stage", registry.unknown_message("trainer", stage)))
             return problems
@@ -711,35 +711,32 @@ class MeCa(Defense):
         return ctx.component("trainer", "mixed", **settings, lam=c.clean_unlearn, normalize="batch",
                              forget_ceiling=-math.log(c.clean_unlearn_below))
 
-    def _repair(self, ctx, data, det, model, start: dict):
+    def _repair(self, ctx, data, det, prob, model, start: dict):
         """``clean_stage = "repair"``: the warm-up model (``model``, trained on all of D) repaired
         in place by alternating passes (``steps.repair``): unlearn the flagged samples the
         enhanced model fits most confidently, relearn each class's samples it fits least
         (:func:`repair_split`), until the fit of the unlearned set levels off. Every round is a
-        checkpoint. Returns ``(done, repaired)``: ``done`` as a clean-training step's (``eval``,
+        checkpoint. ``prob`` is the enhanced model's ``p_e(y|x)`` in ``data``'s row order. Returns
+        ``(done, repaired, unlearned_ids)``: ``done`` as a clean-training step's (``eval``,
         ``seconds``), ``repaired`` the figures for ``metrics.json``."""
         import torch
 
         c = self.config
-        n = len(data)
-        pos = data.positions(det["ids"])
-        prob = torch.empty(n, dtype=torch.float64)
-        prob[pos] = det["prob"].double().cpu()
-        flagged = torch.zeros(n, dtype=torch.bool)
-        flagged[pos] = det["poisoned"].cpu()
+        flagged = torch.zeros(len(data), dtype=torch.bool)
+        flagged[data.positions(det["ids"])] = det["poisoned"].cpu()
         forget_pos, learn_pos = repair_split(prob, data.labels, data.ids, flagged,
                                              poison_share=c.repair_poison, clean_share=c.repair_clean)
         forget, learn = data.subset(forget_pos), data.subset(learn_pos)
         ctx.log({"stage": "meca-repair-split", "unlearned": len(forget), "relearned": len(learn)})
         out = steps.repair(ctx, "meca-repair", model, forget, learn, start=start, lr=c.repair_lr,
-                           rounds=c.repair_rounds if len(forget) else 0, batch_size=c.batch_size, lr_setting="[defense] repair_lr",
-                           plateau_rounds=c.repair_plateau_rounds, plateau_fall=c.repair_plateau_fall,
+                           rounds=c.repair_rounds if len(forget) else 0, batch_size=c.batch_size,
+                           lr_setting="[defense] repair_lr", plateau_rounds=c.repair_plateau_rounds, plateau_fall=c.repair_plateau_fall,
                            evaluate_each_round=c.evaluate_each_round)
         final = out["trend"][-1]
         ev = {k: v for k, v in final.items() if k not in ("round", "fit_poisoned", "fit_clean")}
         repaired = {"unlearned": len(forget), "relearned": len(learn), "rounds": out["rounds"],
-                    "stopped": out["stopped"], "trend": out["trend"], "unlearned_ids": forget.ids.clone()}
-        return {"eval": ev, "seconds": out["seconds"] + out["fit_seconds"]}, repaired
+                    "stopped": out["stopped"], "trend": out["trend"]}
+        return {"eval": ev, "seconds": out["seconds"] + out["fit_seconds"]}, repaired, forget.ids.clone()
 
     # -- the pipeline -----------------------------------------------------------------------------
     def run(self, data, ctx):
@@ -775,7 +772,7 @@ class MeCa(Defense):
         semi, repairing = c.clean_stage == "semi", c.clean_stage == "repair"
         if repairing:
             clean_trainer = None
-            for stage in ("unlearning", "relearn"):  # the repair's stages (steps.repair)
+            for stage in steps.REPAIR_STAGES:  # fail before training when a stage is missing
                 ctx.component("trainer", stage)
         else:
             clean_trainer = ctx.component("trainer", "mixmatch", **dict(c.semi)) if semi else self._clean_trainer(ctx)
@@ -920,11 +917,15 @@ class MeCa(Defense):
         poison_set = data.subset(data.contains(det["flagged_ids"]))
         del model
 
+        # per-sample suspicion: the enhanced model's p_e(y|x), in data's row order (suspected.csv, the repair)
+        scores = torch.empty(n, dtype=torch.float64)
+        scores[data.positions(det["ids"])] = det["prob"].double().cpu()
+
         # 4. clean training from scratch on the detected clean set, or the repair of the warm-up model --
-        repaired = None
-        if repairing:
+        repaired, suspected = None, det["flagged_ids"]
+        if repairing:  # the repair acts on the samples it unlearned: those are what it suspects
             clean_model = ctx.new_model(state_dict=warmup_state)
-            done, repaired = self._repair(ctx, data, det, clean_model, warmup_eval)
+            done, repaired, suspected = self._repair(ctx, data, det, scores, clean_model, warmup_eval)
         else:
             clean_model = ctx.new_model()
             step = ctx.checkpoint("meca-clean")
@@ -994,7 +995,7 @@ class MeCa(Defense):
             "split": {"clean": n - n_p, "poison": n_p, "poison_share": n_p / n},
             "clean_model": dict(clean_eval),
             "relearn": relearn_metrics,
-            "repair": None if repaired is None else {k: v for k, v in repaired.items() if k != "unlearned_ids"},
+            "repair": repaired,
             "stage_seconds": seconds,
             "resumed_stages": resumed,
             "plot": plot,
@@ -1016,11 +1017,6 @@ class MeCa(Defense):
             summary.append(f"meca: clean model trained on the {n - n_p} kept samples{flagged_use}: {steps.figures(clean_eval)}"
                            + ("" if relearn_metrics is None else
                               f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
-        # per-sample suspicion for suspected.csv: the enhanced model's p_e(y|x), in data's row order
-        scores = torch.empty(n, dtype=torch.float64)
-        scores[data.positions(det["ids"])] = det["prob"].double().cpu()
-        # the repair acts on the samples it unlearned: those are what it suspects
-        suspected = det["flagged_ids"] if repaired is None else repaired["unlearned_ids"]
         return DefenseResult(model=clean_model, suspected_ids=suspected.clone(), scores=scores,
                              metrics=metrics, summary=summary)
 
