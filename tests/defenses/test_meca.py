@@ -596,6 +596,8 @@ def test_clean_stage_semi_trains_the_clean_model_on_the_kept_set_with_the_flagge
     ({"clean_stage": "repair", "semi": {"epochs": 3}}, "semi", 'used only with clean_stage = "semi"'),
     ({"clean_stage": "repair", "repair_poison": 0.0}, "repair_poison", ""),
     ({"clean_stage": "repair", "repair_clean": 1.0}, "repair_clean", ""),
+    ({"repair_model": "model.pt"}, "repair_model", 'used only with clean_stage = "repair"'),
+    ({"clean_stage": "semi", "repair_model": "model.pt"}, "repair_model", 'used only with clean_stage = "repair"'),
 ])
 def test_clean_stage_settings_are_checked_with_the_recipe(tmp_path, bdframe_registry, change, field, message):
     from bdframe.errors import RecipeError
@@ -716,6 +718,60 @@ def test_clean_stage_repair_repairs_the_warm_up_model_with_the_split_of_the_enha
     final = res.model.state_dict()
     assert any(not torch.equal(warm[k], final[k]) for k in warm if warm[k].is_floating_point())
     assert np.isfinite(res.metrics["stage_seconds"]["repair"])
+
+
+def test_repair_model_is_repaired_while_detection_reads_the_own_warm_up(tmp_path, bdframe_registry):
+    """``repair_model``: the warm-up, enhancement and detection are those of a run without it
+    (the saved model is checked without drawing random numbers), and the model repaired is the
+    saved one: with no rounds the result is that model exactly, and the repair's first figures
+    are its own."""
+    stages, runs = [], {}
+    for name in ("own", "given"):
+        recipe, ctx, train = make_ctx(tmp_path / name, bdframe_registry, train_size=200)
+        spy_on_trainers(ctx, lambda made, data, kw, name=name: stages.append((name, made.name)))
+        extra = {}
+        if name == "given":
+            given = ctx.new_model()  # a model the run would not make itself
+            with torch.no_grad():
+                for p in given.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            saved = tmp_path / "plain-model.pt"
+            torch.save({k: v.clone() for k, v in given.state_dict().items()}, saved)
+            _, ctx, _ = make_ctx(tmp_path / name, bdframe_registry, train_size=200)  # a fresh model counter
+            spy_on_trainers(ctx, lambda made, data, kw, name=name: stages.append((name, made.name)))
+            extra = {"repair_model": str(saved)}
+        config = attrs.evolve(recipe.defense.config, iterations=1, clean_stage="repair", repair_rounds=0, **extra)
+        runs[name] = (MeCa(config).run(train, ctx), ctx)
+    own, given_res = runs["own"][0], runs["given"][0]
+    for f in ("meca_warmup_model.pt", "meca_enhanced_model.pt"):
+        a, b = torch.load(tmp_path / "own" / f), torch.load(tmp_path / "given" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = torch.load(tmp_path / "own" / "meca_scores.pt"), torch.load(tmp_path / "given" / "meca_scores.pt")
+    assert torch.equal(sa["detected_poison"], sb["detected_poison"]) and torch.equal(sa["enhanced_prob"], sb["enhanced_prob"])
+    final = given_res.model.state_dict()
+    assert all(torch.equal(final[k].cpu(), v) for k, v in given.state_dict().items())
+    warm = torch.load(tmp_path / "given" / "meca_warmup_model.pt")
+    assert any(not torch.equal(warm[k], final[k].cpu()) for k in warm if warm[k].is_floating_point())
+    ctx = runs["given"][1]
+    start = [r for r in ctx.history if r.get("stage") == "meca-repair-start"]
+    assert len(start) == 1 and start[0]["loaded_from"] == str(saved)
+    assert start[0]["clean_acc"] == pytest.approx(ctx.evaluate(given)["clean_acc"])
+    assert given_res.metrics["repair"]["model"] == str(saved) and own.metrics["repair"]["model"] == "warm-up"
+    assert f"meca: model {saved} repaired" in given_res.summary[-1]
+    assert "meca: warm-up model repaired" in own.summary[-1]
+
+
+def test_repair_model_that_is_missing_or_does_not_fit_fails_before_training(tmp_path, bdframe_registry):
+    from bdframe.errors import UserError
+
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry)
+    with pytest.raises(UserError, match=r"\$\.defense\.repair_model: .*nope\.pt.* does not exist"):
+        MeCa(attrs.evolve(recipe.defense.config, clean_stage="repair", repair_model=str(tmp_path / "nope.pt"))).run(train, ctx)
+    other = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(3)}, other)
+    with pytest.raises(UserError, match=r"\$\.defense\.repair_model: .*other\.pt.* does not fit the recipe's \[model\]"):
+        MeCa(attrs.evolve(recipe.defense.config, clean_stage="repair", repair_model=str(other))).run(train, ctx)
+    assert not [r for r in ctx.history if r.get("stage") == "meca-warmup"]
 
 
 @pytest.mark.parametrize("below", [0.0, 1.0, -0.1])

@@ -65,12 +65,6 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
     trains it or loads that run's ``model.pt``; call it before the defense's other steps create
     models. ``check(model)``, if given, runs on the fresh model before any training (a defense
     that cannot work with the recipe's model raises there, before the training is spent)."""
-    from pathlib import Path
-
-    import torch
-
-    from bdframe.errors import UserError
-
     model = ctx.new_model()
     if check is not None:
         check(model)
@@ -80,6 +74,20 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
             return {"history": ctx.component("trainer").fit(model, data, stage)}
 
         return model, run(ctx, name, model, work)
+    load_saved(model, path, field)
+    return model, {"eval": ctx.evaluate(model), "seconds": 0.0}
+
+
+def load_saved(model, path: str, field: str) -> dict:
+    """Load the weights saved at ``path`` (a run's ``model.pt``) into ``model`` and return them
+    (CPU tensors). A missing file, or one that does not fit the recipe's ``[model]``, is a
+    :class:`~bdframe.errors.UserError` naming the recipe ``field`` that gave the path."""
+    from pathlib import Path
+
+    import torch
+
+    from bdframe.errors import UserError
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{field}: {str(p)!r} does not exist")
@@ -88,7 +96,7 @@ def starting_model(ctx, name: str, data, *, path: str = "", evaluate_each_epoch:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{field}: {str(p)!r} does not fit the recipe's [model]: {str(e).splitlines()[0]}") from None
-    return model, {"eval": ctx.evaluate(model), "seconds": 0.0}
+    return state
 
 
 def plateaued(fits, rounds: int, share: float, least_fall: float = 0.0) -> bool:

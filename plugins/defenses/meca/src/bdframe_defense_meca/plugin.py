@@ -40,6 +40,8 @@ Pipeline, every piece taken from the registry through the defense context:
    class's samples it fits least (``repair_clean``, 20% of the class) are relearned, one pass of
    each per round at a small fixed learning rate, until the fit of the unlearned set levels off.
    The model keeps what it learned from all of D instead of being retrained on the kept set.
+   ``repair_model`` repairs another model trained on D (a plain run's ``model.pt``) instead of
+   the warm-up model: detection reads MeCa's own warm-up, the repair acts on the deployed model.
 5. **Relabel and relearn** (optional, ``relearn = true``; off by default as in the paper's main
    tables): detected poisoned samples get the clean model's argmax as label (Eq. 12) and the
    clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01, reconstructed).
@@ -211,6 +213,11 @@ class MeCaConfig:
     repair_clean: float = attrs.field(default=0.2, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
         "help": "clean_stage = repair: the share of each class that is relearned, its samples with the lowest "
                 "p_e(y|x) (the least likely to carry a backdoor the enhancement has strengthened)"})
+    repair_model: str = attrs.field(default="", metadata={
+        "help": "clean_stage = repair: model.pt of a model trained on the same data (e.g. a plain run of the same "
+                "recipe; it must fit [model]) to repair instead of the warm-up model, so that detection can come "
+                "from MeCa's own shorter warm-up while the model repaired is the fully trained one. Empty: repair "
+                "the warm-up model"})
     repair_rounds: int = attrs.field(default=60, validator=in_range(0, None), metadata={
         "help": "clean_stage = repair: the most rounds (one unlearning pass, one learning pass each)"})
     repair_lr: float = attrs.field(default=5e-4, validator=in_range(0, None, lo_open=True), metadata={
@@ -632,6 +639,8 @@ class MeCa(Defense):
         """The ``semi`` table against the mixmatch stage, and the options it cannot be combined with."""
         from bdframe.recipe import table_problems
 
+        if config.repair_model and config.clean_stage != "repair":
+            return [("repair_model", 'is used only with clean_stage = "repair"')]
         if config.clean_stage == "repair":
             problems = [(field, why) for field, bad, why in (
                 ("semi", bool(config.semi), 'is used only with clean_stage = "semi"'),
@@ -711,6 +720,15 @@ class MeCa(Defense):
         return ctx.component("trainer", "mixed", **settings, lam=c.clean_unlearn, normalize="batch",
                              forget_ceiling=-math.log(c.clean_unlearn_below))
 
+    def _repair_model(self, fresh):
+        """The state dict of ``repair_model`` (CPU tensors), checked against the recipe's model by
+        loading it into a copy of ``fresh`` before any training (``steps.load_saved``: a missing
+        file or one that does not fit is a user error naming the field). The copy draws no random
+        numbers, so the warm-up starts as it does without this option."""
+        import copy
+
+        return steps.load_saved(copy.deepcopy(fresh), self.config.repair_model, "$.defense.repair_model")
+
     def _repair(self, ctx, data, det, prob, model, start: dict):
         """``clean_stage = "repair"``: the warm-up model (``model``, trained on all of D) repaired
         in place by alternating passes (``steps.repair``): unlearn the flagged samples the
@@ -781,6 +799,7 @@ class MeCa(Defense):
 
         # 1. warm-up ------------------------------------------------------------------------
         model = ctx.new_model()
+        repair_state = self._repair_model(model) if repairing and c.repair_model else None
         step = ctx.checkpoint("meca-warmup")
         done = step.load()
         if done is None and c.warmup_model:
@@ -924,8 +943,14 @@ class MeCa(Defense):
         # 4. clean training from scratch on the detected clean set, or the repair of the warm-up model --
         repaired, suspected = None, det["flagged_ids"]
         if repairing:  # the repair acts on the samples it unlearned: those are what it suspects
-            clean_model = ctx.new_model(state_dict=warmup_state)
-            done, repaired, suspected = self._repair(ctx, data, det, scores, clean_model, warmup_eval)
+            if repair_state is None:
+                clean_model, start = ctx.new_model(state_dict=warmup_state), warmup_eval
+            else:  # the given model (repair_model), e.g. the fully trained plain model
+                clean_model = ctx.new_model(state_dict=repair_state)
+                start = ctx.evaluate(clean_model)
+                ctx.log({"stage": "meca-repair-start", "loaded_from": c.repair_model, **start})
+            done, repaired, suspected = self._repair(ctx, data, det, scores, clean_model, start)
+            repaired["model"] = c.repair_model or "warm-up"
         else:
             clean_model = ctx.new_model()
             step = ctx.checkpoint("meca-clean")
@@ -1008,7 +1033,8 @@ class MeCa(Defense):
         if repaired is not None:
             stop = (f", stopped once the fit of the unlearned set levelled off at "
                     f"{100 * repaired['trend'][-1]['fit_poisoned']:.1f}%" if repaired["stopped"] else "")
-            summary.append(f"meca: warm-up model repaired ({repaired['unlearned']} unlearned, {repaired['relearned']} "
+            which = "warm-up model" if repaired["model"] == "warm-up" else f"model {repaired['model']}"
+            summary.append(f"meca: {which} repaired ({repaired['unlearned']} unlearned, {repaired['relearned']} "
                            f"relearned, {repaired['rounds']} rounds{stop}): {steps.figures(clean_eval)}")
         else:
             # clean_unlearn and clean_stage = "semi" exclude each other (check_components)
