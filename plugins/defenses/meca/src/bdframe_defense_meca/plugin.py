@@ -730,7 +730,7 @@ class MeCa(Defense):
         return steps.load_saved(copy.deepcopy(fresh), self.config.repair_model, "$.defense.repair_model")
 
     def _repair(self, ctx, data, det, prob, model, start: dict):
-        """``clean_stage = "repair"``: the warm-up model (``model``, trained on all of D) repaired
+        """``clean_stage = "repair"``: the warm-up model or ``repair_model`` (``model``, trained on all of D) repaired
         in place by alternating passes (``steps.repair``): unlearn the flagged samples the
         enhanced model fits most confidently, relearn each class's samples it fits least
         (:func:`repair_split`), until the fit of the unlearned set levels off. Every round is a
@@ -753,7 +753,7 @@ class MeCa(Defense):
         final = out["trend"][-1]
         ev = {k: v for k, v in final.items() if k not in ("round", "fit_poisoned", "fit_clean")}
         repaired = {"unlearned": len(forget), "relearned": len(learn), "rounds": out["rounds"],
-                    "stopped": out["stopped"], "trend": out["trend"]}
+                    "stopped": out["stopped"], "trend": out["trend"], "model": c.repair_model or "warm-up"}
         return {"eval": ev, "seconds": out["seconds"] + out["fit_seconds"]}, repaired, forget.ids.clone()
 
     # -- the pipeline -----------------------------------------------------------------------------
@@ -950,7 +950,6 @@ class MeCa(Defense):
                 start = ctx.evaluate(clean_model)
                 ctx.log({"stage": "meca-repair-start", "loaded_from": c.repair_model, **start})
             done, repaired, suspected = self._repair(ctx, data, det, scores, clean_model, start)
-            repaired["model"] = c.repair_model or "warm-up"
         else:
             clean_model = ctx.new_model()
             step = ctx.checkpoint("meca-clean")
