@@ -3,6 +3,8 @@ and refuses a bad scorer, bad parameters or a model that does not fit, with the 
 
 import json
 
+import torch
+
 import pytest
 
 from helpers import TINY
@@ -62,3 +64,117 @@ def test_a_saved_model_that_does_not_fit_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bdframe: error: $.defense.model:" in err and "does not fit the recipe's [model]" in err
     assert not (tmp_path / "runs" / "wide").exists() and not (tmp_path / "runs" / "wide.partial").exists()
+
+
+def _ctx(tmp_path, registry, defense: dict):
+    """A programmatic run context for the tiny recipe with the ``detect`` defense ``defense``."""
+    import tomllib
+
+    import torch
+
+    from bdframe import runner
+    from bdframe.build import materialise
+    from bdframe.recipe import loads_dict
+
+    data = tomllib.loads(TINY.format(out=tmp_path / "runs", epochs=2))
+    data["defense"] = {"name": "detect", **defense}
+    recipe = loads_dict(data, registry)
+    parts = materialise(recipe, registry)
+    ctx = runner.RunContext.for_parts(parts, torch.device("cpu"), tmp_path, progress=False)
+    fits = []
+    real = ctx.component
+
+    def component(kind, name=None, **params):
+        made = real(kind, name, **params)
+        if kind == "trainer":
+            fit = made.fit
+
+            def spy(model, data, st, made=made, fit=fit, **kw):
+                fits.append((made, data, kw.get("forget")))
+                return fit(model, data, st, **kw)
+
+            made.fit = spy
+        return made
+
+    ctx.component = component
+    return recipe, ctx, parts.train, fits
+
+
+@pytest.mark.parametrize("unlearn", [0.0, 0.6])
+def test_retrain_trains_a_fresh_model_on_exactly_the_unflagged_samples(tmp_path, bdframe_registry, unlearn):
+    """``retrain = true``: detection is the same as without it, then a fresh model is trained on the
+    samples left unflagged and returned; ``unlearn`` > 0 trains it with the mixed stage (the recipe's
+    [train] settings) that unlearns exactly the flagged samples, capped at -ln(unlearn_below)."""
+    import math
+
+    from bdframe_defense_detect.plugin import Detect
+
+    base = {"scorer": "loss", "params": {"isolation_ratio": 0.1}}
+    recipe0, ctx0, train, _ = _ctx(tmp_path / "plain", bdframe_registry, base)
+    plain = Detect(recipe0.defense.config).run(train, ctx0)
+    recipe, ctx, train, fits = _ctx(tmp_path / "retrain", bdframe_registry,
+                                    {**base, "retrain": True, "unlearn": unlearn, "unlearn_below": 0.05})
+    res = Detect(recipe.defense.config).run(train, ctx)
+    flagged = res.suspected_ids
+    assert torch.equal(flagged, plain.suspected_ids) and len(flagged) == int(0.1 * len(train))
+    assert len(fits) == 2  # the scored model, then the retrained one
+    made, kept, forget = fits[1]
+    assert set(kept.ids.tolist()) == set(train.ids.tolist()) - set(flagged.tolist())
+    own = recipe.train.config
+    if unlearn:
+        assert made.name == "mixed" and sorted(forget.ids.tolist()) == sorted(flagged.tolist())
+        assert (made.config.lam, made.config.normalize, made.config.forget_ceiling) == \
+            (0.6, "batch", pytest.approx(-math.log(0.05)))
+        assert (made.config.epochs, made.config.lr, made.config.batch_size) == (own.epochs, own.lr, own.batch_size)
+    else:
+        assert made.name == "standard" and forget is None
+    scored = plain.model.state_dict()
+    assert any(not torch.equal(v, scored[k]) for k, v in res.model.state_dict().items())
+    r = res.metrics["retrain"]
+    assert (r["train_size"], r["unlearned"]) == (len(train) - len(flagged), len(flagged) if unlearn else 0)
+    assert "retrain" in res.metrics["stage_seconds"] and plain.metrics["retrain"] is None
+    assert f"retrained on the {len(kept)} unflagged samples" in res.summary[-1]
+    assert ("unlearning the" in res.summary[-1]) == bool(unlearn)
+
+
+def test_retrain_through_the_cli_returns_the_retrained_model_and_logs_its_stage(tmp_path):
+    f = recipe(tmp_path, 'scorer = "loss"\nparams = {isolation_ratio = 0.1}\nretrain = true\nunlearn = 0.6\n')
+    assert main(["run", str(f), "--quiet"]) == 0
+    m, sus = read(tmp_path, "tiny")
+    r = m["defense_metrics"]["retrain"]
+    assert r["train_size"] == m["train_size"] - sus["count"] and r["unlearned"] == sus["count"] > 0
+    assert m["clean_acc"] == r["eval"]["clean_acc"]  # the run's model is the retrained one
+    stages = [json.loads(line).get("stage") for line in (tmp_path / "runs" / "tiny" / "history.jsonl").open()]
+    assert "detect-retrain" in stages
+
+
+@pytest.mark.parametrize("defense, expected", [
+    ('scorer = "adv-kl"\nretrain = true\n', "$.defense.retrain: scorer 'adv-kl' ranks without flagging"),
+    ('scorer = "loss"\nunlearn = 0.6\n', "$.defense.unlearn: unlearns the flagged samples while retraining"),
+    ('scorer = "loss"\nretrain = true\nunlearn_below = 1.0\n', "$.defense.unlearn_below: must be"),
+])
+def test_retrain_settings_that_cannot_work_are_refused_at_validation(tmp_path, capsys, defense, expected):
+    assert main(["validate", str(recipe(tmp_path, defense))]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_unlearning_refuses_a_train_stage_setting_the_mixed_stage_lacks_before_any_training(tmp_path,
+                                                                                          bdframe_registry):
+    from bdframe_defense_detect.plugin import Detect
+
+    import attrs
+
+    recipe, ctx, train, fits = _ctx(tmp_path, bdframe_registry, {"scorer": "loss", "retrain": True, "unlearn": 0.6})
+    cfg = attrs.evolve(recipe.train.config, cutmix_prob=0.5)
+    real = ctx.component
+
+    def component(kind, name=None, **params):
+        made = real(kind, name, **params)
+        if kind == "trainer" and name is None:
+            made.config = cfg
+        return made
+
+    ctx.component = component  # the recipe's [train] stage now sets cutmix_prob
+    with pytest.raises(ValueError, match="detect: unlearn trains with the mixed stage, which has no \\[train\\] cutmix_prob"):
+        Detect(recipe.defense.config).run(train, ctx)
+    assert fits == []

@@ -188,6 +188,34 @@ def repair(ctx, prefix: str, model, forget, learn, *, start: dict, lr: float, ro
             "seconds": t_repair, "fit_seconds": t_fit}
 
 
+def unlearning_trainer(ctx, lam: float, below: float, who: str, field: str):
+    """The ``mixed`` stage that trains a fresh model on a kept set while unlearning a flagged
+    one (its ``forget`` input), with the recipe's ``[train]`` stage's optimisation settings: each
+    flagged sample weighs ``lam`` times a kept one and its ascent is capped at ``-ln(below)``.
+    The recipe's stage must be one with the standard optimisation settings and no setting the
+    ``mixed`` stage lacks; otherwise a ``ValueError`` naming the defense ``who`` and its option
+    ``field`` that asked for the unlearning."""
+    import math
+
+    import attrs
+
+    from bdframe.training import OptimSettings
+
+    trainer = ctx.component("trainer")
+    own = trainer.config
+    if not isinstance(own, OptimSettings):
+        raise ValueError(f"{who}: {field} needs a [train] stage with the standard optimisation settings; "
+                         f"the recipe's {trainer.name!r} stage has none")
+    shared = {f.name for f in attrs.fields(OptimSettings)}
+    extra = [f.name for f in attrs.fields(type(own)) if f.name not in shared and getattr(own, f.name) != f.default]
+    if extra:
+        raise ValueError(f"{who}: {field} trains with the mixed stage, which has no [train] "
+                         f"{', '.join(extra)}; leave {'it' if len(extra) == 1 else 'them'} at the default "
+                         f"or set {field} = 0")
+    settings = {name: getattr(own, name) for name in shared}
+    return ctx.component("trainer", "mixed", **settings, lam=lam, normalize="batch", forget_ceiling=-math.log(below))
+
+
 def clean_data(ctx, defense: str):
     """The recipe's trusted clean data (``ctx.clean``) for a defense that needs it; a
     ``ValueError`` naming the defense when there is none (validation refuses such recipes, so

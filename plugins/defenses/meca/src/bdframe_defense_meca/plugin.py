@@ -698,27 +698,11 @@ class MeCa(Defense):
         """The clean-training stage: the recipe's ``[train]`` stage, or with ``clean_unlearn`` the
         ``mixed`` stage with the ``[train]`` stage's optimisation settings (learn the kept set,
         unlearn the flagged set with per-sample weight ``clean_unlearn``, each flagged sample's CE
-        capped at ``-ln(clean_unlearn_below)``)."""
-        from bdframe.training import OptimSettings
-
+        capped at ``-ln(clean_unlearn_below)``; ``steps.unlearning_trainer``)."""
         c = self.config
-        trainer = ctx.component("trainer")
         if c.clean_unlearn <= 0:
-            return trainer
-        own = trainer.config
-        if not isinstance(own, OptimSettings):
-            raise ValueError(f"meca: clean_unlearn needs a [train] stage with the standard optimisation settings; "
-                             f"the recipe's {trainer.name!r} stage has none")
-        shared = {f.name for f in attrs.fields(OptimSettings)}
-        extra = [f.name for f in attrs.fields(type(own))
-                 if f.name not in shared and getattr(own, f.name) != f.default]
-        if extra:
-            raise ValueError(f"meca: clean_unlearn trains the clean model with the mixed stage, which has no "
-                             f"[train] {', '.join(extra)}; leave {'it' if len(extra) == 1 else 'them'} at the "
-                             f"default or set clean_unlearn = 0")
-        settings = {name: getattr(own, name) for name in shared}
-        return ctx.component("trainer", "mixed", **settings, lam=c.clean_unlearn, normalize="batch",
-                             forget_ceiling=-math.log(c.clean_unlearn_below))
+            return ctx.component("trainer")
+        return steps.unlearning_trainer(ctx, c.clean_unlearn, c.clean_unlearn_below, "meca", "clean_unlearn")
 
     def _repair_model(self, fresh):
         """The state dict of ``repair_model`` (CPU tensors), checked against the recipe's model by
