@@ -178,3 +178,21 @@ def test_unlearning_refuses_a_train_stage_setting_the_mixed_stage_lacks_before_a
     with pytest.raises(ValueError, match="detect: unlearn trains with the mixed stage, which has no \\[train\\] cutmix_prob"):
         Detect(recipe.defense.config).run(train, ctx)
     assert fits == []
+
+
+@pytest.mark.slow
+def test_the_detect_retrain_example_finds_the_poison_and_retrains_without_the_backdoor(tmp_path):
+    """examples/detect-retrain-quickstart.toml: the scored model has the backdoor, Activation
+    Clustering flags most of the poison, and the model retrained without the flagged samples has
+    lost it."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "detect-retrain-quickstart.toml"
+    assert main(["run", str(example), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["defense_metrics"]["retrain"]["unlearned"] == 0
+    history = [json.loads(line) for line in (tmp_path / "r" / "history.jsonl").open()]
+    scored = [h for h in history if h.get("stage") == "detect-train"]
+    assert scored and scored[0]["asr"] > 0.5
+    assert m["detection"]["recall"] > 0.8
+    assert m["asr"] < 0.1 and m["clean_acc"] > 0.85
