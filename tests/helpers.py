@@ -62,3 +62,23 @@ def cpu_vendor():
     except OSError:
         pass
     return None
+
+
+def spy_on_trainers(ctx, record):
+    """Every training stage the defense takes from ``ctx`` calls ``record(stage, data, keyword
+    inputs)`` before it trains."""
+    real = ctx.component
+
+    def component(kind, name=None, **params):
+        made = real(kind, name, **params)
+        if kind == "trainer":
+            fit = made.fit
+
+            def spy(model, data, st, made=made, fit=fit, **kw):
+                record(made, data, kw)
+                return fit(model, data, st, **kw)
+
+            made.fit = spy
+        return made
+
+    ctx.component = component

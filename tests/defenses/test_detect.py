@@ -7,7 +7,7 @@ import torch
 
 import pytest
 
-from helpers import TINY
+from helpers import TINY, spy_on_trainers
 from bdframe.cli import main
 
 
@@ -82,21 +82,7 @@ def _ctx(tmp_path, registry, defense: dict):
     parts = materialise(recipe, registry)
     ctx = runner.RunContext.for_parts(parts, torch.device("cpu"), tmp_path, progress=False)
     fits = []
-    real = ctx.component
-
-    def component(kind, name=None, **params):
-        made = real(kind, name, **params)
-        if kind == "trainer":
-            fit = made.fit
-
-            def spy(model, data, st, made=made, fit=fit, **kw):
-                fits.append((made, data, kw.get("forget")))
-                return fit(model, data, st, **kw)
-
-            made.fit = spy
-        return made
-
-    ctx.component = component
+    spy_on_trainers(ctx, lambda made, data, kw: fits.append((made, data, kw.get("forget"))))
     return recipe, ctx, parts.train, fits
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from helpers import spy_on_trainers
 from bdframe import runner
 from bdframe.cli import main
 from bdframe.data import ImageSet
@@ -470,26 +471,6 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(reference_run, 
 
 
 # -- clean training that unlearns the flagged set ------------------------------------------------
-
-def spy_on_trainers(ctx, record):
-    """Every training stage the defense takes from ``ctx`` calls ``record(stage, data, keyword
-    inputs)`` before it trains."""
-    real = ctx.component
-
-    def component(kind, name=None, **params):
-        made = real(kind, name, **params)
-        if kind == "trainer":
-            fit = made.fit
-
-            def spy(model, data, st, made=made, fit=fit, **kw):
-                record(made, data, kw)
-                return fit(model, data, st, **kw)
-
-            made.fit = spy
-        return made
-
-    ctx.component = component
-
 
 def test_clean_unlearn_trains_the_clean_model_on_the_kept_set_while_unlearning_the_flagged_one(tmp_path,
                                                                                              bdframe_registry):
