@@ -5,8 +5,10 @@ top principal directions) in two by 2-means and, with its default rule, flags th
 when it holds less than `size_threshold` (0.35) of the class. This script recomputes that split for
 each run directory given, from the model the run saved (`model.pt` by default; `--model NAME` for
 another file in the run directory) and the run's poisoned training set, and prints per class the
-smaller cluster's share of the class and its silhouette score. The poison ids are read only to
-report how many poisoned samples each smaller cluster holds; the split never sees them.
+smaller cluster's share of the class. The split is the scorer's own (its `decision = "smaller"`
+marks the smaller cluster of every class), seeded as the `detect` defense seeds it. The poison ids
+are read only to report how many poisoned samples each smaller cluster holds; the split never
+sees them.
 
     python benchmarks/ac_cluster_shares.py benchmarks/results/sweeps/detect-retrain-cifar10/runs/*defense=none \\
         --out benchmarks/results/ac_cluster_shares.json
@@ -33,30 +35,24 @@ def read_run(d: Path, model_name: str, threshold: float) -> dict:
     from bdframe.scan import load_run
     from bdframe.scoring import features
     from bdframe.seeding import derive_seed
-    from bdframe_scorer_activation_clustering.plugin import _silhouette
 
     parts, _ = load_run(d, device="cpu")
     model = parts.build_model()
     model.load_state_dict(torch.load(d / model_name, map_location="cpu", weights_only=True))
     data = parts.poisoned
     feats = features(model, data, ScoreContext(progress=False)).double()
-    scorer = parts.registry.create("scorer", "activation-clustering")
+    # the scorer's split with every class's smaller cluster marked, seeded as in a detect run
+    scorer = parts.registry.create("scorer", "activation-clustering", decision="smaller")
     seed = derive_seed(parts.recipe.seed, "detect", "activation-clustering")
+    _, small = scorer.scores_from_features(feats, data.labels, data.ids, seed)
     truth = torch.isin(data.ids, torch.as_tensor(parts.poison_ids, dtype=torch.int64))
     classes = []
     for c in torch.unique(data.labels).tolist():
-        rows = torch.nonzero(data.labels == c).flatten()
-        x = feats[rows] - feats[rows].mean(0, keepdim=True)
-        _, _, vh = torch.linalg.svd(x, full_matrices=False)
-        z = x @ vh[: scorer.config.n_components].T
-        # k-means restarts seeded as the detect defense seeds the scorer in a run of this recipe
-        assign, _ = scorer.kmeans2(z, data.ids[rows], ("activation-clustering", seed, int(c)))
-        sizes = torch.bincount(assign, minlength=2)
-        small = int(torch.argmin(sizes))
-        member = assign == small
-        classes.append({"class": parts.poisoned.classes[c], "size": len(rows),
-                        "small_share": float(sizes[small]) / len(rows), "silhouette": _silhouette(z, assign),
-                        "poisoned": int(truth[rows].sum()), "poisoned_in_small": int((member & truth[rows]).sum())})
+        rows = data.labels == c
+        # the scorer marks neither half of a split into two equal clusters (a share of one half)
+        share = float(small[rows].double().mean()) if bool(small[rows].any()) else 0.5
+        classes.append({"class": parts.poisoned.classes[c], "size": int(rows.sum()), "small_share": share,
+                        "poisoned": int(truth[rows].sum()), "poisoned_in_small": int((small & truth)[rows].sum())})
     clean = [k for k in classes if k["poisoned"] == 0]
     hit = max(classes, key=lambda k: k["poisoned"])
     return {"run": d.name, "poisoned": int(truth.sum()),

@@ -3,9 +3,8 @@ and refuses a bad scorer, bad parameters or a model that does not fit, with the 
 
 import json
 
-import torch
-
 import pytest
+import torch
 
 from helpers import TINY, spy_on_trainers
 from bdframe.cli import main
@@ -49,8 +48,11 @@ def test_a_scorer_without_a_rule_flags_nothing_but_scores(tmp_path):
     ('scorer = "stripp"\n', "$.defense.scorer: unknown scorer 'stripp'; did you mean 'strip'?"),
     ('scorer = "strip"\nparams = {n_overlay = 2}\n', "$.defense.params.n_overlay: unknown parameter for scorer 'strip'"),
     ('scorer = "loss"\nparams = {isolation_ratio = 2.0}\n', "$.defense.params.isolation_ratio: must be"),
+    ('scorer = "adv-kl"\nretrain = true\n', "$.defense.retrain: scorer 'adv-kl' ranks without flagging"),
+    ('scorer = "loss"\nunlearn = 0.6\n', "$.defense.unlearn: unlearns the flagged samples while retraining"),
+    ('scorer = "loss"\nretrain = true\nunlearn_below = 1.0\n', "$.defense.unlearn_below: must be"),
 ])
-def test_bad_scorer_settings_are_refused_at_validation(tmp_path, capsys, defense, expected):
+def test_bad_scorer_or_retrain_settings_are_refused_at_validation(tmp_path, capsys, defense, expected):
     assert main(["validate", str(recipe(tmp_path, defense))]) == 2
     assert expected in capsys.readouterr().err
 
@@ -69,8 +71,6 @@ def test_a_saved_model_that_does_not_fit_is_refused(tmp_path, capsys):
 def _ctx(tmp_path, registry, defense: dict):
     """A programmatic run context for the tiny recipe with the ``detect`` defense ``defense``."""
     import tomllib
-
-    import torch
 
     from bdframe import runner
     from bdframe.build import materialise
@@ -134,21 +134,11 @@ def test_retrain_through_the_cli_returns_the_retrained_model_and_logs_its_stage(
     assert "detect-retrain" in stages
 
 
-@pytest.mark.parametrize("defense, expected", [
-    ('scorer = "adv-kl"\nretrain = true\n', "$.defense.retrain: scorer 'adv-kl' ranks without flagging"),
-    ('scorer = "loss"\nunlearn = 0.6\n', "$.defense.unlearn: unlearns the flagged samples while retraining"),
-    ('scorer = "loss"\nretrain = true\nunlearn_below = 1.0\n', "$.defense.unlearn_below: must be"),
-])
-def test_retrain_settings_that_cannot_work_are_refused_at_validation(tmp_path, capsys, defense, expected):
-    assert main(["validate", str(recipe(tmp_path, defense))]) == 2
-    assert expected in capsys.readouterr().err
-
-
 def test_unlearning_refuses_a_train_stage_setting_the_mixed_stage_lacks_before_any_training(tmp_path,
                                                                                           bdframe_registry):
-    from bdframe_defense_detect.plugin import Detect
-
     import attrs
+
+    from bdframe_defense_detect.plugin import Detect
 
     recipe, ctx, train, fits = _ctx(tmp_path, bdframe_registry, {"scorer": "loss", "retrain": True, "unlearn": 0.6})
     cfg = attrs.evolve(recipe.train.config, cutmix_prob=0.5)
