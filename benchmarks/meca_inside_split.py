@@ -15,8 +15,12 @@ class most poison ids carry), four per-sample signals the defense has:
 and prints per signal the AUROC of the poison against the class's clean samples, what Otsu's
 split of the signal flags (count, recall, precision), and the precision of the smallest
 top-scored set that holds 95% of the class's poison (the best precision any threshold on that
-signal can reach at recall >= 95%). Ground truth (``poison.json``) is read only to score the
-signals; nothing here changes a run.
+signal can reach at recall >= 95%). A fifth row, ``warm-up features, 2-means``, is the split
+``inside = "clusters"`` makes: 2-means on the warm-up model's PCA-reduced penultimate features of
+the class, the cluster with the higher median enhanced ``logit(p_e)`` flagged (recall and
+precision only: it is a split, not a score). Runs without enhancement iterations (``iterations =
+0``: the enhanced model is the warm-up model) have no consistency rows. Ground truth
+(``poison.json``) is read only to score the signals; nothing here changes a run.
 
     python benchmarks/meca_inside_split.py "benchmarks/results/sweeps/meca-heldout/runs/seed=1,attack=blend-t5,defense=meca-spread" \\
         --out benchmarks/results/meca_inside_split.json
@@ -60,7 +64,8 @@ def read_run(d: Path) -> dict:
     from bdframe.runs import read_json
     from bdframe.scan import load_run
     from bdframe.scoring import logits
-    from bdframe_defense_meca.plugin import confidence_scores, margins, otsu_threshold
+    from bdframe.scoring import features
+    from bdframe_defense_meca.plugin import cluster_split, confidence_scores, margins, otsu_threshold
 
     scores = torch.load(d / "meca_scores.pt", weights_only=False)
     parts, _ = load_run(d, device="cpu")
@@ -77,15 +82,20 @@ def read_run(d: Path) -> dict:
         raise SystemExit(f"{d}: the run has no poisoned samples: nothing to separate")
     cls = picked[0] if picked else int(torch.mode(labels[truth]).values)
     inside = labels == cls
+    warm = parts.build_model()
+    warm.load_state_dict(torch.load(d / "meca_warmup_model.pt", map_location="cpu", weights_only=True))
+    sctx = ScoreContext(progress=False)
     margin = scores.get("warmup_margin")
     if margin is None:
-        model = parts.build_model()
-        model.load_state_dict(torch.load(d / "meca_warmup_model.pt", map_location="cpu", weights_only=True))
-        margin = margins(logits(model, parts.poisoned.subset(pos), ScoreContext(progress=False)), labels)
-    signals = {"enhanced": confidence_scores(scores["enhanced_prob"]), "warm-up": margin.double(),
-               "consistency, first": scores["consistency_scores"][0].double(),
-               "consistency, last": scores["consistency_scores"][-1].double()}
+        margin = margins(logits(warm, parts.poisoned.subset(pos), sctx), labels)
+    signals = {"enhanced": confidence_scores(scores["enhanced_prob"]), "warm-up": margin.double()}
+    if scores["consistency_scores"]:
+        signals.update({"consistency, first": scores["consistency_scores"][0].double(),
+                        "consistency, last": scores["consistency_scores"][-1].double()})
     t = truth[inside]
+    seed = int(read_json(d / "run.json")["seeds"]["run"])
+    feats = features(warm, parts.poisoned.subset(pos[inside]), sctx).double()
+    clusters = cluster_split(feats, signals["enhanced"][inside], ids[inside], ("meca-clusters", seed))
     metrics = read_json(d / "metrics.json")
     row = {"run": d.parent.parent.name + "/" + d.name, "attack": metrics.get("attack"),
            "class": parts.poisoned.classes[cls], "picked": bool(picked), "class_size": int(inside.sum()),
@@ -98,6 +108,10 @@ def read_run(d: Path) -> dict:
                                 "otsu_recall": split["recall"],
                                 "otsu_precision": split["precision"] if split["flagged"] else None,
                                 "precision_at_95_recall": precision_at_recall(v, t)}
+    split = flag_metrics(clusters, t)
+    row["signals"]["warm-up features, 2-means"] = {
+        "auroc": None, "otsu_flagged": split["flagged"], "otsu_recall": split["recall"],
+        "otsu_precision": split["precision"] if split["flagged"] else None, "precision_at_95_recall": None}
     return row
 
 
@@ -124,7 +138,7 @@ def main(argv=None) -> int:
                          "p95": None if s["precision_at_95_recall"] is None else 100 * s["precision_at_95_recall"]})
     print_table(flat, [("run", "run", "{}"), ("class", "class", "{}"), ("in_class", "poison in class", "{}"),
                        ("signal", "signal", "{}"), ("auroc", "AUROC in class", "{:.3f}"),
-                       ("otsu", "Otsu flags", "{}"), ("otsu_recall", "recall %", "{:.1f}"),
+                       ("otsu", "split flags", "{}"), ("otsu_recall", "recall %", "{:.1f}"),
                        ("otsu_precision", "precision %", "{:.1f}"),
                        ("p95", "precision % at 95% recall", "{:.1f}")])
     if args.out:

@@ -799,28 +799,32 @@ def test_class_test_picks_classes_with_the_warm_up_models_fit(tmp_path, bdframe_
     assert sorted(res.suspected_ids.tolist()) == sorted(saved["ids"][want].tolist())
 
 
-@pytest.mark.parametrize("class_test", ["warmup", "both"])
-def test_class_stat_spread_picks_the_classes_whose_margin_spread_stands_out(tmp_path, bdframe_registry, class_test):
+@pytest.mark.parametrize("class_test, inside", [("warmup", "otsu"), ("both", "otsu"), ("warmup", "clusters")])
+def test_class_stat_spread_picks_the_classes_whose_margin_spread_stands_out(tmp_path, bdframe_registry, class_test,
+                                                                            inside):
     """``class_stat = "spread"``: the warm-up model's margins are saved in ``meca_scores.pt``,
     the classes picked are those the spread test picks in the warm-up model (and in the enhanced
-    model with ``"both"``), the split inside them is Otsu's on the enhanced model's ``p_e``, and
-    the per-class robust z-scores are logged."""
+    model with ``"both"``), the split inside them is Otsu's on the enhanced model's ``p_e`` (or,
+    with ``inside = "clusters"``, the 2-means split of the warm-up model's features), and the
+    per-class robust z-scores are logged."""
     from bdframe import scoring
     from bdframe.interfaces import ScoreContext
     from bdframe_defense_meca.plugin import flag_label_aware, margins, spread_classes
 
     recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
     config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test=class_test,
-                          class_stat="spread", spread_k=0.5)
+                          class_stat="spread", spread_k=0.5, inside=inside)
     res = MeCa(config).run(train, ctx)
     saved = torch.load(tmp_path / "meca_scores.pt")
     pos = train.positions(saved["ids"])
     labels, subset = train.labels[pos], train.subset(pos)
     sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
-    m = {}
+    m, feats = {}, None
     for tag in ("warmup", "enhanced"):
         model = ctx.new_model(state_dict=torch.load(tmp_path / f"meca_{tag}_model.pt"))
         m[tag] = margins(scoring.logits(model, subset, sctx), labels)
+        if tag == "warmup":
+            feats = scoring.features(model, subset, sctx).double()
     assert torch.allclose(saved["warmup_margin"], m["warmup"], atol=1e-4)
     want = set(spread_classes(m["warmup"], labels, k=0.5))
     if class_test == "both":
@@ -828,8 +832,10 @@ def test_class_stat_spread_picks_the_classes_whose_margin_spread_stands_out(tmp_
     rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
     assert rec["suspicious_classes"] == sorted(want)
     assert set(rec["class_spread_z"]) == ({"warmup", "enhanced"} if class_test == "both" else {"warmup"})
-    flags, _ = flag_label_aware(saved["enhanced_prob"], labels, classes=sorted(want))
-    assert torch.equal(saved["detected_poison"], flags)
+    assert want, "the test needs a picked class to split"
+    flags, _ = flag_label_aware(saved["enhanced_prob"], labels, classes=sorted(want), inside=inside,
+                                features=feats, ids=saved["ids"], seed=ctx.seed)
+    assert flags.any() and torch.equal(saved["detected_poison"], flags)
     assert sorted(res.suspected_ids.tolist()) == sorted(saved["ids"][flags].tolist())
 
 

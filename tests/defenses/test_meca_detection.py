@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, flag_confident, flag_label_aware, margins,
+from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, cluster_split, flag_confident, flag_label_aware, margins,
                                          otsu_threshold, outlier_threshold, spread_classes, spread_z,
                                          student_t_quantile, suspicious_classes, upper_outliers)
 
@@ -22,6 +22,16 @@ def labelled(draw, k_max=6):
     k = draw(st.integers(2, k_max))
     labels = draw(st.lists(st.integers(0, k - 1), min_size=len(p), max_size=len(p)))
     return torch.tensor(p, dtype=torch.float64), torch.tensor(labels)
+
+
+def split_inputs(prob, inside, ids=None):
+    """For ``inside = "clusters"``: ids and per-sample features that depend on the sample alone
+    (its probability and its id), so that permuting the samples permutes them."""
+    if inside != "clusters":
+        return {}
+    ids = torch.arange(len(prob)) if ids is None else ids
+    feats = torch.stack([prob, (ids * 7919 % 13).double() / 13, torch.cos(ids.double())], 1)
+    return {"features": feats, "ids": ids}
 
 
 def test_otsu_splits_two_groups_at_the_gap_and_refuses_a_constant():
@@ -45,34 +55,35 @@ def test_otsu_is_order_invariant_and_lies_between_distinct_values(values, rnd):
 
 
 @SET
-@given(labelled(), st.sampled_from(["mad", "otsu"]), st.sampled_from(["otsu", "reference"]), st.randoms())
+@given(labelled(), st.sampled_from(["mad", "otsu"]), st.sampled_from(["otsu", "reference", "clusters"]), st.randoms())
 def test_the_rules_are_order_invariant(data, threshold, inside, rnd):
     prob, labels = data
     perm = torch.tensor(rnd.sample(range(len(prob)), len(prob)))
     f = flag_confident(prob, threshold=threshold)
     assert torch.equal(flag_confident(prob[perm], threshold=threshold), f[perm])
-    g, classes = flag_label_aware(prob, labels, threshold=threshold, inside=inside)
-    g2, classes2 = flag_label_aware(prob[perm], labels[perm], threshold=threshold, inside=inside)
+    g, classes = flag_label_aware(prob, labels, threshold=threshold, inside=inside, **split_inputs(prob, inside))
+    g2, classes2 = flag_label_aware(prob[perm], labels[perm], threshold=threshold, inside=inside,
+                                    **split_inputs(prob[perm], inside, torch.arange(len(prob))[perm]))
     assert torch.equal(g2, g[perm]) and classes2 == classes
 
 
 @SET
-@given(labelled(), st.sampled_from(["otsu", "reference"]), st.randoms())
+@given(labelled(), st.sampled_from(["otsu", "reference", "clusters"]), st.randoms())
 def test_renaming_classes_renames_the_suspicious_ones_and_changes_no_flag(data, inside, rnd):
     prob, labels = data
     k = int(labels.max()) + 1
     names = rnd.sample(range(100), k)
     renamed = torch.tensor([names[int(c)] for c in labels])
-    g, classes = flag_label_aware(prob, labels, inside=inside)
-    g2, classes2 = flag_label_aware(prob, renamed, inside=inside)
+    g, classes = flag_label_aware(prob, labels, inside=inside, **split_inputs(prob, inside))
+    g2, classes2 = flag_label_aware(prob, renamed, inside=inside, **split_inputs(prob, inside))
     assert torch.equal(g, g2) and sorted(classes2) == sorted(names[c] for c in classes)
 
 
 @SET
-@given(labelled(), st.sampled_from(["otsu", "reference"]))
+@given(labelled(), st.sampled_from(["otsu", "reference", "clusters"]))
 def test_with_no_outlier_class_the_label_aware_rule_is_the_global_rule(data, inside):
     prob, labels = data
-    flags, classes = flag_label_aware(prob, labels, inside=inside)
+    flags, classes = flag_label_aware(prob, labels, inside=inside, **split_inputs(prob, inside))
     if not classes:
         assert torch.equal(flags, flag_confident(prob))
 
@@ -198,10 +209,11 @@ def test_a_target_class_that_stands_out_is_found_and_split():
 
 def test_the_rules_cannot_see_ground_truth():
     for fn in (flag_confident, flag_label_aware, suspicious_classes, otsu_threshold, outlier_threshold,
-               upper_outliers, margins, class_spreads, spread_z, spread_classes):
+               upper_outliers, margins, class_spreads, spread_z, spread_classes, cluster_split):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
-                          "quantile", "confirm", "pick", "classes", "logits", "margin", "q", "limit"}, (fn, params)
+                          "quantile", "confirm", "pick", "classes", "logits", "margin", "q", "limit", "features",
+                          "ids", "seed", "n_components", "feats", "signal", "seed_parts"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():
@@ -313,6 +325,58 @@ def test_a_confidently_fitted_group_is_picked_and_an_easy_class_is_not():
     assert spread_classes(margin, labels) == [2]
     # the picked class is still fitted less confidently than the easy one as a whole
     assert margin[labels == 2].median() < margin[labels == 9].median()
+
+
+def two_groups(n_small: int, n_large: int, seed: int = 0):
+    """Features of two well separated groups (the first ``n_small`` rows, then ``n_large``)."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n_small + n_large, 8, generator=g, dtype=torch.float64)
+    f[:n_small, 0] += 12.0
+    return f
+
+
+@pytest.mark.parametrize("n_small,n_large", [(40, 120), (100, 100), (120, 40)])
+def test_the_cluster_split_flags_the_confidently_fitted_group_whatever_its_size(n_small, n_large):
+    """A group that is a third, half (a clean-label attack) or three quarters of its class is
+    flagged when the model fits it more confidently; the same clusters with the confidences
+    swapped flag the other group."""
+    f = two_groups(n_small, n_large)
+    group = torch.arange(n_small + n_large) < n_small
+    signal = torch.where(group, 8.0, 1.0).double() + torch.linspace(0, 0.5, n_small + n_large, dtype=torch.float64)
+    ids = torch.arange(n_small + n_large) * 3 + 11
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0)), group)
+    assert torch.equal(cluster_split(f, -signal, ids, ("t", 0)), ~group)
+
+
+@SET
+@given(st.integers(0, 2 ** 16), st.randoms())
+def test_the_cluster_split_is_order_invariant(seed, rnd):
+    f = torch.randn(60, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    signal = f[:, 1] + 0.3 * f[:, 0]
+    ids = torch.arange(60) * 5 + 2
+    perm = torch.tensor(rnd.sample(range(60), 60))
+    flags = cluster_split(f, signal, ids, ("t", seed))
+    assert torch.equal(cluster_split(f[perm], signal[perm], ids[perm], ("t", seed)), flags[perm])
+
+
+def test_the_cluster_split_flags_nothing_when_it_cannot_tell_the_groups_apart():
+    f = two_groups(50, 50)
+    ids = torch.arange(100)
+    assert not cluster_split(f, torch.full((100,), 3.0, dtype=torch.float64), ids, ("t", 0)).any()  # equal medians
+    assert not cluster_split(torch.ones(100, 8, dtype=torch.float64), torch.arange(100.0), ids, ("t", 0)).any()
+    assert not cluster_split(f[:1], torch.ones(1), ids[:1], ("t", 0)).any()
+
+
+def test_the_cluster_split_works_inside_the_picked_class_only():
+    labels = torch.arange(600) % 6
+    f = torch.randn(600, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    poisoned = (labels == 4) & (torch.arange(600) < 300)
+    f[poisoned, 2] += 15.0
+    prob = torch.where(poisoned, 0.9999, 0.6).double()
+    flags, classes = flag_label_aware(prob, labels, classes=[4], inside="clusters", features=f, ids=torch.arange(600))
+    assert classes == [4] and torch.equal(flags, poisoned)
+    with pytest.raises(ValueError, match="one feature row and one id per sample"):
+        flag_label_aware(prob, labels, classes=[4], inside="clusters", features=f[:10], ids=torch.arange(600))
 
 
 def test_with_no_picked_class_label_aware_detection_is_the_global_rule():

@@ -9,6 +9,8 @@
 - :func:`batches`: evaluation batches (no augmentation, no attack transform) with a progress bar.
 - :func:`eval_mode`: run a model in ``eval()`` and restore its previous mode afterwards.
 - :func:`features` / :func:`logits`: batched penultimate features or logits for a whole set.
+- :func:`pca_project` / :func:`two_means`: the projection and the order-independent 2-means of
+  activation clustering, shared by every method that splits a class in feature space.
 - :func:`balanced_draw`: a class-balanced draw from an ImageSet: order-independent (how scorers
   that need clean auxiliary data take it from the inspected set, as an approximation) or the
   seeded draw of the datasets' ``train_size`` subset.
@@ -225,3 +227,53 @@ def anomaly_index(a: torch.Tensor) -> torch.Tensor:
     if mm <= 0:
         return torch.zeros_like(a)
     return b / mm
+
+
+def pca_project(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``x`` (n, d) centred and projected onto its top ``k`` principal directions, in float64;
+    None when every row is the same (nothing to project)."""
+    x = x.to(torch.float64)
+    x = x - x.mean(0, keepdim=True)
+    if not bool(x.abs().max() > 0):
+        return None
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return x @ vh[:k].T
+
+
+def two_means(z: torch.Tensor, ids: torch.Tensor, seed_parts: tuple, *, n_init: int = 10,
+              max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-means on ``z`` (n, d) float64: ``(assign, centres)`` of the restart with the lowest
+    inertia. Each restart seeds k-means++ from keys of ``(seed_parts, restart, sample id)``: the
+    first centre is the sample with the smallest hash, the second is drawn with probability
+    proportional to its squared distance (Efraimidis-Spirakis keys), then Lloyd iterations. No
+    choice depends on the row order, so the clustering of a permuted input is the permuted
+    clustering."""
+    n = len(z)
+    best = None
+    h = id_hash(seed_parts + ("first",), ids, n_init)  # (n, R)
+    u = id_uniform(seed_parts + ("second",), ids, n_init).to(torch.float64)
+    idlow = (ids % (2 ** 31)).to(torch.int64)
+    for r in range(n_init):
+        first = int(torch.argmin(h[:, r] * (2 ** 31) + idlow))
+        d2 = ((z - z[first]) ** 2).sum(1)
+        if bool(d2.max() > 0):
+            key = torch.log(u[:, r] + 2.0 ** -25) / d2  # the max of u^(1/w)
+            key = torch.where(d2 > 0, key, torch.full_like(key, -float("inf")))
+            second = int(torch.argmax(key))
+        else:
+            second = first
+        centres = torch.stack([z[first], z[second]])
+        assign = None
+        for _ in range(max_iter):
+            new = torch.cdist(z, centres).argmin(1)
+            if assign is not None and torch.equal(new, assign):
+                break
+            assign = new
+            for k in range(2):
+                sel = assign == k
+                if bool(sel.any()):
+                    centres[k] = z[sel].mean(0)
+        inertia = float(((z - centres[assign]) ** 2).sum())
+        if best is None or inertia < best[0] - 1e-12 * max(abs(best[0]), 1.0):
+            best = (inertia, assign, centres.clone())
+    return best[1], best[2]

@@ -20,8 +20,10 @@ Pipeline, every piece taken from the registry through the defense context:
    is saved too). Options: the confidence rule (a threshold on ``logit(p_e)`` chosen from the
    data) and the label-aware rule (inside the classes whose high-confidence share is a Grubbs
    outlier, in the enhanced model or, with ``class_test``, in the warm-up model as well
-   (``"both"``) or instead (``"warmup"``): Otsu's split, or the samples fitted more
-   confidently than a typical sample of the other classes), neither needing a poison rate.
+   (``"both"``) or instead (``"warmup"``): Otsu's split, the samples fitted more
+   confidently than a typical sample of the other classes, or, with ``inside = "clusters"``, the
+   activation-clustering split of the class's warm-up features with the more confidently fitted
+   cluster flagged), neither needing a poison rate.
    With ``class_stat = "spread"`` a class is picked instead when the upper tail of its samples'
    margins lies far from their median compared with the other classes (a confidently fitted
    group inside the class, whatever the class's difficulty).
@@ -182,10 +184,14 @@ class MeCaConfig:
     spread_max_classes: int = attrs.field(default=0, validator=in_range(0, None), metadata={
         "help": "label-aware, class_stat = spread: pick at most this many classes, those with the largest "
                 "z-scores (1 suits an all-to-one attack, which has one target class); 0: every class above spread_k"})
-    inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference"), metadata={
+    inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference", "clusters"), metadata={
         "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
-                "logit(p_e)) or reference (flag its samples fitted more confidently than the "
-                "reference_quantile of the samples of the classes that do not stand out)"})
+                "logit(p_e)), reference (flag its samples fitted more confidently than the "
+                "reference_quantile of the samples of the classes that do not stand out) or clusters (2-means "
+                "on the warm-up model's penultimate features of the class, PCA-reduced to cluster_components "
+                "dimensions; the cluster whose median logit(p_e) is higher is flagged, whatever its size)"})
+    cluster_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
+        "help": "label-aware, inside = clusters: principal components of the class's features kept before 2-means"})
     reference_quantile: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True, hi_open=True),
                                             metadata={"help": "label-aware, inside = reference: the quantile of "
                                                               "the ordinary classes' logit(p_e) above which a "
@@ -573,8 +579,40 @@ def classes_above(classes, z, *, k: float, limit: int = 0) -> list[int]:
     return sorted(int(classes[i]) for _, i in above)
 
 
+def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 10):
+    """Split one class in two in feature space and flag the group the model fits more confidently.
+
+    The class's features are centred, projected onto their top ``n_components`` principal
+    directions and split by the order-independent 2-means of activation clustering; the cluster
+    whose median ``signal`` (MeCa: the enhanced model's ``logit(p_e)``) is higher is flagged.
+    Unlike activation clustering's relative-size rule the decision does not look at the
+    clusters' sizes, so a poisoned group that is half its class (a clean-label attack) is found
+    as well as a small one. Equal medians, a single cluster or features that are all equal flag
+    nothing. Returns a bool tensor over the class's samples."""
+    import torch
+
+    from bdframe.scoring import pca_project, two_means
+
+    n = len(feats)
+    flags = torch.zeros(n, dtype=torch.bool)
+    if n < 2:
+        return flags
+    z = pca_project(feats, n_components)
+    if z is None:
+        return flags
+    assign, _ = two_means(z, torch.as_tensor(ids, dtype=torch.int64), seed_parts)
+    if bool((assign == assign[0]).all()):
+        return flags
+    signal = torch.as_tensor(signal, dtype=torch.float64)
+    med = [float(torch.quantile(signal[assign == k], 0.5)) for k in (0, 1)]
+    if med[0] == med[1]:
+        return flags
+    return assign == (0 if med[0] > med[1] else 1)
+
+
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
-                     inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both", classes=None):
+                     inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both", classes=None,
+                     features=None, ids=None, seed: int = 0, n_components: int = 10):
     """Label-aware detection: find the classes that stand out (:func:`suspicious_classes`) and
     flag part of each of them; when no class stands out, the confidence rule over all samples
     with ``threshold``. Returns ``(flags, classes)``.
@@ -596,11 +634,17 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
       more confidently than a typical sample of an ordinary class. The poison is fitted near
       certainty, so this finds nearly all of it, at the cost of the clean samples of the class
       that are fitted as well as a typical clean sample elsewhere.
+    - ``"clusters"``: :func:`cluster_split` of the class's ``features`` (one row per sample, e.g.
+      the warm-up model's penultimate features; ``ids`` key the 2-means with ``seed``), the
+      cluster with the higher median ``logit(p_e)`` flagged.
     """
     import torch
 
-    if inside not in ("otsu", "reference"):
-        raise ValueError(f"inside must be 'otsu' or 'reference', got {inside!r}")
+    if inside not in ("otsu", "reference", "clusters"):
+        raise ValueError(f"inside must be 'otsu', 'reference' or 'clusters', got {inside!r}")
+    if inside == "clusters" and (features is None or ids is None or len(features) != len(labels)
+                                 or len(ids) != len(labels)):
+        raise ValueError("inside = 'clusters' needs one feature row and one id per sample")
     if pick not in ("both", "confirm"):
         raise ValueError(f"pick must be 'both' or 'confirm', got {pick!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
@@ -625,7 +669,14 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
         return standing_out & (z > cut), classes
     flags = torch.zeros(len(labels), dtype=torch.bool)
     for c in classes:
-        flags |= flag_confident(prob, labels == c, threshold="otsu")
+        if inside == "clusters":
+            rows = torch.nonzero(labels == c).flatten()
+            z = confidence_scores(prob)
+            # keyed by the seed and the sample ids alone, so renaming the classes changes nothing
+            flags[rows] = cluster_split(features[rows], z[rows], torch.as_tensor(ids)[rows],
+                                        ("meca-clusters", int(seed)), n_components=n_components)
+        else:
+            flags |= flag_confident(prob, labels == c, threshold="otsu")
     return flags, classes
 
 
@@ -874,13 +925,18 @@ class MeCa(Defense):
             if c.detection == "confidence":
                 poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
             elif c.detection == "label-aware":
-                if c.class_test != "enhanced":
+                feats = None
+                if c.class_test != "enhanced" or c.inside == "clusters":
                     warm = ctx.new_model(state_dict=warmup_state)
-                    warm_logits = scoring.logits(warm, data, self._score_ctx(ctx, "detect-warmup"),
-                                                 desc="meca warm-up fit")
-                    _, confirm = detect(warm_logits, data.labels)
-                    margin["warmup"] = margins(warm_logits, labels)
-                    del warm, warm_logits
+                    wctx = self._score_ctx(ctx, "detect-warmup")
+                    if c.class_test != "enhanced":
+                        warm_logits = scoring.logits(warm, data, wctx, desc="meca warm-up fit")
+                        _, confirm = detect(warm_logits, data.labels)
+                        margin["warmup"] = margins(warm_logits, labels)
+                        del warm_logits
+                    if c.inside == "clusters":
+                        feats = scoring.features(warm, data, wctx, desc="meca warm-up features").double().cpu()
+                    del warm
                 picked = None
                 if c.class_stat == "spread":
                     if c.class_test != "warmup":
@@ -895,7 +951,8 @@ class MeCa(Defense):
                                                      threshold=c.threshold, k=c.outlier_k, inside=c.inside,
                                                      quantile=c.reference_quantile, confirm=confirm,
                                                      pick="confirm" if c.class_test == "warmup" else "both",
-                                                     classes=picked)
+                                                     classes=picked, features=feats, ids=data.ids.cpu(),
+                                                     seed=ctx.seed, n_components=c.cluster_components)
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes,
                      **({} if zs is None else {"class_spread_z": zs})})

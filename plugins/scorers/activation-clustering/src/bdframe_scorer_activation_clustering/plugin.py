@@ -17,7 +17,7 @@ centroid divided by the class's median such distance: every flagged sample still
 every other < 1, so the split rule (:meth:`ActivationClustering.flag`: score >= 1) is unchanged,
 while the AUROC gets a ranking inside both groups. ``graded = false`` gives plain 0/1.
 
-k-means (bdframe's choice): ``n_init`` restarts of k-means++ seeding and Lloyd iterations, the lowest inertia
+k-means (bdframe's choice, ``bdframe.scoring.two_means``): ``n_init`` restarts of k-means++ seeding and Lloyd iterations, the lowest inertia
 wins. Every random choice is keyed by (seed, class, restart, sample id), using weighted
 sampling by hash keys (Efraimidis-Spirakis), so the clustering does not depend on the row
 order: the scorer is permutation-equivariant. Set-level: a score depends on the sample's class.
@@ -75,45 +75,11 @@ class ActivationClustering(SampleScorer):
     summary = "Activation Clustering: per-class 2-means on PCA-reduced features"
     set_level = True
 
-    def kmeans2(self, z, ids, seed_parts):
-        """2-means on ``z`` (n, d) float64: ``(assign, centres)`` of the best restart."""
-        import torch
-
-        from bdframe.scoring import id_hash, id_uniform
-
-        n = len(z)
-        best = None
-        h = id_hash(seed_parts + ("first",), ids, self.config.n_init)  # (n, R)
-        u = id_uniform(seed_parts + ("second",), ids, self.config.n_init).to(torch.float64)
-        idlow = (ids % (2 ** 31)).to(torch.int64)
-        for r in range(self.config.n_init):
-            first = int(torch.argmin(h[:, r] * (2 ** 31) + idlow))
-            d2 = ((z - z[first]) ** 2).sum(1)
-            if bool(d2.max() > 0):
-                key = torch.log(u[:, r] + 2.0 ** -25) / d2  # Efraimidis-Spirakis: max of u^(1/w)
-                key = torch.where(d2 > 0, key, torch.full_like(key, -float("inf")))
-                second = int(torch.argmax(key))
-            else:
-                second = first
-            centres = torch.stack([z[first], z[second]])
-            assign = None
-            for _ in range(self.config.max_iter):
-                new = torch.cdist(z, centres).argmin(1)
-                if assign is not None and torch.equal(new, assign):
-                    break
-                assign = new
-                for k in range(2):
-                    sel = assign == k
-                    if bool(sel.any()):
-                        centres[k] = z[sel].mean(0)
-            inertia = float(((z - centres[assign]) ** 2).sum())
-            if best is None or inertia < best[0] - 1e-12 * max(abs(best[0]), 1.0):
-                best = (inertia, assign, centres.clone())
-        return best[1], best[2]
-
     def scores_from_features(self, feats, labels, ids, seed: int):
         """``(scores, flagged)`` for a feature matrix (float64 scores, bool flags)."""
         import torch
+
+        from bdframe.scoring import pca_project, two_means
 
         c = self.config
         feats = feats.to(torch.float64)
@@ -124,13 +90,11 @@ class ActivationClustering(SampleScorer):
             rows = torch.nonzero(labels == cls).flatten()
             if len(rows) < 2:
                 continue
-            x = feats[rows]
-            x = x - x.mean(0, keepdim=True)
-            if not bool(x.abs().max() > 0):
+            z = pca_project(feats[rows], c.n_components)
+            if z is None:
                 continue
-            _, _, vh = torch.linalg.svd(x, full_matrices=False)
-            z = x @ vh[: c.n_components].T
-            assign, centres = self.kmeans2(z, ids[rows], ("activation-clustering", int(seed), int(cls)))
+            assign, centres = two_means(z, ids[rows], ("activation-clustering", int(seed), int(cls)),
+                                        n_init=c.n_init, max_iter=c.max_iter)
             sizes = torch.bincount(assign, minlength=2)
             small = int(torch.argmin(sizes))
             large = 1 - small
