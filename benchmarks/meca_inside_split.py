@@ -63,8 +63,7 @@ def read_run(d: Path) -> dict:
     from bdframe.interfaces import ScoreContext
     from bdframe.runs import read_json
     from bdframe.scan import load_run
-    from bdframe.scoring import logits
-    from bdframe.scoring import features
+    from bdframe.scoring import features, logits
     from bdframe_defense_meca.plugin import cluster_split, confidence_scores, margins, otsu_threshold
 
     scores = torch.load(d / "meca_scores.pt", weights_only=False)

@@ -668,10 +668,10 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
         cut = float(torch.quantile(z[~standing_out], quantile))
         return standing_out & (z > cut), classes
     flags = torch.zeros(len(labels), dtype=torch.bool)
+    z = confidence_scores(prob) if inside == "clusters" else None
     for c in classes:
         if inside == "clusters":
             rows = torch.nonzero(labels == c).flatten()
-            z = confidence_scores(prob)
             # keyed by the seed and the sample ids alone, so renaming the classes changes nothing
             flags[rows] = cluster_split(features[rows], z[rows], torch.as_tensor(ids)[rows],
                                         ("meca-clusters", int(seed)), n_components=n_components)
