@@ -82,6 +82,7 @@ def test_a_resumed_run_does_not_redo_the_isolation(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_abl_example_isolates_poison_and_unlearns_the_backdoor(tmp_path):
     """examples/abl-quickstart.toml: the fine-tuned model has the backdoor, the isolated samples
     are mostly poisoned, and unlearning them removes it."""

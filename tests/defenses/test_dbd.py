@@ -63,6 +63,7 @@ def test_dbd_reports_its_low_credible_half_and_each_stage(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_dbd_example_removes_a_learned_badnet_backdoor(tmp_path):
     """examples/dbd-quickstart.toml as shipped, beside the same data trained without a defense:
     the undefended model learns the backdoor; DBD's model does not, and its low-credible half

@@ -201,6 +201,7 @@ def test_the_d_br_example_removes_the_backdoor_of_the_model_it_repairs(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_d_st_example_trains_a_model_that_mostly_resists_the_trigger(tmp_path):
     """A model trained on the same data without a defense obeys the trigger (ASR 100%, see
     test_dbd.py); d-st's does a fraction of the time (docs/dbr.md: about 11% with two threads)."""

@@ -42,12 +42,14 @@ def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.T
 
 def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
     """How far each norm lies *below* the median, in units of the scaled median absolute
-    deviation: ``(median - norm) / (1.4826 * MAD)`` (negative above the median). When all
-    deviations are zero, every index is 0."""
+    deviation: ``(median - norm) / (1.4826 * MAD)`` (negative above the median). When the
+    MAD is zero, or so small against the norms (below 1e-12 of the largest) that it is float
+    rounding rather than a spread, every index is 0: dividing by it would blow rounding up into
+    indices of 1e15."""
     norms = norms.double()
     med = norms.median()
     mad = (norms - med).abs().median() * MAD_SCALE
-    if float(mad) == 0.0:
+    if float(mad) <= 1e-12 * float(norms.abs().max()):
         return torch.zeros_like(norms)
     return (med - norms) / mad
 
