@@ -17,8 +17,9 @@ split of the signal flags (count, recall, precision), and the precision of the s
 top-scored set that holds 95% of the class's poison (the best precision any threshold on that
 signal can reach at recall >= 95%). A fifth row, ``warm-up features, 2-means``, is the split
 ``inside = "clusters"`` makes: 2-means on the warm-up model's PCA-reduced penultimate features of
-the class, the cluster with the higher median enhanced ``logit(p_e)`` flagged (recall and
-precision only: it is a split, not a score). Runs without enhancement iterations (``iterations =
+the class, the cluster with the higher mean enhanced ``logit(p_e)`` flagged (recall and
+precision only: it is a split, not a score); ``2-means, median decision`` is the same two
+clusters decided by the higher *median* instead. Runs without enhancement iterations (``iterations =
 0``: the enhanced model is the warm-up model) have no consistency rows. Ground truth
 (``poison.json``) is read only to score the signals; nothing here changes a run.
 
@@ -107,10 +108,16 @@ def read_run(d: Path) -> dict:
                                 "otsu_recall": split["recall"],
                                 "otsu_precision": split["precision"] if split["flagged"] else None,
                                 "precision_at_95_recall": precision_at_recall(v, t)}
-    split = flag_metrics(clusters, t)
-    row["signals"]["warm-up features, 2-means"] = {
-        "auroc": None, "otsu_flagged": split["flagged"], "otsu_recall": split["recall"],
-        "otsu_precision": split["precision"] if split["flagged"] else None, "precision_at_95_recall": None}
+    # the same two clusters decided by the median logit(p_e) instead of the mean
+    z = signals["enhanced"][inside]
+    by_median = clusters
+    if bool(clusters.any()) and not bool(clusters.all()):
+        by_median = clusters if float(z[clusters].median()) > float(z[~clusters].median()) else ~clusters
+    for name, flags in (("warm-up features, 2-means", clusters), ("2-means, median decision", by_median)):
+        split = flag_metrics(flags, t)
+        row["signals"][name] = {
+            "auroc": None, "otsu_flagged": split["flagged"], "otsu_recall": split["recall"],
+            "otsu_precision": split["precision"] if split["flagged"] else None, "precision_at_95_recall": None}
     return row
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, cluster_split, flag_confident, flag_label_aware, margins,
-                                         otsu_threshold, outlier_threshold, spread_classes, spread_z,
-                                         student_t_quantile, suspicious_classes, upper_outliers)
+from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, cluster_split, confidence_scores, flag_confident,
+                                         flag_label_aware, margins, otsu_threshold, outlier_threshold, spread_classes,
+                                         spread_z, student_t_quantile, suspicious_classes, upper_outliers)
 
 SET = settings(max_examples=60, deadline=None)
 PROBS = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=2, max_size=80)
@@ -93,8 +93,6 @@ def test_with_no_outlier_class_the_label_aware_rule_is_the_global_rule(data, ins
 def test_the_reference_split_flags_only_inside_the_classes_that_stand_out(data, q):
     """Nothing outside the classes that stand out is flagged; inside them exactly the samples
     above the quantile of the other classes' logit(p_e); a higher quantile flags a subset."""
-    from bdframe_defense_meca.plugin import confidence_scores
-
     prob, labels = data
     flags, classes = flag_label_aware(prob, labels, inside="reference", quantile=q)
     if not classes:
@@ -359,10 +357,22 @@ def test_the_cluster_split_is_order_invariant(seed, rnd):
     assert torch.equal(cluster_split(f[perm], signal[perm], ids[perm], ("t", seed)), flags[perm])
 
 
+def test_the_cluster_split_reads_the_tail_when_both_medians_sit_on_the_ceiling():
+    """Most of both clusters fitted at the clamp ceiling: the medians tie, and the cluster with
+    the less confidently fitted tail (a third of it well below) is the clean one."""
+    f = two_groups(40, 60)
+    ceiling = float(confidence_scores(torch.ones(1))[0])
+    signal = torch.full((100,), ceiling, dtype=torch.float64)
+    signal[40:60] = 0.5  # a third of the large group is fitted far less confidently
+    group = torch.arange(100) < 40
+    assert float(signal[group].median()) == float(signal[~group].median())
+    assert torch.equal(cluster_split(f, signal, torch.arange(100), ("t", 0)), group)
+
+
 def test_the_cluster_split_flags_nothing_when_it_cannot_tell_the_groups_apart():
     f = two_groups(50, 50)
     ids = torch.arange(100)
-    assert not cluster_split(f, torch.full((100,), 3.0, dtype=torch.float64), ids, ("t", 0)).any()  # equal medians
+    assert not cluster_split(f, torch.full((100,), 3.0, dtype=torch.float64), ids, ("t", 0)).any()  # equal means
     assert not cluster_split(torch.ones(100, 8, dtype=torch.float64), torch.arange(100.0), ids, ("t", 0)).any()
     assert not cluster_split(f[:1], torch.ones(1), ids[:1], ("t", 0)).any()
 

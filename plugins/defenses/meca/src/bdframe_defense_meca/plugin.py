@@ -189,7 +189,7 @@ class MeCaConfig:
                 "logit(p_e)), reference (flag its samples fitted more confidently than the "
                 "reference_quantile of the samples of the classes that do not stand out) or clusters (2-means "
                 "on the warm-up model's penultimate features of the class, PCA-reduced to cluster_components "
-                "dimensions; the cluster whose median logit(p_e) is higher is flagged, whatever its size)"})
+                "dimensions; the cluster whose mean logit(p_e) is higher is flagged, whatever its size)"})
     cluster_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
         "help": "label-aware, inside = clusters: principal components of the class's features kept before 2-means"})
     reference_quantile: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True, hi_open=True),
@@ -584,11 +584,14 @@ def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 
 
     The class's features are centred, projected onto their top ``n_components`` principal
     directions and split by the order-independent 2-means of activation clustering; the cluster
-    whose median ``signal`` (MeCa: the enhanced model's ``logit(p_e)``) is higher is flagged.
-    Unlike activation clustering's relative-size rule the decision does not look at the
-    clusters' sizes, so a poisoned group that is half its class (a clean-label attack) is found
-    as well as a small one. Equal medians, a single cluster or features that are all equal flag
-    nothing. Returns a bool tensor over the class's samples."""
+    whose mean ``signal`` (MeCa: the enhanced model's ``logit(p_e)``, finite because p is
+    clamped) is higher is flagged. The mean rather than the median: when most of both clusters
+    are fitted near certainty the medians sit on the same ceiling and their order is noise,
+    while the mean still weighs the clean cluster's less confidently fitted tail. Unlike
+    activation clustering's relative-size rule the decision does not look at the clusters'
+    sizes, so a poisoned group that is half its class (a clean-label attack) is found as well as
+    a small one. Equal means, a single cluster or features that are all equal flag nothing.
+    Returns a bool tensor over the class's samples."""
     import torch
 
     from bdframe.scoring import pca_project, two_means
@@ -604,10 +607,11 @@ def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 
     if bool((assign == assign[0]).all()):
         return flags
     signal = torch.as_tensor(signal, dtype=torch.float64)
-    med = [float(torch.quantile(signal[assign == k], 0.5)) for k in (0, 1)]
-    if med[0] == med[1]:
+    # summed in sorted order, so the means (and a tie between them) do not depend on the samples' order
+    mean = [float(signal[assign == k].sort().values.sum()) / int((assign == k).sum()) for k in (0, 1)]
+    if mean[0] == mean[1]:
         return flags
-    return assign == (0 if med[0] > med[1] else 1)
+    return assign == (0 if mean[0] > mean[1] else 1)
 
 
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
@@ -636,7 +640,7 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
       that are fitted as well as a typical clean sample elsewhere.
     - ``"clusters"``: :func:`cluster_split` of the class's ``features`` (one row per sample, e.g.
       the warm-up model's penultimate features; ``ids`` key the 2-means with ``seed``), the
-      cluster with the higher median ``logit(p_e)`` flagged.
+      cluster with the higher mean ``logit(p_e)`` flagged.
     """
     import torch
 
