@@ -95,7 +95,8 @@ def read_run(d: Path) -> dict:
     t = truth[inside]
     seed = int(read_json(d / "run.json")["seeds"]["run"])
     feats = features(warm, parts.poisoned.subset(pos[inside]), sctx).double()
-    clusters = cluster_split(feats, signals["enhanced"][inside], ids[inside], ("meca-clusters", seed))
+    z = signals["enhanced"][inside]
+    clusters = cluster_split(feats, z, ids[inside], ("meca-clusters", seed))
     metrics = read_json(d / "metrics.json")
     row = {"run": d.parent.parent.name + "/" + d.name, "attack": metrics.get("attack"),
            "class": parts.poisoned.classes[cls], "picked": bool(picked), "class_size": int(inside.sum()),
@@ -109,7 +110,6 @@ def read_run(d: Path) -> dict:
                                 "otsu_precision": split["precision"] if split["flagged"] else None,
                                 "precision_at_95_recall": precision_at_recall(v, t)}
     # the same two clusters decided by the median logit(p_e) instead of the mean
-    z = signals["enhanced"][inside]
     by_median = clusters
     if bool(clusters.any()) and not bool(clusters.all()):
         by_median = clusters if float(z[clusters].median()) > float(z[~clusters].median()) else ~clusters
