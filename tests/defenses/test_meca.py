@@ -799,21 +799,24 @@ def test_class_test_picks_classes_with_the_warm_up_models_fit(tmp_path, bdframe_
     assert sorted(res.suspected_ids.tolist()) == sorted(saved["ids"][want].tolist())
 
 
-@pytest.mark.parametrize("class_test, inside", [("warmup", "otsu"), ("both", "otsu"), ("warmup", "clusters")])
-def test_class_stat_spread_picks_the_classes_whose_margin_spread_stands_out(tmp_path, bdframe_registry, class_test,
-                                                                            inside):
-    """``class_stat = "spread"``: the warm-up model's margins are saved in ``meca_scores.pt``,
-    the classes picked are those the spread test picks in the warm-up model (and in the enhanced
-    model with ``"both"``), the split inside them is Otsu's on the enhanced model's ``p_e`` (or,
-    with ``inside = "clusters"``, the 2-means split of the warm-up model's features), and the
-    per-class robust z-scores are logged."""
+@pytest.mark.parametrize("class_stat, class_test, inside", [
+    ("spread", "warmup", "otsu"), ("spread", "both", "otsu"), ("spread", "warmup", "clusters"),
+    ("gap", "warmup", "clusters"), ("gap", "both", "otsu")])
+def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(tmp_path, bdframe_registry, class_stat,
+                                                                               class_test, inside):
+    """``class_stat = "spread"`` or ``"gap"``: the warm-up model's margins are saved in
+    ``meca_scores.pt``, the classes picked are those the test picks in the warm-up model (and in
+    the enhanced model with ``"both"``; the gap always splits the warm-up model's features), the
+    split inside them is Otsu's on the enhanced model's ``p_e`` (or, with ``inside =
+    "clusters"``, the 2-means split of the warm-up model's features), and the per-class robust
+    z-scores are logged."""
     from bdframe import scoring
     from bdframe.interfaces import ScoreContext
-    from bdframe_defense_meca.plugin import flag_label_aware, margins, spread_classes
+    from bdframe_defense_meca.plugin import classes_above, flag_label_aware, gap_z, margins, spread_classes
 
     recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
     config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test=class_test,
-                          class_stat="spread", spread_k=0.5, inside=inside)
+                          class_stat=class_stat, spread_k=0.5, inside=inside)
     res = MeCa(config).run(train, ctx)
     saved = torch.load(tmp_path / "meca_scores.pt")
     pos = train.positions(saved["ids"])
@@ -826,12 +829,18 @@ def test_class_stat_spread_picks_the_classes_whose_margin_spread_stands_out(tmp_
         if tag == "warmup":
             feats = scoring.features(model, subset, sctx).double()
     assert torch.allclose(saved["warmup_margin"], m["warmup"], atol=1e-4)
-    want = set(spread_classes(m["warmup"], labels, k=0.5))
+
+    def picks(margin):
+        if class_stat == "spread":
+            return set(spread_classes(margin, labels, k=0.5))
+        return set(classes_above(*gap_z(feats, margin, labels, saved["ids"], ("meca-clusters", ctx.seed)), k=0.5))
+
+    want = picks(m["warmup"])
     if class_test == "both":
-        want &= set(spread_classes(m["enhanced"], labels, k=0.5))
+        want &= picks(m["enhanced"])
     rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
     assert rec["suspicious_classes"] == sorted(want)
-    assert set(rec["class_spread_z"]) == ({"warmup", "enhanced"} if class_test == "both" else {"warmup"})
+    assert set(rec[f"class_{class_stat}_z"]) == ({"warmup", "enhanced"} if class_test == "both" else {"warmup"})
     assert want, "the test needs a picked class to split"
     flags, _ = flag_label_aware(saved["enhanced_prob"], labels, classes=sorted(want), inside=inside,
                                 features=feats, ids=saved["ids"], seed=ctx.seed)

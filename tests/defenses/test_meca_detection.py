@@ -8,9 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, cluster_split, confidence_scores, flag_confident,
-                                         flag_label_aware, margins, otsu_threshold, outlier_threshold, spread_classes,
-                                         spread_z, student_t_quantile, suspicious_classes, upper_outliers)
+from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, classes_above, cluster_gaps, cluster_split,
+                                         confidence_scores, flag_confident, flag_label_aware, gap_z, margins,
+                                         otsu_threshold, outlier_threshold, robust_class_z, spread_classes, spread_z,
+                                         student_t_quantile, suspicious_classes, upper_outliers)
 
 SET = settings(max_examples=60, deadline=None)
 PROBS = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=2, max_size=80)
@@ -207,11 +208,12 @@ def test_a_target_class_that_stands_out_is_found_and_split():
 
 def test_the_rules_cannot_see_ground_truth():
     for fn in (flag_confident, flag_label_aware, suspicious_classes, otsu_threshold, outlier_threshold,
-               upper_outliers, margins, class_spreads, spread_z, spread_classes, cluster_split):
+               upper_outliers, margins, class_spreads, spread_z, spread_classes, cluster_split, cluster_gaps, gap_z,
+               robust_class_z):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
                           "quantile", "confirm", "pick", "classes", "logits", "margin", "q", "limit", "features",
-                          "ids", "seed", "n_components", "feats", "signal", "seed_parts"}, (fn, params)
+                          "ids", "seed", "n_components", "feats", "signal", "seed_parts", "stat", "floor"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():
@@ -387,6 +389,65 @@ def test_the_cluster_split_works_inside_the_picked_class_only():
     assert classes == [4] and torch.equal(flags, poisoned)
     with pytest.raises(ValueError, match="one feature row and one id per sample"):
         flag_label_aware(prob, labels, classes=[4], inside="clusters", features=f[:10], ids=torch.arange(600))
+
+
+def gap_classes(seed: int = 0, *, poisoned_class: int | None = None):
+    """600 samples in 6 classes; each class's features form two groups (a sub-type split) that
+    the model fits about equally well (margins 1-3), except, with ``poisoned_class``, a third of
+    that class, a group of its own in feature space fitted far more confidently (margins 9-10)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 600
+    labels = torch.arange(n) % 6
+    f = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    f[torch.arange(n) % 2 == 0, 0] += 10.0  # every class: two sub-types
+    margin = 1.0 + 2.0 * torch.rand(n, generator=g, dtype=torch.float64)
+    if poisoned_class is not None:
+        group = (labels == poisoned_class) & (torch.arange(n) < 200)
+        f[group, 3] += 30.0
+        margin[group] = 9.0 + torch.rand(int(group.sum()), generator=g, dtype=torch.float64)
+    return f, margin, labels, torch.arange(n) * 7 + 3
+
+
+def test_the_gap_picks_the_class_with_a_confidently_fitted_group_and_no_class_on_clean_data():
+    f, margin, labels, ids = gap_classes(0)
+    classes, z = gap_z(f, margin, labels, ids, ("t", 0))
+    assert classes.tolist() == list(range(6)) and classes_above(classes, z, k=2.0) == []
+    f, margin, labels, ids = gap_classes(0, poisoned_class=4)
+    classes, z = gap_z(f, margin, labels, ids, ("t", 0))
+    assert classes_above(classes, z, k=2.0) == [4]
+    _, gaps = cluster_gaps(f, margin, labels, ids, ("t", 0))
+    assert float(gaps[4]) > 6.0 and float(gaps.max()) == float(gaps[4])
+    # the same 2-means keys as the split inside the class: the split flags the poisoned group
+    rows = labels == 4
+    group = (torch.arange(600) < 200)[rows]
+    assert torch.equal(cluster_split(f[rows], margin[rows], ids[rows], ("t", 0)), group)
+
+
+@SET
+@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from([None, 0, 3]))
+def test_the_gap_is_order_invariant_and_ignores_class_names(seed, rnd, poisoned_class):
+    f, margin, labels, ids = gap_classes(seed % 50, poisoned_class=poisoned_class)
+    classes, gaps = cluster_gaps(f, margin, labels, ids, ("t", seed))
+    perm = torch.tensor(rnd.sample(range(600), 600))
+    _, gaps_perm = cluster_gaps(f[perm], margin[perm], labels[perm], ids[perm], ("t", seed))
+    assert torch.allclose(gaps_perm, gaps, rtol=0, atol=1e-12)
+    names = torch.tensor(rnd.sample(range(100), 6))
+    renamed, gaps_renamed = cluster_gaps(f, margin, names[labels], ids, ("t", seed))
+    order = torch.argsort(names)  # renamed classes come out sorted by their new names
+    assert renamed.tolist() == sorted(names.tolist())
+    assert torch.allclose(gaps_renamed, gaps[order], rtol=0, atol=1e-12)
+
+
+def test_a_class_that_cannot_be_split_has_no_gap():
+    labels = torch.arange(90) % 3
+    f = torch.randn(90, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    f[labels == 1] = 1.0  # every feature of class 1 equal
+    _, gaps = cluster_gaps(f, torch.arange(90.0), labels, torch.arange(90), ("t", 0))
+    assert float(gaps[1]) == 0.0 and bool((gaps[[0, 2]] > 0).all())
+    with pytest.raises(ValueError, match="one feature row, margin and id per label"):
+        cluster_gaps(f[:10], torch.arange(90.0), labels, torch.arange(90), ("t", 0))
+    # fewer than three classes: nothing to compare a class with
+    assert gap_z(f[labels < 2], torch.arange(60.0), labels[labels < 2], torch.arange(60), ("t", 0))[1] is None
 
 
 def test_with_no_picked_class_label_aware_detection_is_the_global_rule():

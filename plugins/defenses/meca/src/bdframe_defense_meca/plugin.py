@@ -26,7 +26,10 @@ Pipeline, every piece taken from the registry through the defense context:
    cluster flagged), neither needing a poison rate.
    With ``class_stat = "spread"`` a class is picked instead when the upper tail of its samples'
    margins lies far from their median compared with the other classes (a confidently fitted
-   group inside the class, whatever the class's difficulty).
+   group inside the class, whatever the class's difficulty); with ``class_stat = "gap"`` when
+   the two groups its warm-up features split into (the split of ``inside = "clusters"``) are
+   fitted far more unequally than the groups of the other classes (the relabelled images that
+   carry the trigger against the class's own).
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
    clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
    ``clean_unlearn`` trains it with the ``mixed`` stage instead, unlearning the detected
@@ -169,20 +172,22 @@ class MeCaConfig:
                 "enhanced model's), both (the warm-up model's too: a class the enhancement merely leaves "
                 "easy is not picked) or warmup (the warm-up model's alone; the split inside the class uses "
                 "the enhanced model either way)"})
-    class_stat: str = attrs.field(default="share", validator=one_of("share", "spread"), metadata={
+    class_stat: str = attrs.field(default="share", validator=one_of("share", "spread", "gap"), metadata={
         "help": "label-aware: the statistic a class must stand out in: share (its share of samples fitted "
-                "above confidence_high; Grubbs's test at class_alpha) or spread (how far the spread_quantile of "
+                "above confidence_high; Grubbs's test at class_alpha), spread (how far the spread_quantile of "
                 "its samples' margins lies above their median, a robust z-score above spread_k: reads a "
-                "confidently fitted group inside a class, not how easy the class is)"})
+                "confidently fitted group inside a class, not how easy the class is) or gap (2-means on the "
+                "warm-up model's features of the class, as inside = clusters splits it; how far apart the two "
+                "groups' mean margins lie, a robust z-score above spread_k)"})
     spread_quantile: float = attrs.field(default=0.9, validator=in_range(0.5, 1, lo_open=True, hi_open=True),
                                          metadata={"help": "label-aware, class_stat = spread: the upper quantile of "
                                                            "a class's margins compared with their median"})
     spread_k: float = attrs.field(default=2.0, validator=in_range(0, None, lo_open=True), metadata={
-        "help": "label-aware, class_stat = spread: a class is picked when its spread lies more than this many "
-                "robust standard deviations (1.4826 MAD of the spreads, at least a tenth of their median) above "
-                "the median spread of the classes"})
+        "help": "label-aware, class_stat = spread or gap: a class is picked when its statistic lies more than "
+                "this many robust standard deviations (1.4826 MAD of the classes' values, at least a tenth of "
+                "their median) above the median of the classes"})
     spread_max_classes: int = attrs.field(default=0, validator=in_range(0, None), metadata={
-        "help": "label-aware, class_stat = spread: pick at most this many classes, those with the largest "
+        "help": "label-aware, class_stat = spread or gap: pick at most this many classes, those with the largest "
                 "z-scores (1 suits an all-to-one attack, which has one target class); 0: every class above spread_k"})
     inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference", "clusters"), metadata={
         "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
@@ -191,7 +196,8 @@ class MeCaConfig:
                 "on the warm-up model's penultimate features of the class, PCA-reduced to cluster_components "
                 "dimensions; the cluster whose mean logit(p_e) is higher is flagged, whatever its size)"})
     cluster_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
-        "help": "label-aware, inside = clusters: principal components of the class's features kept before 2-means"})
+        "help": "label-aware, inside = clusters or class_stat = gap: principal components of the class's "
+                "features kept before 2-means"})
     reference_quantile: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True, hi_open=True),
                                             metadata={"help": "label-aware, inside = reference: the quantile of "
                                                               "the ordinary classes' logit(p_e) above which a "
@@ -549,13 +555,97 @@ def spread_z(margin, labels, *, q: float = 0.9):
     import torch
 
     classes, spread = class_spreads(margin, labels, q=q)
-    if len(classes) < 3:
-        return classes, None
-    med, mad = median_mad(spread)
-    scale = max(mad, 0.1 * abs(med))
+    return classes, robust_class_z(spread)
+
+
+def robust_class_z(stat, floor: float = 0.0):
+    """The classes' statistic ``stat`` (float64, one value per class) as robust z-scores,
+    ``(stat - median) / scale`` with the scale ``1.4826 MAD`` but at least a tenth of the
+    median and at least ``floor``; None with fewer than three classes or a scale of 0."""
+    import torch
+
+    if len(stat) < 3:
+        return None
+    med, mad = median_mad(stat)
+    scale = max(mad, 0.1 * abs(med), floor)
     if not scale > 0:
-        return classes, None
-    return classes, (spread - med) / torch.tensor(scale, dtype=torch.float64)
+        return None
+    return (stat - med) / torch.tensor(scale, dtype=torch.float64)
+
+
+def _two_clusters(feats, ids, seed_parts: tuple, n_components: int):
+    """The order-independent 2-means of activation clustering on ``feats`` PCA-reduced to
+    ``n_components``: a 0/1 assignment per row, or None when the rows cannot be split (fewer
+    than two, all features equal, or 2-means puts every row in one cluster)."""
+    import torch
+
+    from bdframe.scoring import pca_project, two_means
+
+    if len(feats) < 2:
+        return None
+    z = pca_project(feats, n_components)
+    if z is None:
+        return None
+    assign, _ = two_means(z, torch.as_tensor(ids, dtype=torch.int64), seed_parts)
+    return None if bool((assign == assign[0]).all()) else assign
+
+
+def _cluster_means(signal, assign) -> list[float]:
+    """Each cluster's mean ``signal``, summed in sorted order (independent of the rows' order)."""
+    import torch
+
+    signal = torch.as_tensor(signal, dtype=torch.float64)
+    return [float(signal[assign == k].sort().values.sum()) / int((assign == k).sum()) for k in (0, 1)]
+
+
+def cluster_gaps(feats, margin, labels, ids, seed_parts: tuple, *, n_components: int = 10):
+    """``(classes, gap)``: the labels present and, per class, how far apart the mean margins of
+    the two groups its features split into lie (:func:`cluster_split`'s 2-means with the same
+    keys, so a picked class is split into the same two groups).
+
+    An all-to-one backdoor makes its target class two groups: the class's own images and the
+    relabelled images from every other class, which the model fits through the trigger, far more
+    confidently than the class's own (the trigger is easier to learn than the class). Features
+    separate the two groups and their mean margins differ widely. A clean class's two groups
+    (e.g. two kinds of ship) are fitted about equally well. Unlike the spread of
+    :func:`class_spreads`, which reads the top tenth of the margins, the gap compares whole
+    groups, so it does not move much when the model fits more clean samples confidently late in
+    training. A class that cannot be split has gap 0."""
+    import torch
+
+    feats = torch.as_tensor(feats, dtype=torch.float64).cpu()
+    margin = torch.as_tensor(margin, dtype=torch.float64).flatten().cpu()
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
+    ids = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
+    if not len(feats) == len(margin) == len(labels) == len(ids):
+        raise ValueError("cluster_gaps needs one feature row, margin and id per label")
+    classes = torch.unique(labels)
+    gaps = []
+    for c in classes:
+        rows = labels == c
+        assign = _two_clusters(feats[rows], ids[rows], seed_parts, n_components)
+        if assign is None:
+            gaps.append(0.0)
+            continue
+        means = _cluster_means(margin[rows], assign)
+        gaps.append(abs(means[0] - means[1]))
+    return classes, torch.tensor(gaps, dtype=torch.float64)
+
+
+def gap_z(feats, margin, labels, ids, seed_parts: tuple, *, n_components: int = 10):
+    """``(classes, z)``: each class's :func:`cluster_gaps` as a robust z-score among the classes
+    (:func:`robust_class_z`; None with fewer than three classes or no spread of the gaps). The
+    scale is also at least a tenth of the median over the classes of their margins' standard
+    deviation: where every class's two groups are fitted alike, all gaps are near 0 and their MAD
+    is rounding-sized, and a gap is then measured against how widely margins vary inside a class
+    rather than against that noise."""
+    import torch
+
+    classes, gap = cluster_gaps(feats, margin, labels, ids, seed_parts, n_components=n_components)
+    margin = torch.as_tensor(margin, dtype=torch.float64).flatten().cpu()
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
+    sd = torch.stack([margin[labels == c].std(correction=0) for c in classes]) if len(classes) else gap
+    return classes, robust_class_z(gap, floor=0.1 * float(sd.median()) if len(sd) else 0.0)
 
 
 def spread_classes(margin, labels, *, q: float = 0.9, k: float = 2.0, limit: int = 0) -> list[int]:
@@ -594,21 +684,11 @@ def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 
     Returns a bool tensor over the class's samples."""
     import torch
 
-    from bdframe.scoring import pca_project, two_means
-
-    n = len(feats)
-    flags = torch.zeros(n, dtype=torch.bool)
-    if n < 2:
+    flags = torch.zeros(len(feats), dtype=torch.bool)
+    assign = _two_clusters(feats, ids, seed_parts, n_components)
+    if assign is None:
         return flags
-    z = pca_project(feats, n_components)
-    if z is None:
-        return flags
-    assign, _ = two_means(z, torch.as_tensor(ids, dtype=torch.int64), seed_parts)
-    if bool((assign == assign[0]).all()):
-        return flags
-    signal = torch.as_tensor(signal, dtype=torch.float64)
-    # summed in sorted order, so the means (and a tie between them) do not depend on the samples' order
-    mean = [float(signal[assign == k].sort().values.sum()) / int((assign == k).sum()) for k in (0, 1)]
+    mean = _cluster_means(signal, assign)
     if mean[0] == mean[1]:
         return flags
     return assign == (0 if mean[0] > mean[1] else 1)
@@ -930,7 +1010,8 @@ class MeCa(Defense):
                 poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
             elif c.detection == "label-aware":
                 feats = None
-                if c.class_test != "enhanced" or c.inside == "clusters":
+                need_feats = c.inside == "clusters" or c.class_stat == "gap"
+                if c.class_test != "enhanced" or need_feats:
                     warm = ctx.new_model(state_dict=warmup_state)
                     wctx = self._score_ctx(ctx, "detect-warmup")
                     if c.class_test != "enhanced":
@@ -938,16 +1019,20 @@ class MeCa(Defense):
                         _, confirm = detect(warm_logits, data.labels)
                         margin["warmup"] = margins(warm_logits, labels)
                         del warm_logits
-                    if c.inside == "clusters":
+                    if need_feats:
                         feats = scoring.features(warm, data, wctx, desc="meca warm-up features").double().cpu()
                     del warm
                 picked = None
-                if c.class_stat == "spread":
+                if c.class_stat in ("spread", "gap"):
                     if c.class_test != "warmup":
                         margin["enhanced"] = margins(logits, labels)
                     zs, votes = {}, []
                     for tag, m in margin.items():
-                        present, z = spread_z(m, labels, q=c.spread_quantile)
+                        if c.class_stat == "spread":
+                            present, z = spread_z(m, labels, q=c.spread_quantile)
+                        else:  # the same 2-means keys as the split inside a picked class
+                            present, z = gap_z(feats, m, labels, data.ids.cpu(), ("meca-clusters", int(ctx.seed)),
+                                               n_components=c.cluster_components)
                         zs[tag] = {int(k): (None if z is None else float(z[i])) for i, k in enumerate(present)}
                         votes.append(set(classes_above(present, z, k=c.spread_k, limit=c.spread_max_classes)))
                     picked = sorted(set.intersection(*votes))
@@ -959,7 +1044,7 @@ class MeCa(Defense):
                                                      seed=ctx.seed, n_components=c.cluster_components)
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes,
-                     **({} if zs is None else {"class_spread_z": zs})})
+                     **({} if zs is None else {f"class_{c.class_stat}_z": zs})})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
                    "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "paper_rule": paper_rule,
                    "warmup_prob": confirm, "warmup_margin": margin.get("warmup"),
