@@ -21,7 +21,7 @@ The poisoned class and the poison ids are read only to label and evaluate the ro
 statistic sees them. One row per attack, each trained in this process one after the other:
 
     python benchmarks/meca_warmup_epochs.py benchmarks/sweeps/meca-cifar10-50k.toml \\
-        --attacks none badnet blend --out benchmarks/results/meca_warmup_epochs_50k.json
+        --attacks blend --out benchmarks/results/meca_warmup_epochs_50k.json
 """
 
 from __future__ import annotations

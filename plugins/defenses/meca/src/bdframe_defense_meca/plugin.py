@@ -552,8 +552,6 @@ def spread_z(margin, labels, *, q: float = 0.9):
     ``1.4826 MAD`` of the spreads but at least a tenth of the median spread (so that classes
     whose spreads are all nearly equal do not turn noise into large scores). ``z`` is None with
     fewer than three classes (nothing to compare a class with) or when the scale is 0."""
-    import torch
-
     classes, spread = class_spreads(margin, labels, q=q)
     return classes, robust_class_z(spread)
 
