@@ -44,7 +44,7 @@ def class_stats(model, data, labels, ids, truth, seed: int) -> dict:
 
     from bdframe.interfaces import ScoreContext
     from bdframe.scoring import features
-    from bdframe_defense_meca.plugin import cluster_gaps, cluster_split, gap_z, margins, spread_z
+    from bdframe_defense_meca.plugin import cluster_gaps, cluster_split, gap_floor, margins, robust_class_z, spread_z
 
     sctx = ScoreContext(progress=False)
     feats = features(model, data, sctx)
@@ -59,7 +59,7 @@ def class_stats(model, data, labels, ids, truth, seed: int) -> dict:
     key = ("meca-clusters", int(seed))
     classes, sz = spread_z(margin, labels, q=Q)
     _, gaps = cluster_gaps(feats, margin, labels, ids, key)
-    _, gz = gap_z(feats, margin, labels, ids, key)
+    gz = robust_class_z(gaps, floor=gap_floor(margin, labels, classes))  # gap_z's, without clustering twice
     inside = {}
     for c in classes.tolist():
         rows = labels == c
@@ -95,11 +95,9 @@ def run_row(sweep: dict, attack: str, epochs: int | None, device) -> dict:
     meca = recipe.defense.config
     parts = materialise(recipe, registry)
     ctx = RunContext.for_parts(parts, device, None, progress=False)
-    amp = meca.amp if meca.amp != "auto" else getattr(recipe.train.config, "amp", "auto")
-    n_epochs = epochs or meca.warmup_epochs
-    trainer = ctx.component("trainer", "standard", epochs=n_epochs, lr=meca.warmup_lr, batch_size=meca.batch_size,
-                            momentum=meca.momentum, weight_decay=meca.weight_decay,
-                            crop_padding=4 if meca.augment else 0, flip=meca.augment, amp=amp)
+    defense = registry.get("defense", "meca")(meca)
+    trainer = defense.warmup_trainer(ctx, epochs)  # the stage a MeCa run of this recipe trains
+    amp = trainer.config.amp
     train = parts.poisoned
     ids, labels = train.ids, train.labels
     truth = torch.isin(ids, torch.as_tensor(parts.poison_ids, dtype=torch.int64))

@@ -637,13 +637,20 @@ def gap_z(feats, margin, labels, ids, seed_parts: tuple, *, n_components: int = 
     deviation: where every class's two groups are fitted alike, all gaps are near 0 and their MAD
     is rounding-sized, and a gap is then measured against how widely margins vary inside a class
     rather than against that noise."""
+    classes, gap = cluster_gaps(feats, margin, labels, ids, seed_parts, n_components=n_components)
+    return classes, robust_class_z(gap, floor=gap_floor(margin, labels, classes))
+
+
+def gap_floor(margin, labels, classes) -> float:
+    """The least scale of the gaps' z-scores (:func:`gap_z`): a tenth of the median over
+    ``classes`` of the standard deviation of their samples' margins (0 with no classes)."""
     import torch
 
-    classes, gap = cluster_gaps(feats, margin, labels, ids, seed_parts, n_components=n_components)
     margin = torch.as_tensor(margin, dtype=torch.float64).flatten().cpu()
     labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
-    sd = torch.stack([margin[labels == c].std(correction=0) for c in classes]) if len(classes) else gap
-    return classes, robust_class_z(gap, floor=0.1 * float(sd.median()) if len(sd) else 0.0)
+    if not len(classes):
+        return 0.0
+    return 0.1 * float(torch.stack([margin[labels == c].std(correction=0) for c in classes]).median())
 
 
 def spread_classes(margin, labels, *, q: float = 0.9, k: float = 2.0, limit: int = 0) -> list[int]:
@@ -800,6 +807,14 @@ class MeCa(Defense):
         return {"batch_size": c.batch_size, "momentum": c.momentum, "weight_decay": c.weight_decay,
                 "crop_padding": 4 if c.augment else 0, "flip": c.augment, "amp": amp}
 
+    def warmup_trainer(self, ctx, epochs: int | None = None, amp: str | None = None):
+        """The warm-up stage (step 1): the ``standard`` trainer with ``warmup_epochs`` (or
+        ``epochs``) and ``warmup_lr`` and MeCa's own optimiser settings and precision (``amp``:
+        the :meth:`_amp` setting when already resolved)."""
+        c = self.config
+        return ctx.component("trainer", "standard", epochs=c.warmup_epochs if epochs is None else epochs,
+                             lr=c.warmup_lr, **self._optim(self._amp(ctx) if amp is None else amp))
+
     def _amp(self, ctx) -> str:
         """The ``amp`` setting of MeCa's own stages: the defense's, or with ``auto`` the recipe's
         ``[train]`` stage's (``auto`` where that stage has none)."""
@@ -896,8 +911,7 @@ class MeCa(Defense):
         resumed: list[str] = []
         # every component up front, so a missing plugin or a rejected parameter fails before training
         amp = self._amp(ctx)
-        warmup_trainer = ctx.component("trainer", "standard", epochs=c.warmup_epochs, lr=c.warmup_lr,
-                                       **self._optim(amp))
+        warmup_trainer = self.warmup_trainer(ctx, amp=amp)
         mixed = ctx.component("trainer", "mixed", epochs=c.epochs_per_iteration, lr=c.enhance_lr,
                               schedule=c.enhance_schedule, lam=c.lam, normalize=c.unlearn_norm,
                               forget_ceiling=c.unlearn_ceiling, **self._optim(amp))
