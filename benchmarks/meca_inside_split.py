@@ -19,7 +19,9 @@ signal can reach at recall >= 95%). A fifth row, ``warm-up features, 2-means``, 
 ``inside = "clusters"`` makes: 2-means on the warm-up model's PCA-reduced penultimate features of
 the class, the cluster with the higher mean enhanced ``logit(p_e)`` flagged (recall and
 precision only: it is a split, not a score); ``2-means, median decision`` is the same two
-clusters decided by the higher *median* instead. Runs without enhancement iterations (``iterations =
+clusters decided by the higher *median* instead; ``2-means, core of the flagged cluster`` is
+the part of the flagged cluster that ``clean_unlearn_core`` unlearns (the cluster split once more
+by 2-means, the half with the higher mean ``logit(p_e)``). Runs without enhancement iterations (``iterations =
 0``: the enhanced model is the warm-up model) have no consistency rows. Ground truth
 (``poison.json``) is read only to score the signals; nothing here changes a run.
 
@@ -65,7 +67,7 @@ def read_run(d: Path) -> dict:
     from bdframe.runs import read_json
     from bdframe.scan import load_run
     from bdframe.scoring import features, logits
-    from bdframe_defense_meca.plugin import cluster_split, confidence_scores, margins, otsu_threshold
+    from bdframe_defense_meca.plugin import cluster_cores, cluster_split, confidence_scores, margins, otsu_threshold
 
     scores = torch.load(d / "meca_scores.pt", weights_only=False)
     parts, _ = load_run(d, device="cpu")
@@ -113,7 +115,11 @@ def read_run(d: Path) -> dict:
     by_median = clusters
     if bool(clusters.any()) and not bool(clusters.all()):
         by_median = clusters if float(z[clusters].median()) > float(z[~clusters].median()) else ~clusters
-    for name, flags in (("warm-up features, 2-means", clusters), ("2-means, median decision", by_median)):
+    # clean_unlearn_core: the flagged cluster split once more, its more confidently fitted half
+    core = cluster_cores(feats, scores["enhanced_prob"][inside], labels[inside], ids[inside], clusters, [cls],
+                         seed=seed)
+    for name, flags in (("warm-up features, 2-means", clusters), ("2-means, median decision", by_median),
+                        ("2-means, core of the flagged cluster", core)):
         split = flag_metrics(flags, t)
         row["signals"][name] = {
             "auroc": None, "otsu_flagged": split["flagged"], "otsu_recall": split["recall"],

@@ -516,6 +516,49 @@ def test_clean_unlearn_trains_the_clean_model_on_the_kept_set_while_unlearning_t
     assert fit_of_flagged(res1.model) < fit_of_flagged(res0.model)
 
 
+def test_clean_unlearn_core_unlearns_the_cores_and_leaves_the_rest_of_the_flagged_set_out(tmp_path,
+                                                                                          bdframe_registry):
+    """``clean_unlearn_core``: detection is unchanged and is what the run reports; the clean
+    training learns the kept set and unlearns exactly :func:`cluster_cores` of the flagged set
+    (the picked classes split once more on the warm-up model's features); the flagged samples
+    outside the cores are in neither set; the core's size is logged."""
+    from bdframe import scoring
+    from bdframe.interfaces import ScoreContext
+    from bdframe_defense_meca.plugin import cluster_cores
+
+    results, stages = {}, []
+    for core in (False, True):
+        recipe, ctx, train = make_ctx(tmp_path / str(core), bdframe_registry, train_size=200)
+        spy_on_trainers(ctx, lambda made, data, kw, core=core: stages.append(
+            (core, made.name, made.config, data, kw.get("forget"))))
+        config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test="warmup",
+                              class_stat="gap", spread_k=0.5, inside="clusters", clean_unlearn=1.0,
+                              clean_unlearn_core=core)
+        results[core] = (MeCa(config).run(train, ctx), ctx, train)
+    whole, (res, ctx, train) = results[False][0], results[True]
+    assert torch.equal(whole.suspected_ids, res.suspected_ids)
+    saved = torch.load(tmp_path / "True" / "meca_scores.pt")
+    pos = train.positions(saved["ids"])
+    labels, subset = train.labels[pos], train.subset(pos)
+    sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
+    warm = ctx.new_model(state_dict=torch.load(tmp_path / "True" / "meca_warmup_model.pt"))
+    feats = scoring.features(warm, subset, sctx).double()
+    rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
+    assert rec["suspicious_classes"], "the test needs a picked class"
+    core = cluster_cores(feats, saved["enhanced_prob"], labels, saved["ids"], saved["detected_poison"],
+                         rec["suspicious_classes"], seed=ctx.seed)
+    assert 0 < int(core.sum()) < int(saved["detected_poison"].sum())
+    clean = [s for s in stages if s[0] and s[1] == "mixed" and s[2].lam == 1.0]
+    assert len(clean) == 1
+    _, _, _, kept, forget = clean[0]
+    assert sorted(forget.ids.tolist()) == sorted(saved["ids"][core].tolist())
+    assert sorted(kept.ids.tolist()) == sorted(saved["ids"][~saved["detected_poison"]].tolist())
+    assert rec["unlearn_core"] == int(core.sum())
+    assert res.metrics["split"]["unlearned"] == int(core.sum())
+    assert whole.metrics["split"]["unlearned"] == int(saved["detected_poison"].sum())
+    assert f"unlearning {int(core.sum())} of the {len(res.suspected_ids)} flagged" in res.summary[-1]
+
+
 def test_clean_unlearn_refuses_a_train_stage_setting_the_mixed_stage_lacks(tmp_path, bdframe_registry):
     from bdframe.build import materialise
     from bdframe.recipe import loads_dict
@@ -578,6 +621,11 @@ def test_clean_stage_semi_trains_the_clean_model_on_the_kept_set_with_the_flagge
     ({"clean_stage": "repair", "repair_poison": 0.0}, "repair_poison", ""),
     ({"clean_stage": "repair", "repair_clean": 1.0}, "repair_clean", ""),
     ({"repair_model": "model.pt"}, "repair_model", 'used only with clean_stage = "repair"'),
+    ({"clean_unlearn_core": True}, "clean_unlearn_core", "used only with clean_unlearn > 0"),
+    ({"clean_unlearn_core": True, "clean_unlearn": 0.6, "detection": "label-aware"}, "clean_unlearn_core",
+     'inside = "clusters"'),
+    ({"clean_unlearn_core": True, "clean_unlearn": 0.6, "inside": "clusters"}, "clean_unlearn_core",
+     'detection = "label-aware"'),
     ({"clean_stage": "semi", "repair_model": "model.pt"}, "repair_model", 'used only with clean_stage = "repair"'),
 ])
 def test_clean_stage_settings_are_checked_with_the_recipe(tmp_path, bdframe_registry, change, field, message):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, classes_above, cluster_gaps, cluster_split,
+from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, classes_above, cluster_cores, cluster_gaps,
+                                         cluster_split,
                                          confidence_scores, flag_confident, flag_label_aware, gap_z, margins,
                                          otsu_threshold, outlier_threshold, robust_class_z, spread_classes, spread_z,
                                          student_t_quantile, suspicious_classes, upper_outliers)
@@ -389,6 +390,63 @@ def test_the_cluster_split_works_inside_the_picked_class_only():
     assert classes == [4] and torch.equal(flags, poisoned)
     with pytest.raises(ValueError, match="one feature row and one id per sample"):
         flag_label_aware(prob, labels, classes=[4], inside="clusters", features=f[:10], ids=torch.arange(600))
+
+
+def flagged_group(seed: int = 0):
+    """600 samples in 6 classes. Class 4's flagged group: a tight trigger group (the first 40 of
+    the class's 100, fitted near certainty) and clean samples of the class swept in with it (the
+    next 30, fitted less confidently, spread out and apart from it in feature space); the class's other
+    samples are not flagged. Two samples of class 2 are flagged by the confidence rule."""
+    g = torch.Generator().manual_seed(seed)
+    n = 600
+    labels = torch.arange(n) % 6
+    rank = torch.arange(n) // 6  # position inside the class
+    f = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    trigger = (labels == 4) & (rank < 40)
+    edge = (labels == 4) & (rank >= 40) & (rank < 70)
+    f[trigger, 2] += 20.0
+    f[trigger] *= 0.3
+    f[edge, 5] += 8.0
+    prob = torch.full((n,), 0.7, dtype=torch.float64)
+    prob[trigger] = 0.9999
+    prob[edge] = 0.95
+    flags = trigger | edge
+    flags[(labels == 2) & (rank < 2)] = True
+    return f, prob, labels, torch.arange(n) * 5 + 1, flags, trigger
+
+
+def test_the_core_keeps_the_confidently_fitted_part_of_the_flagged_group():
+    """Inside the picked class the core is the trigger group, the clean samples swept in with it
+    are left out of it; flagged samples of other classes (the confidence rule's) are their own core."""
+    f, prob, labels, ids, flags, trigger = flagged_group()
+    core = cluster_cores(f, prob, labels, ids, flags, [4])
+    assert torch.equal(core[labels == 4], trigger[labels == 4])
+    assert torch.equal(core[labels != 4], flags[labels != 4])
+    assert not (core & ~flags).any()
+    assert torch.equal(cluster_cores(f, prob, labels, ids, flags, []), flags)  # no class picked: all flagged
+
+
+@SET
+@given(st.integers(0, 2 ** 16), st.randoms())
+def test_the_core_is_order_invariant_and_ignores_class_names(seed, rnd):
+    f, prob, labels, ids, flags, _ = flagged_group(seed % 50)
+    f = f + 0.5 * torch.randn(f.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    core = cluster_cores(f, prob, labels, ids, flags, [4], seed=seed)
+    perm = torch.tensor(rnd.sample(range(len(prob)), len(prob)))
+    assert torch.equal(cluster_cores(f[perm], prob[perm], labels[perm], ids[perm], flags[perm], [4], seed=seed),
+                       core[perm])
+    rename = torch.tensor(rnd.sample(range(6), 6))
+    assert torch.equal(cluster_cores(f, prob, rename[labels], ids, flags, [int(rename[4])], seed=seed), core)
+    assert not (core & ~flags).any()
+
+
+def test_a_flagged_group_that_cannot_be_split_is_its_own_core():
+    f, prob, labels, ids, flags, _ = flagged_group()
+    same = torch.ones_like(f)
+    assert torch.equal(cluster_cores(same, prob, labels, ids, flags, [4]), flags)  # all features equal
+    one = torch.zeros_like(flags)
+    one[torch.nonzero(labels == 4)[0]] = True
+    assert torch.equal(cluster_cores(f, prob, labels, ids, one, [4]), one)  # a single flagged sample
 
 
 def gap_classes(seed: int = 0, *, poisoned_class: int | None = None):

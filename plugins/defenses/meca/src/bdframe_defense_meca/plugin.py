@@ -212,6 +212,12 @@ class MeCaConfig:
                                              metadata={"help": "clean_unlearn > 0: a flagged sample is unlearned "
                                                                "only while the model gives its label a "
                                                                "probability above this (bounded ascent)"})
+    clean_unlearn_core: bool = attrs.field(default=False, metadata={
+        "help": "clean_unlearn > 0 with inside = clusters: unlearn only the core of each picked class's flagged "
+                "group, the half of it that a second 2-means split of the group's features finds the enhanced "
+                "model fits more confidently; the rest of the group is left out of the clean training (neither "
+                "learned nor unlearned), since unlearning a clean sample of the class costs far more accuracy "
+                "than leaving it out; the suspected set reported is still the whole flagged set"})
     clean_stage: str = attrs.field(default="train", validator=one_of("train", "semi", "repair"), metadata={
         "help": "how the clean model is made: train (trained from scratch by the recipe's [train] stage on the "
                 "kept set alone, the paper's), semi (from scratch by the mixmatch stage: the kept set labelled, the "
@@ -699,6 +705,33 @@ def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 
     return assign == (0 if mean[0] > mean[1] else 1)
 
 
+def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0, n_components: int = 10):
+    """The core of each picked class's flagged group: the flagged samples of each class in
+    ``classes`` split once more by :func:`cluster_split` (the same 2-means keys, on the group's own
+    principal components), the half the model fits more confidently (higher mean
+    ``logit(prob)``) kept. The trigger's samples are the tightest, most confidently fitted part of
+    the group; the clean samples of the class that the first split swept in lie at its edge and
+    fall into the other half. Flagged samples outside ``classes`` (the confidence rule's) are
+    their own core; a group that cannot be split is its own core. Returns a bool tensor, a
+    subset of ``flags``; independent of the sample order and of the integers naming the classes."""
+    import torch
+
+    labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+    flags = torch.as_tensor(flags, dtype=torch.bool).cpu()
+    ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
+    core = flags.clone()
+    z = confidence_scores(prob)
+    for c in sorted({int(k) for k in classes}):
+        rows = torch.nonzero(flags & (labels == c)).flatten()
+        if len(rows) < 2:
+            continue
+        sub = cluster_split(features[rows], z[rows], ids[rows], ("meca-clusters", int(seed)),
+                            n_components=n_components)
+        if bool(sub.any()):
+            core[rows] = sub
+    return core
+
+
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
                      inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both", classes=None,
                      features=None, ids=None, seed: int = 0, n_components: int = 10):
@@ -779,6 +812,10 @@ class MeCa(Defense):
         """The ``semi`` table against the mixmatch stage, and the options it cannot be combined with."""
         from bdframe.recipe import table_problems
 
+        if config.clean_unlearn_core and (config.clean_unlearn <= 0 or config.inside != "clusters"
+                                          or config.detection != "label-aware"):
+            return [("clean_unlearn_core", 'is used only with clean_unlearn > 0, detection = "label-aware" and '
+                                           'inside = "clusters"')]
         if config.repair_model and config.clean_stage != "repair":
             return [("repair_model", 'is used only with clean_stage = "repair"')]
         if config.clean_stage == "repair":
@@ -1054,10 +1091,16 @@ class MeCa(Defense):
                                                      pick="confirm" if c.class_test == "warmup" else "both",
                                                      classes=picked, features=feats, ids=data.ids.cpu(),
                                                      seed=ctx.seed, n_components=c.cluster_components)
+            unlearn = poisoned
+            if c.clean_unlearn_core:
+                unlearn = cluster_cores(feats, prob, labels, data.ids.cpu(), poisoned, classes or [], seed=ctx.seed,
+                                        n_components=c.cluster_components) if classes else poisoned
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes,
+                     **({"unlearn_core": int(unlearn.sum())} if c.clean_unlearn_core else {}),
                      **({} if zs is None else {f"class_{c.class_stat}_z": zs})})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
+                   "unlearn_ids": data.ids[unlearn].clone(),
                    "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "paper_rule": paper_rule,
                    "warmup_prob": confirm, "warmup_margin": margin.get("warmup"),
                    "seconds": time.perf_counter() - t0}
@@ -1076,6 +1119,9 @@ class MeCa(Defense):
                         out_dir / "meca_scores.pt")
         clean_set = data.subset(data.contains(det["kept_ids"]))
         poison_set = data.subset(data.contains(det["flagged_ids"]))
+        # what the clean training unlearns: the flagged set, or with clean_unlearn_core its cores
+        forget_set = poison_set if not c.clean_unlearn_core else \
+            data.subset(data.contains(det.get("unlearn_ids", det["flagged_ids"])))
         del model
 
         # per-sample suspicion: the enhanced model's p_e(y|x), in data's row order (suspected.csv, the repair)
@@ -1103,11 +1149,11 @@ class MeCa(Defense):
                 t0 = time.perf_counter()
                 st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch,
                                lr_setting="[defense] semi.lr" if semi else "[train] lr")
-                clean_trainer.fit(clean_model, clean_set, st, forget=poison_set if c.clean_unlearn > 0 else None,
+                clean_trainer.fit(clean_model, clean_set, st, forget=forget_set if c.clean_unlearn > 0 else None,
                                   unlabelled=poison_set if semi and len(poison_set) else None)
                 ev = ctx.evaluate(clean_model)
                 ctx.log({"stage": "meca-clean", "train_size": len(clean_set),
-                         "unlearned": len(poison_set) if c.clean_unlearn > 0 else 0,
+                         "unlearned": len(forget_set) if c.clean_unlearn > 0 else 0,
                          "unlabelled": len(poison_set) if semi else 0, **ev})
                 done = {"model": steps.cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
                 step.save(done)
@@ -1158,7 +1204,8 @@ class MeCa(Defense):
         n_p = len(det["flagged_ids"])
         metrics = {
             "trend": trend,
-            "split": {"clean": n - n_p, "poison": n_p, "poison_share": n_p / n},
+            "split": {"clean": n - n_p, "poison": n_p, "poison_share": n_p / n,
+                      "unlearned": len(forget_set) if c.clean_unlearn > 0 and not repairing else 0},
             "clean_model": dict(clean_eval),
             "relearn": relearn_metrics,
             "repair": repaired,
@@ -1180,6 +1227,8 @@ class MeCa(Defense):
         else:
             # clean_unlearn and clean_stage = "semi" exclude each other (check_components)
             flagged_use = (f", with the {n_p} flagged as unlabelled data" if semi else
+                           f", unlearning {len(forget_set)} of the {n_p} flagged (their cores) and leaving out the "
+                           f"rest" if c.clean_unlearn > 0 and c.clean_unlearn_core else
                            f", unlearning the {n_p} flagged" if c.clean_unlearn > 0 else "")
             summary.append(f"meca: clean model trained on the {n - n_p} kept samples{flagged_use}: {steps.figures(clean_eval)}"
                            + ("" if relearn_metrics is None else
