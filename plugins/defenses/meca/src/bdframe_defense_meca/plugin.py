@@ -1093,7 +1093,7 @@ class MeCa(Defense):
                                                      seed=ctx.seed, n_components=c.cluster_components)
             unlearn = poisoned
             if c.clean_unlearn_core:
-                unlearn = cluster_cores(feats, prob, labels, data.ids.cpu(), poisoned, classes or [], seed=ctx.seed,
+                unlearn = cluster_cores(feats, prob, labels, data.ids.cpu(), poisoned, classes, seed=ctx.seed,
                                         n_components=c.cluster_components) if classes else poisoned
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes,
