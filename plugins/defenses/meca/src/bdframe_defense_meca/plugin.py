@@ -723,8 +723,6 @@ def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0,
     z = confidence_scores(prob)
     for c in sorted({int(k) for k in classes}):
         rows = torch.nonzero(flags & (labels == c)).flatten()
-        if len(rows) < 2:
-            continue
         sub = cluster_split(features[rows], z[rows], ids[rows], ("meca-clusters", int(seed)),
                             n_components=n_components)
         if bool(sub.any()):
@@ -1091,10 +1089,9 @@ class MeCa(Defense):
                                                      pick="confirm" if c.class_test == "warmup" else "both",
                                                      classes=picked, features=feats, ids=data.ids.cpu(),
                                                      seed=ctx.seed, n_components=c.cluster_components)
-            unlearn = poisoned
-            if c.clean_unlearn_core:
-                unlearn = cluster_cores(feats, prob, labels, data.ids.cpu(), poisoned, classes, seed=ctx.seed,
-                                        n_components=c.cluster_components) if classes else poisoned
+            unlearn = poisoned if not c.clean_unlearn_core else \
+                cluster_cores(feats, prob, labels, data.ids.cpu(), poisoned, classes, seed=ctx.seed,
+                              n_components=c.cluster_components)
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes,
                      **({"unlearn_core": int(unlearn.sum())} if c.clean_unlearn_core else {}),
