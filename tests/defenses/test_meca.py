@@ -849,7 +849,7 @@ def test_class_test_picks_classes_with_the_warm_up_models_fit(tmp_path, bdframe_
 
 @pytest.mark.parametrize("class_stat, class_test, inside", [
     ("spread", "warmup", "otsu"), ("spread", "both", "otsu"), ("spread", "warmup", "clusters"),
-    ("gap", "warmup", "clusters"), ("gap", "both", "otsu")])
+    ("gap", "warmup", "clusters"), ("gap", "both", "otsu"), ("gap-separation", "warmup", "clusters")])
 def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(tmp_path, bdframe_registry, class_stat,
                                                                                class_test, inside):
     """``class_stat = "spread"`` or ``"gap"``: the warm-up model's margins are saved in
@@ -860,7 +860,7 @@ def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(t
     z-scores are logged."""
     from bdframe import scoring
     from bdframe.interfaces import ScoreContext
-    from bdframe_defense_meca.plugin import classes_above, flag_label_aware, gap_z, margins, spread_classes
+    from bdframe_defense_meca.plugin import classes_above, flag_label_aware, gap_separation_z, gap_z, margins, spread_classes
 
     recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
     config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test=class_test,
@@ -881,14 +881,21 @@ def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(t
     def picks(margin):
         if class_stat == "spread":
             return set(spread_classes(margin, labels, k=0.5))
-        return set(classes_above(*gap_z(feats, margin, labels, saved["ids"], ("meca-clusters", ctx.seed)), k=0.5))
+        key = ("meca-clusters", ctx.seed)
+        if class_stat == "gap-separation":
+            classes, z, _ = gap_separation_z(feats, margin, labels, saved["ids"], key)
+            return set(classes_above(classes, z, k=0.5))
+        return set(classes_above(*gap_z(feats, margin, labels, saved["ids"], key), k=0.5))
 
     want = picks(m["warmup"])
     if class_test == "both":
         want &= picks(m["enhanced"])
     rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
     assert rec["suspicious_classes"] == sorted(want)
-    assert set(rec[f"class_{class_stat}_z"]) == ({"warmup", "enhanced"} if class_test == "both" else {"warmup"})
+    tags = {"warmup", "enhanced"} if class_test == "both" else {"warmup"}
+    if class_stat == "gap-separation":  # the larger z-score and its two parts
+        tags |= {f"{t}-{part}" for t in tags for part in ("gap", "separation")}
+    assert set(rec[f"class_{class_stat}_z"]) == tags
     assert want, "the test needs a picked class to split"
     flags, _ = flag_label_aware(saved["enhanced_prob"], labels, classes=sorted(want), inside=inside,
                                 features=feats, ids=saved["ids"], seed=ctx.seed)

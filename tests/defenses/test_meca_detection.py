@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe_defense_meca.plugin import (MeCaConfig, class_spreads, classes_above, cluster_cores, cluster_gaps,
+from bdframe_defense_meca.plugin import (MeCaConfig, _separation, class_spreads, classes_above, cluster_cores,
+                                         cluster_gaps, gap_separation_z,
                                          cluster_split,
                                          confidence_scores, flag_confident, flag_label_aware, gap_z, margins,
                                          otsu_threshold, outlier_threshold, robust_class_z, spread_classes, spread_z,
@@ -506,6 +507,58 @@ def test_a_class_that_cannot_be_split_has_no_gap():
         cluster_gaps(f[:10], torch.arange(90.0), labels, torch.arange(90), ("t", 0))
     # fewer than three classes: nothing to compare a class with
     assert gap_z(f[labels < 2], torch.arange(60.0), labels[labels < 2], torch.arange(60), ("t", 0))[1] is None
+
+
+def clean_label_classes(seed: int = 0, *, poisoned_class: int | None = None, n: int = 2400):
+    """``n`` samples in 6 classes, each class one blob in feature space whose margins are all
+    alike (1-3); with ``poisoned_class``, half of that class a group of its own in feature space
+    (a clean-label trigger) fitted as well as the rest (the same margins)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 6
+    f = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    margin = 1.0 + 2.0 * torch.rand(n, generator=g, dtype=torch.float64)
+    if poisoned_class is not None:
+        f[(labels == poisoned_class) & (torch.arange(n) < n // 2), 5] += 12.0
+    return f, margin, labels, torch.arange(n) * 5 + 1
+
+
+def test_one_blob_cut_in_two_has_separation_near_seven_and_two_groups_more():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 1, generator=g, dtype=torch.float64)
+    assert abs(_separation(z * 3.0 + 5.0, z[:, 0] > 0) - 7.0) < 0.3  # any scale, any centre
+    two = torch.cat([z[:10000] - 4.0, z[10000:] + 4.0])
+    assert _separation(two, torch.arange(20000) >= 10000) > 50.0
+    assert _separation(torch.zeros(4, 2, dtype=torch.float64), torch.tensor([0, 0, 1, 1])) == 0.0
+
+
+def test_the_separation_picks_a_clean_label_target_the_gap_misses_and_nothing_on_clean_data():
+    f, margin, labels, ids = clean_label_classes(0)
+    classes, z, parts = gap_separation_z(f, margin, labels, ids, ("t", 0))
+    assert classes_above(classes, z, k=2.0) == []
+    f, margin, labels, ids = clean_label_classes(0, poisoned_class=2)
+    classes, z, parts = gap_separation_z(f, margin, labels, ids, ("t", 0))
+    assert classes_above(classes, parts["gap"], k=2.0) == []  # both groups fitted alike: no gap
+    assert classes_above(classes, parts["separation"], k=2.0) == [2]
+    assert classes_above(classes, z, k=2.0) == [2] and torch.equal(z, torch.maximum(parts["gap"], parts["separation"]))
+    # the gap's z-scores are gap_z's, from the same 2-means
+    assert torch.equal(parts["gap"], gap_z(f, margin, labels, ids, ("t", 0))[1])
+    # a dirty-label target (a confidently fitted group) is still picked, by its gap
+    f, margin, labels, ids = gap_classes(0, poisoned_class=4)
+    classes, z, parts = gap_separation_z(f, margin, labels, ids, ("t", 0))
+    assert classes_above(classes, z, k=2.0, limit=1) == [4]
+
+
+@SET
+@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from([None, 0, 3]))
+def test_the_separation_is_order_invariant_and_ignores_class_names(seed, rnd, poisoned_class):
+    f, margin, labels, ids = clean_label_classes(seed % 50, poisoned_class=poisoned_class, n=600)
+    classes, _, seps = cluster_gaps(f, margin, labels, ids, ("t", seed), separation=True)
+    perm = torch.tensor(rnd.sample(range(600), 600))
+    _, _, seps_perm = cluster_gaps(f[perm], margin[perm], labels[perm], ids[perm], ("t", seed), separation=True)
+    assert torch.allclose(seps_perm, seps, rtol=1e-12, atol=0)
+    names = torch.tensor(rnd.sample(range(100), 6))
+    _, _, seps_renamed = cluster_gaps(f, margin, names[labels], ids, ("t", seed), separation=True)
+    assert torch.allclose(seps_renamed, seps[torch.argsort(names)], rtol=1e-12, atol=0)
 
 
 def test_with_no_picked_class_label_aware_detection_is_the_global_rule():

@@ -29,7 +29,9 @@ Pipeline, every piece taken from the registry through the defense context:
    group inside the class, whatever the class's difficulty); with ``class_stat = "gap"`` when
    the two groups its warm-up features split into (the split of ``inside = "clusters"``) are
    fitted far more unequally than the groups of the other classes (the relabelled images that
-   carry the trigger against the class's own).
+   carry the trigger against the class's own); with ``class_stat = "gap-separation"`` also when
+   those two groups lie much further apart in feature space, for their spread, than other
+   classes' (a clean-label attack's triggered images against the class's own, both fitted well).
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
    clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
    ``clean_unlearn`` trains it with the ``mixed`` stage instead, unlearning the detected
@@ -172,22 +174,25 @@ class MeCaConfig:
                 "enhanced model's), both (the warm-up model's too: a class the enhancement merely leaves "
                 "easy is not picked) or warmup (the warm-up model's alone; the split inside the class uses "
                 "the enhanced model either way)"})
-    class_stat: str = attrs.field(default="share", validator=one_of("share", "spread", "gap"), metadata={
+    class_stat: str = attrs.field(default="share", validator=one_of("share", "spread", "gap", "gap-separation"),
+                                  metadata={
         "help": "label-aware: the statistic a class must stand out in: share (its share of samples fitted "
                 "above confidence_high; Grubbs's test at class_alpha), spread (how far the spread_quantile of "
                 "its samples' margins lies above their median, a robust z-score above spread_k: reads a "
                 "confidently fitted group inside a class, not how easy the class is) or gap (2-means on the "
                 "warm-up model's features of the class, as inside = clusters splits it; how far apart the two "
-                "groups' mean margins lie, a robust z-score above spread_k)"})
+                "groups' mean margins lie, a robust z-score above spread_k) or gap-separation (the gap, or the "
+                "separation of the same two groups in feature space, whichever z-score is larger: also picks the "
+                "target class of a clean-label attack, whose two groups are both fitted well)"})
     spread_quantile: float = attrs.field(default=0.9, validator=in_range(0.5, 1, lo_open=True, hi_open=True),
                                          metadata={"help": "label-aware, class_stat = spread: the upper quantile of "
                                                            "a class's margins compared with their median"})
     spread_k: float = attrs.field(default=2.0, validator=in_range(0, None, lo_open=True), metadata={
-        "help": "label-aware, class_stat = spread or gap: a class is picked when its statistic lies more than "
+        "help": "label-aware, class_stat = spread, gap or gap-separation: a class is picked when its statistic lies more than "
                 "this many robust standard deviations (1.4826 MAD of the classes' values, at least a tenth of "
                 "their median) above the median of the classes"})
     spread_max_classes: int = attrs.field(default=0, validator=in_range(0, None), metadata={
-        "help": "label-aware, class_stat = spread or gap: pick at most this many classes, those with the largest "
+        "help": "label-aware, class_stat = spread, gap or gap-separation: pick at most this many classes, those with the largest "
                 "z-scores (1 suits an all-to-one attack, which has one target class); 0: every class above spread_k"})
     inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference", "clusters"), metadata={
         "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
@@ -196,7 +201,7 @@ class MeCaConfig:
                 "on the warm-up model's penultimate features of the class, PCA-reduced to cluster_components "
                 "dimensions; the cluster whose mean logit(p_e) is higher is flagged, whatever its size)"})
     cluster_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
-        "help": "label-aware, inside = clusters or class_stat = gap: principal components of the class's "
+        "help": "label-aware, inside = clusters or class_stat = gap or gap-separation: principal components of the class's "
                 "features kept before 2-means"})
     reference_quantile: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True, hi_open=True),
                                             metadata={"help": "label-aware, inside = reference: the quantile of "
@@ -577,21 +582,46 @@ def robust_class_z(stat, floor: float = 0.0):
     return (stat - med) / torch.tensor(scale, dtype=torch.float64)
 
 
-def _two_clusters(feats, ids, seed_parts: tuple, n_components: int):
+def _two_clusters(feats, ids, seed_parts: tuple, n_components: int, *, with_points: bool = False):
     """The order-independent 2-means of activation clustering on ``feats`` PCA-reduced to
     ``n_components``: a 0/1 assignment per row, or None when the rows cannot be split (fewer
-    than two, all features equal, or 2-means puts every row in one cluster)."""
+    than two, all features equal, or 2-means puts every row in one cluster). With
+    ``with_points`` a pair ``(assign, z)``, ``z`` the PCA-reduced rows (None, None when they
+    cannot be split)."""
     import torch
 
     from bdframe.scoring import pca_project, two_means
 
-    if len(feats) < 2:
-        return None
-    z = pca_project(feats, n_components)
-    if z is None:
-        return None
-    assign, _ = two_means(z, torch.as_tensor(ids, dtype=torch.int64), seed_parts)
-    return None if bool((assign == assign[0]).all()) else assign
+    z = pca_project(feats, n_components) if len(feats) >= 2 else None
+    assign = None
+    if z is not None:
+        assign, _ = two_means(z, torch.as_tensor(ids, dtype=torch.int64), seed_parts)
+        if bool((assign == assign[0]).all()):
+            assign = None
+    if with_points:
+        return (assign, z) if assign is not None else (None, None)
+    return assign
+
+
+def _separation(z, assign) -> float:
+    """How far apart two clusters of the rows ``z`` lie for their spread: the rows projected on
+    the line through the two cluster means, the squared distance between the means over the
+    pooled within-cluster variance along that line (Fisher's criterion). One Gaussian blob cut
+    in two by 2-means gives about 7.0 whatever its scale (means at +-0.80 sd, within variance
+    0.36 sd^2); two separate groups give more. Sums run in sorted order, so the value does not
+    depend on the order of the rows."""
+    import torch
+
+    means = [torch.stack([z[assign == k][:, j].sort().values.sum() for j in range(z.shape[1])])
+             / int((assign == k).sum()) for k in (0, 1)]
+    d = means[1] - means[0]
+    norm = float(d.norm())
+    if norm == 0.0:
+        return 0.0
+    p = z @ (d / norm)
+    within = sum(float(((p[assign == k] - float(means[k] @ (d / norm))) ** 2).sort().values.sum()) for k in (0, 1))
+    within /= len(p)
+    return norm ** 2 / within if within > 0 else float("inf")
 
 
 def _cluster_means(signal, assign) -> list[float]:
@@ -602,10 +632,15 @@ def _cluster_means(signal, assign) -> list[float]:
     return [float(signal[assign == k].sort().values.sum()) / int((assign == k).sum()) for k in (0, 1)]
 
 
-def cluster_gaps(feats, margin, labels, ids, seed_parts: tuple, *, n_components: int = 10):
+def cluster_gaps(feats, margin, labels, ids, seed_parts: tuple, *, n_components: int = 10, separation: bool = False):
     """``(classes, gap)``: the labels present and, per class, how far apart the mean margins of
     the two groups its features split into lie (:func:`cluster_split`'s 2-means with the same
-    keys, so a picked class is split into the same two groups).
+    keys, so a picked class is split into the same two groups). With ``separation`` a triple
+    ``(classes, gap, separation)``, the last the two groups' :func:`_separation` in the class's
+    PCA-reduced features (0 for a class that cannot be split): a clean-label attack's target
+    class is its own images and its triggered images, which the trigger sets apart in feature
+    space although the model fits both groups well (no gap); a clean class's two groups are one
+    blob cut in two.
 
     An all-to-one backdoor makes its target class two groups: the class's own images and the
     relabelled images from every other class, which the model fits through the trigger, far more
@@ -624,16 +659,19 @@ def cluster_gaps(feats, margin, labels, ids, seed_parts: tuple, *, n_components:
     if not len(feats) == len(margin) == len(labels) == len(ids):
         raise ValueError("cluster_gaps needs one feature row, margin and id per label")
     classes = torch.unique(labels)
-    gaps = []
+    gaps, seps = [], []
     for c in classes:
         rows = labels == c
-        assign = _two_clusters(feats[rows], ids[rows], seed_parts, n_components)
+        assign, z = _two_clusters(feats[rows], ids[rows], seed_parts, n_components, with_points=True)
         if assign is None:
             gaps.append(0.0)
+            seps.append(0.0)
             continue
         means = _cluster_means(margin[rows], assign)
         gaps.append(abs(means[0] - means[1]))
-    return classes, torch.tensor(gaps, dtype=torch.float64)
+        seps.append(_separation(z, assign) if separation else 0.0)
+    gaps = torch.tensor(gaps, dtype=torch.float64)
+    return (classes, gaps, torch.tensor(seps, dtype=torch.float64)) if separation else (classes, gaps)
 
 
 def gap_z(feats, margin, labels, ids, seed_parts: tuple, *, n_components: int = 10):
@@ -645,6 +683,23 @@ def gap_z(feats, margin, labels, ids, seed_parts: tuple, *, n_components: int = 
     rather than against that noise."""
     classes, gap = cluster_gaps(feats, margin, labels, ids, seed_parts, n_components=n_components)
     return classes, robust_class_z(gap, floor=gap_floor(margin, labels, classes))
+
+
+def gap_separation_z(feats, margin, labels, ids, seed_parts: tuple, *, n_components: int = 10):
+    """``(classes, z, parts)``: per class the larger of its gap's z-score (:func:`gap_z`) and
+    its separation's (:func:`cluster_gaps` with ``separation``, as a :func:`robust_class_z`
+    among the classes), from one 2-means per class; ``parts`` holds the two z-score tensors
+    (``"gap"``, ``"separation"``; either None with fewer than three classes or no spread). A
+    dirty-label target class stands out by its gap, a clean-label one by its separation. ``z``
+    is None when both are."""
+    import torch
+
+    classes, gap, sep = cluster_gaps(feats, margin, labels, ids, seed_parts, n_components=n_components,
+                                     separation=True)
+    parts = {"gap": robust_class_z(gap, floor=gap_floor(margin, labels, classes)), "separation": robust_class_z(sep)}
+    known = [v for v in parts.values() if v is not None]
+    z = None if not known else known[0] if len(known) == 1 else torch.maximum(*known)
+    return classes, z, parts
 
 
 def gap_floor(margin, labels, classes) -> float:
@@ -1057,7 +1112,7 @@ class MeCa(Defense):
                 poisoned = flag_confident(prob, threshold=c.threshold, k=c.outlier_k)
             elif c.detection == "label-aware":
                 feats = None
-                need_feats = c.inside == "clusters" or c.class_stat == "gap"
+                need_feats = c.inside == "clusters" or c.class_stat.startswith("gap")
                 if c.class_test != "enhanced" or need_feats:
                     warm = ctx.new_model(state_dict=warmup_state)
                     wctx = self._score_ctx(ctx, "detect-warmup")
@@ -1070,16 +1125,23 @@ class MeCa(Defense):
                         feats = scoring.features(warm, data, wctx, desc="meca warm-up features").double().cpu()
                     del warm
                 picked = None
-                if c.class_stat in ("spread", "gap"):
+                if c.class_stat in ("spread", "gap", "gap-separation"):
                     if c.class_test != "warmup":
                         margin["enhanced"] = margins(logits, labels)
                     zs, votes = {}, []
                     for tag, m in margin.items():
                         if c.class_stat == "spread":
                             present, z = spread_z(m, labels, q=c.spread_quantile)
-                        else:  # the same 2-means keys as the split inside a picked class
+                        elif c.class_stat == "gap":  # the same 2-means keys as the split inside a picked class
                             present, z = gap_z(feats, m, labels, data.ids.cpu(), ("meca-clusters", int(ctx.seed)),
                                                n_components=c.cluster_components)
+                        else:
+                            present, z, both = gap_separation_z(feats, m, labels, data.ids.cpu(),
+                                                                ("meca-clusters", int(ctx.seed)),
+                                                                n_components=c.cluster_components)
+                            for name, v in both.items():
+                                zs[f"{tag}-{name}"] = {int(k): (None if v is None else float(v[i]))
+                                                       for i, k in enumerate(present)}
                         zs[tag] = {int(k): (None if z is None else float(z[i])) for i, k in enumerate(present)}
                         votes.append(set(classes_above(present, z, k=c.spread_k, limit=c.spread_max_classes)))
                     picked = sorted(set.intersection(*votes))
