@@ -211,11 +211,11 @@ def test_a_target_class_that_stands_out_is_found_and_split():
 def test_the_rules_cannot_see_ground_truth():
     for fn in (flag_confident, flag_label_aware, suspicious_classes, otsu_threshold, outlier_threshold,
                upper_outliers, margins, class_spreads, spread_z, spread_classes, cluster_split, cluster_gaps, gap_z,
-               robust_class_z):
+               robust_class_z, gap_separation_z, cluster_cores):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
                           "quantile", "confirm", "pick", "classes", "logits", "margin", "q", "limit", "features",
-                          "ids", "seed", "n_components", "feats", "signal", "seed_parts", "stat", "floor"}, (fn, params)
+                          "ids", "seed", "n_components", "feats", "signal", "seed_parts", "stat", "floor", "separation", "flags"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():
