@@ -14,7 +14,9 @@ this prints the class each test picks (at most one, ``spread_max_classes = 1``, 
 the poisoned class's two z-scores beside the largest of the other classes', and, inside the
 class gap-separation picks, what the defense would flag (the 2-means group with the higher mean
 enhanced ``logit(p_e)``) and what ``clean_unlearn_core`` would unlearn (that group split once
-more): count, recall and precision against the run's poison. The poisoned class (the label most
+more; its core by either ``core_side``: ``confident``, the half fitted more confidently, and
+``far``, the half lying farther from the rest of the class): count, recall and precision against
+the run's poison. The poisoned class (the label most
 poison ids carry) and the poison ids are read only to label and score the rows; the tests never
 see them.
 
@@ -74,9 +76,9 @@ def read_run(d: Path, k: float) -> dict:
     if picked and bool(truth.any()):
         rows = labels == picked[0]
         flags = cluster_split(feats[rows], confidence_scores(scores["enhanced_prob"][rows]), ids[rows], key)
-        core = cluster_cores(feats[rows], scores["enhanced_prob"][rows], labels[rows], ids[rows], flags, picked,
-                             seed=seed)
-        for name, f in (("flagged", flags), ("core", core)):
+        cores = {side: cluster_cores(feats[rows], scores["enhanced_prob"][rows], labels[rows], ids[rows], flags,
+                                     picked, seed=seed, side=side) for side in ("confident", "far")}
+        for name, f in (("flagged", flags), ("core", cores["confident"]), ("core_far", cores["far"])):
             m = flag_metrics(f, truth[rows])
             # recall against all of the run's poison, not only the picked class's
             row[name] = {"count": m["flagged"], "recall": m["true_positives"] / int(truth.sum()),
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     for r in rows:
         r["gap_pick_s"] = ", ".join(r["gap_pick"]) or "none"
         r["gap_separation_pick_s"] = ", ".join(r["gap_separation_pick"]) or "none"
-        for name in ("flagged", "core"):
+        for name in ("flagged", "core", "core_far"):
             m = r.get(name)
             r[f"{name}_s"] = "-" if m is None else (
                 f"{m['count']} ({100 * m['recall']:.1f} / "
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
                        ("target_separation_z", "sep. z poisoned", "{:.2f}"),
                        ("top_other_separation_z", "sep. z other max", "{:.2f}"),
                        ("flagged_s", "flagged (recall / precision %)", "{}"),
-                       ("core_s", "core (recall / precision %)", "{}")])
+                       ("core_s", "core, confident (recall / precision %)", "{}"),
+                       ("core_far_s", "core, far (recall / precision %)", "{}")])
     if args.out:
         write_json(Path(args.out), {"k": args.k, "rows": [{k: v for k, v in r.items() if not k.endswith("_s")}
                                                           for r in rows]})

@@ -516,8 +516,9 @@ def test_clean_unlearn_trains_the_clean_model_on_the_kept_set_while_unlearning_t
     assert fit_of_flagged(res1.model) < fit_of_flagged(res0.model)
 
 
+@pytest.mark.parametrize("side", ["confident", "far"])
 def test_clean_unlearn_core_unlearns_the_cores_and_leaves_the_rest_of_the_flagged_set_out(tmp_path,
-                                                                                          bdframe_registry):
+                                                                                          bdframe_registry, side):
     """``clean_unlearn_core``: detection is unchanged and is what the run reports; the clean
     training learns the kept set and unlearns exactly :func:`cluster_cores` of the flagged set
     (the picked classes split once more on the warm-up model's features); the flagged samples
@@ -533,7 +534,7 @@ def test_clean_unlearn_core_unlearns_the_cores_and_leaves_the_rest_of_the_flagge
             (core, made.name, made.config, data, kw.get("forget"))))
         config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test="warmup",
                               class_stat="gap", spread_k=0.5, inside="clusters", clean_unlearn=1.0,
-                              clean_unlearn_core=core)
+                              clean_unlearn_core=core, core_side=side if core else "confident")
         results[core] = (MeCa(config).run(train, ctx), ctx, train)
     whole, (res, ctx, train) = results[False][0], results[True]
     assert torch.equal(whole.suspected_ids, res.suspected_ids)
@@ -546,7 +547,7 @@ def test_clean_unlearn_core_unlearns_the_cores_and_leaves_the_rest_of_the_flagge
     rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
     assert rec["suspicious_classes"], "the test needs a picked class"
     core = cluster_cores(feats, saved["enhanced_prob"], labels, saved["ids"], saved["detected_poison"],
-                         rec["suspicious_classes"], seed=ctx.seed)
+                         rec["suspicious_classes"], seed=ctx.seed, side=side)
     assert 0 < int(core.sum()) < int(saved["detected_poison"].sum())
     clean = [s for s in stages if s[0] and s[1] == "mixed" and s[2].lam == 1.0]
     assert len(clean) == 1
@@ -627,6 +628,8 @@ def test_clean_stage_semi_trains_the_clean_model_on_the_kept_set_with_the_flagge
     ({"clean_unlearn_core": True, "clean_unlearn": 0.6, "inside": "clusters"}, "clean_unlearn_core",
      'detection = "label-aware"'),
     ({"clean_stage": "semi", "repair_model": "model.pt"}, "repair_model", 'used only with clean_stage = "repair"'),
+    ({"core_side": "far"}, "core_side", "used only with clean_unlearn_core = true"),
+    ({"core_side": "near"}, "core_side", "far"),
 ])
 def test_clean_stage_settings_are_checked_with_the_recipe(tmp_path, bdframe_registry, change, field, message):
     from bdframe.errors import RecipeError
@@ -979,3 +982,43 @@ def test_amp_on_scores_under_bfloat16_and_ranks_like_float32(tmp_path, bdframe_r
         b = real_score(scorer, model, train, sctx)
     ranks = torch.stack([a.argsort().argsort(), b.argsort().argsort()]).double()
     assert float(torch.corrcoef(ranks)[0, 1]) > 0.9
+
+
+def test_with_no_enhancement_iteration_detection_reads_the_warm_up_model(tmp_path, bdframe_registry, monkeypatch):
+    """``iterations = 0``: no enhancement stage runs, the saved "enhanced" fit is the warm-up
+    model's, the warm-up model's fit is computed once (not a second pass over the data), the
+    flags are the warm-up split's, and the report's trend holds the warm-up point alone."""
+    from bdframe import scoring
+    from bdframe_defense_meca.plugin import flag_label_aware
+
+    passes = []
+    real = scoring.logits
+
+    def counting(model, data, ctx, *a, **kw):
+        passes.append(kw.get("desc"))
+        return real(model, data, ctx, *a, **kw)
+
+    monkeypatch.setattr(scoring, "logits", counting)
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
+    config = attrs.evolve(recipe.defense.config, iterations=0, detection="label-aware", class_test="warmup",
+                          class_stat="gap-separation", spread_k=0.5, inside="clusters", clean_unlearn=1.0,
+                          clean_unlearn_core=True)
+    res = MeCa(config).run(train, ctx)
+    assert not [r for r in ctx.history if str(r.get("stage", "")).startswith("meca-iter")]
+    assert "meca warm-up fit" not in passes and passes.count("meca detect") == 1
+    saved = torch.load(tmp_path / "meca_scores.pt")
+    assert saved["iterations"] == [] and torch.equal(saved["enhanced_prob"], saved["warmup_prob"])
+    warm = torch.load(tmp_path / "meca_warmup_model.pt")
+    enhanced = torch.load(tmp_path / "meca_enhanced_model.pt")
+    assert all(torch.equal(warm[k], enhanced[k]) for k in warm)
+    rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
+    assert rec["suspicious_classes"], "the test needs a picked class"
+    from bdframe import scoring as sc
+    from bdframe.interfaces import ScoreContext
+    pos = train.positions(saved["ids"])
+    sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
+    feats = sc.features(ctx.new_model(state_dict=warm), train.subset(pos), sctx).double()
+    flags, _ = flag_label_aware(saved["warmup_prob"], train.labels[pos], classes=rec["suspicious_classes"],
+                                inside="clusters", features=feats, ids=saved["ids"], seed=ctx.seed)
+    assert torch.equal(saved["detected_poison"], flags)
+    assert len(res.metrics["trend"]) == 1

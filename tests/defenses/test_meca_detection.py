@@ -215,7 +215,7 @@ def test_the_rules_cannot_see_ground_truth():
         params = set(inspect.signature(fn).parameters)
         assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
                           "quantile", "confirm", "pick", "classes", "logits", "margin", "q", "limit", "features",
-                          "ids", "seed", "n_components", "feats", "signal", "seed_parts", "stat", "floor", "separation", "flags"}, (fn, params)
+                          "ids", "seed", "n_components", "feats", "signal", "seed_parts", "stat", "floor", "separation", "flags", "side"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():
@@ -393,11 +393,14 @@ def test_the_cluster_split_works_inside_the_picked_class_only():
         flag_label_aware(prob, labels, classes=[4], inside="clusters", features=f[:10], ids=torch.arange(600))
 
 
-def flagged_group(seed: int = 0):
+def flagged_group(seed: int = 0, *, edge_near: bool = False):
     """600 samples in 6 classes. Class 4's flagged group: a tight trigger group (the first 40 of
     the class's 100, fitted near certainty) and clean samples of the class swept in with it (the
     next 30, fitted less confidently, spread out and apart from it in feature space); the class's other
-    samples are not flagged. Two samples of class 2 are flagged by the confidence rule."""
+    samples are not flagged. Two samples of class 2 are flagged by the confidence rule. With
+    ``edge_near`` the swept-in clean samples border the class's unflagged samples and are fitted
+    more confidently than the trigger group (a trigger the model fits less surely than the
+    class's easiest images)."""
     g = torch.Generator().manual_seed(seed)
     n = 600
     labels = torch.arange(n) % 6
@@ -407,10 +410,10 @@ def flagged_group(seed: int = 0):
     edge = (labels == 4) & (rank >= 40) & (rank < 70)
     f[trigger, 2] += 20.0
     f[trigger] *= 0.3
-    f[edge, 5] += 8.0
+    f[edge, 5] += 2.0 if edge_near else 8.0
     prob = torch.full((n,), 0.7, dtype=torch.float64)
-    prob[trigger] = 0.9999
-    prob[edge] = 0.95
+    prob[trigger] = 0.99 if edge_near else 0.9999
+    prob[edge] = 0.9999 if edge_near else 0.95
     flags = trigger | edge
     flags[(labels == 2) & (rank < 2)] = True
     return f, prob, labels, torch.arange(n) * 5 + 1, flags, trigger
@@ -427,17 +430,35 @@ def test_the_core_keeps_the_confidently_fitted_part_of_the_flagged_group():
     assert torch.equal(cluster_cores(f, prob, labels, ids, flags, []), flags)  # no class picked: all flagged
 
 
+def test_the_far_core_is_the_half_away_from_the_rest_of_the_class_however_confidently_it_is_fitted():
+    """When the clean samples swept into the flagged group are fitted more confidently than the
+    trigger group, the confident half is those clean samples; the far half is still the trigger
+    group, since the clean ones border the class's unflagged samples."""
+    f, prob, labels, ids, flags, trigger = flagged_group(edge_near=True)
+    edge = flags & (labels == 4) & ~trigger
+    assert torch.equal(cluster_cores(f, prob, labels, ids, flags, [4])[labels == 4], edge[labels == 4])
+    far = cluster_cores(f, prob, labels, ids, flags, [4], side="far")
+    assert torch.equal(far[labels == 4], trigger[labels == 4])
+    assert torch.equal(far[labels != 4], flags[labels != 4])
+    # on the group whose edge lies apart from the class both sides agree
+    f, prob, labels, ids, flags, trigger = flagged_group()
+    assert torch.equal(cluster_cores(f, prob, labels, ids, flags, [4], side="far")[labels == 4], trigger[labels == 4])
+    with pytest.raises(ValueError, match="side"):
+        cluster_cores(f, prob, labels, ids, flags, [4], side="near")
+
+
 @SET
-@given(st.integers(0, 2 ** 16), st.randoms())
-def test_the_core_is_order_invariant_and_ignores_class_names(seed, rnd):
-    f, prob, labels, ids, flags, _ = flagged_group(seed % 50)
+@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from(["confident", "far"]))
+def test_the_core_is_order_invariant_and_ignores_class_names(seed, rnd, side):
+    f, prob, labels, ids, flags, _ = flagged_group(seed % 50, edge_near=side == "far")
     f = f + 0.5 * torch.randn(f.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    core = cluster_cores(f, prob, labels, ids, flags, [4], seed=seed)
+    core = cluster_cores(f, prob, labels, ids, flags, [4], seed=seed, side=side)
     perm = torch.tensor(rnd.sample(range(len(prob)), len(prob)))
-    assert torch.equal(cluster_cores(f[perm], prob[perm], labels[perm], ids[perm], flags[perm], [4], seed=seed),
-                       core[perm])
+    assert torch.equal(cluster_cores(f[perm], prob[perm], labels[perm], ids[perm], flags[perm], [4], seed=seed,
+                                     side=side), core[perm])
     rename = torch.tensor(rnd.sample(range(6), 6))
-    assert torch.equal(cluster_cores(f, prob, rename[labels], ids, flags, [int(rename[4])], seed=seed), core)
+    assert torch.equal(cluster_cores(f, prob, rename[labels], ids, flags, [int(rename[4])], seed=seed, side=side),
+                       core)
     assert not (core & ~flags).any()
 
 
@@ -445,6 +466,7 @@ def test_a_flagged_group_that_cannot_be_split_is_its_own_core():
     f, prob, labels, ids, flags, _ = flagged_group()
     same = torch.ones_like(f)
     assert torch.equal(cluster_cores(same, prob, labels, ids, flags, [4]), flags)  # all features equal
+    assert torch.equal(cluster_cores(same, prob, labels, ids, flags, [4], side="far"), flags)
     one = torch.zeros_like(flags)
     one[torch.nonzero(labels == 4)[0]] = True
     assert torch.equal(cluster_cores(f, prob, labels, ids, one, [4]), one)  # a single flagged sample

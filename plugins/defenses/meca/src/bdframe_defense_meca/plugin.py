@@ -15,6 +15,7 @@ Pipeline, every piece taken from the registry through the defense context:
    0.05; SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, constant lr: reconstructed). D_c is
    recomputed every iteration, never accumulated. Option (bdframe's, off by default):
    ``protect_confident`` keeps samples the current model fits above that probability out of D_c.
+   With ``iterations = 0`` there is no enhancement and detection reads the warm-up model.
 3. **Detection**: the enhanced model in eval mode without augmentation; by default the paper's
    rule, ``argmax != label`` -> clean, otherwise poisoned (the enhanced-model score ``p_e(y|x)``
    is saved too). Options: the confidence rule (a threshold on ``logit(p_e)`` chosen from the
@@ -102,7 +103,8 @@ class MeCaConfig:
                 "warmup_epochs and warmup_lr are then unused. Empty: train the warm-up"})
     # -- enhancement (Algorithm 2) ---------------------------------------------------------------
     iterations: int = attrs.field(default=10, validator=in_range(0, None), metadata={
-        "help": "[R] K, number of score/partition/mixed-step iterations"})
+        "help": "[R] K, number of score/partition/mixed-step iterations; 0: no enhancement, detection reads "
+                "the warm-up model"})
     alpha_step: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True), metadata={
         "help": "[R] partition rate growth: alpha_k = min(alpha_step * k, alpha_max)"})
     alpha_max: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True), metadata={
@@ -223,6 +225,12 @@ class MeCaConfig:
                 "model fits more confidently; the rest of the group is left out of the clean training (neither "
                 "learned nor unlearned), since unlearning a clean sample of the class costs far more accuracy "
                 "than leaving it out; the suspected set reported is still the whole flagged set"})
+    core_side: str = attrs.field(default="confident", validator=one_of("confident", "far"), metadata={
+        "help": "clean_unlearn_core: which half of the flagged group is its core: confident (the half the "
+                "enhanced model fits more confidently) or far (the half lying farther from the rest of the class: "
+                "fewer unflagged samples of the class among each sample's 20 nearest neighbours in the warm-up "
+                "model's features; the clean samples swept into the group border the rest of the class however "
+                "confidently they are fitted)"})
     clean_stage: str = attrs.field(default="train", validator=one_of("train", "semi", "repair"), metadata={
         "help": "how the clean model is made: train (trained from scratch by the recipe's [train] stage on the "
                 "kept set alone, the paper's), semi (from scratch by the mixmatch stage: the kept set labelled, the "
@@ -760,17 +768,54 @@ def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 
     return assign == (0 if mean[0] > mean[1] else 1)
 
 
-def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0, n_components: int = 10):
-    """The core of each picked class's flagged group: the flagged samples of each class in
-    ``classes`` split once more by :func:`cluster_split` (the same 2-means keys, on the group's own
-    principal components), the half the model fits more confidently (higher mean
-    ``logit(prob)``) kept. The trigger's samples are the tightest, most confidently fitted part of
-    the group; the clean samples of the class that the first split swept in lie at its edge and
-    fall into the other half. Flagged samples outside ``classes`` (the confidence rule's) are
-    their own core; a group that cannot be split is its own core. Returns a bool tensor, a
-    subset of ``flags``; independent of the sample order and of the integers naming the classes."""
+def _neighbours_inside(z, inside, rows, ids, k: int = 20):
+    """For each of ``rows`` (indices into ``z``), the share of its ``k`` nearest other rows of
+    ``z`` (Euclidean, ties broken by the smaller id) that lie ``inside`` (a bool mask over ``z``).
+    Distances are computed pair by pair, so neither they nor the neighbours depend on the order
+    of the rows."""
     import torch
 
+    k = min(int(k), len(z) - 1)
+    out = torch.zeros(len(rows), dtype=torch.float64)
+    if k <= 0:
+        return out
+    order = torch.argsort(torch.as_tensor(ids, dtype=torch.int64))  # candidates in id order
+    zs, ins = z[order], inside[order]
+    where = torch.empty(len(z), dtype=torch.int64)
+    where[order] = torch.arange(len(z))
+    for start in range(0, len(rows), 512):
+        chunk = rows[start:start + 512]
+        d = torch.cdist(z[chunk], zs, compute_mode="donot_use_mm_for_euclid_dist")
+        d[torch.arange(len(chunk)), where[chunk]] = float("inf")  # not its own neighbour
+        nearest = torch.sort(d, dim=1, stable=True).indices[:, :k]
+        out[start:start + len(chunk)] = ins[nearest].to(torch.float64).mean(1)
+    return out
+
+
+def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0, n_components: int = 10,
+                  side: str = "confident"):
+    """The core of each picked class's flagged group: the flagged samples of each class in
+    ``classes`` split once more by 2-means (the same keys as :func:`cluster_split`, on the group's
+    own principal components), and one half kept. The trigger's samples are the tightest part of
+    the group; the clean samples of the class that the first split swept in lie at its edge and
+    fall into the other half. Which half is the core (``side``):
+
+    - ``"confident"``: the half the model fits more confidently (higher mean ``logit(prob)``);
+    - ``"far"``: the half lying farther from the rest of the class: the lower mean share of each
+      sample's 20 nearest neighbours (in the class's PCA-reduced features, the space of the
+      first split) that are unflagged samples of the class. The swept-in clean samples border
+      the class's other clean samples whatever the model's confidence in them; the trigger's
+      samples do not.
+
+    Flagged samples outside ``classes`` (the confidence rule's) are their own core; a group that
+    cannot be split, or whose halves tie, is its own core. Returns a bool tensor, a subset of
+    ``flags``; independent of the sample order and of the integers naming the classes."""
+    import torch
+
+    from bdframe.scoring import pca_project
+
+    if side not in ("confident", "far"):
+        raise ValueError(f"side must be 'confident' or 'far', got {side!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
     flags = torch.as_tensor(flags, dtype=torch.bool).cpu()
     ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
@@ -778,10 +823,19 @@ def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0,
     z = confidence_scores(prob)
     for c in sorted({int(k) for k in classes}):
         rows = torch.nonzero(flags & (labels == c)).flatten()
-        sub = cluster_split(features[rows], z[rows], ids[rows], ("meca-clusters", int(seed)),
-                            n_components=n_components)
-        if bool(sub.any()):
-            core[rows] = sub
+        assign = _two_clusters(features[rows], ids[rows], ("meca-clusters", int(seed)), n_components)
+        if assign is None:
+            continue
+        if side == "confident":
+            signal = z[rows]
+        else:  # each flagged sample's share of unflagged neighbours, negated: higher = farther from the rest
+            members = torch.nonzero(labels == c).flatten()
+            zc = pca_project(features[members], n_components)
+            at = torch.searchsorted(members, rows)
+            signal = -_neighbours_inside(zc, ~flags[members], at, ids[members])
+        mean = _cluster_means(signal, assign)
+        if mean[0] != mean[1]:
+            core[rows] = assign == (0 if mean[0] > mean[1] else 1)
     return core
 
 
@@ -869,6 +923,8 @@ class MeCa(Defense):
                                           or config.detection != "label-aware"):
             return [("clean_unlearn_core", 'is used only with clean_unlearn > 0, detection = "label-aware" and '
                                            'inside = "clusters"')]
+        if config.core_side != "confident" and not config.clean_unlearn_core:
+            return [("core_side", "is used only with clean_unlearn_core = true")]
         if config.repair_model and config.clean_stage != "repair":
             return [("repair_model", 'is used only with clean_stage = "repair"')]
         if config.clean_stage == "repair":
@@ -1117,7 +1173,9 @@ class MeCa(Defense):
                     warm = ctx.new_model(state_dict=warmup_state)
                     wctx = self._score_ctx(ctx, "detect-warmup")
                     if c.class_test != "enhanced":
-                        warm_logits = scoring.logits(warm, data, wctx, desc="meca warm-up fit")
+                        # with no enhancement iteration the model is the warm-up model: its fit is known
+                        warm_logits = logits if not records else \
+                            scoring.logits(warm, data, wctx, desc="meca warm-up fit")
                         _, confirm = detect(warm_logits, data.labels)
                         margin["warmup"] = margins(warm_logits, labels)
                         del warm_logits
@@ -1153,7 +1211,7 @@ class MeCa(Defense):
                                                      seed=ctx.seed, n_components=c.cluster_components)
             unlearn = poisoned if not c.clean_unlearn_core else \
                 cluster_cores(feats, prob, labels, data.ids.cpu(), poisoned, classes, seed=ctx.seed,
-                              n_components=c.cluster_components)
+                              n_components=c.cluster_components, side=c.core_side)
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes,
                      **({"unlearn_core": int(unlearn.sum())} if c.clean_unlearn_core else {}),
