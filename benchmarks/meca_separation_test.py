@@ -16,7 +16,8 @@ class gap-separation picks, what the defense would flag (the 2-means group with 
 enhanced ``logit(p_e)``) and what ``clean_unlearn_core`` would unlearn (that group split once
 more; its core by either ``core_side``: ``confident``, the half fitted more confidently, and
 ``far``, the half lying farther from the rest of the class): count, recall and precision against
-the run's poison. The poisoned class (the label most
+the run's poison; and whether the warm-up model's confidence, in place of the enhanced model's,
+chooses the same group and the same core (what ``iterations = 0`` does). The poisoned class (the label most
 poison ids carry) and the poison ids are read only to label and score the rows; the tests never
 see them.
 
@@ -50,7 +51,7 @@ def read_run(d: Path, k: float) -> dict:
 
     scores = torch.load(d / "meca_scores.pt", weights_only=False)
     parts, _ = load_run(d, device="cpu")
-    _, margin, labels = warmup_fit(d, scores, parts)
+    warm_prob, margin, labels = warmup_fit(d, scores, parts)
     ids = scores["ids"]
     names = parts.poisoned.classes
     truth = torch.isin(ids, torch.as_tensor(parts.poison_ids, dtype=torch.int64))
@@ -78,6 +79,10 @@ def read_run(d: Path, k: float) -> dict:
         flags = cluster_split(feats[rows], confidence_scores(scores["enhanced_prob"][rows]), ids[rows], key)
         cores = {side: cluster_cores(feats[rows], scores["enhanced_prob"][rows], labels[rows], ids[rows], flags,
                                      picked, seed=seed, side=side) for side in ("confident", "far")}
+        # the same split with the warm-up model's confidence choosing the sides (iterations = 0)
+        flags_w = cluster_split(feats[rows], confidence_scores(warm_prob[rows]), ids[rows], key)
+        core_w = cluster_cores(feats[rows], warm_prob[rows], labels[rows], ids[rows], flags_w, picked, seed=seed)
+        row["warmup_sides_same"] = bool(torch.equal(flags_w, flags) and torch.equal(core_w, cores["confident"]))
         for name, f in (("flagged", flags), ("core", cores["confident"]), ("core_far", cores["far"])):
             m = flag_metrics(f, truth[rows])
             # recall against all of the run's poison, not only the picked class's
@@ -105,6 +110,7 @@ def main(argv=None) -> int:
     for r in rows:
         r["gap_pick_s"] = ", ".join(r["gap_pick"]) or "none"
         r["gap_separation_pick_s"] = ", ".join(r["gap_separation_pick"]) or "none"
+        r["warmup_sides_same_s"] = {True: "yes", False: "no"}.get(r.get("warmup_sides_same"), "-")
         for name in ("flagged", "core", "core_far"):
             m = r.get(name)
             r[f"{name}_s"] = "-" if m is None else (
@@ -117,7 +123,8 @@ def main(argv=None) -> int:
                        ("top_other_separation_z", "sep. z other max", "{:.2f}"),
                        ("flagged_s", "flagged (recall / precision %)", "{}"),
                        ("core_s", "core, confident (recall / precision %)", "{}"),
-                       ("core_far_s", "core, far (recall / precision %)", "{}")])
+                       ("core_far_s", "core, far (recall / precision %)", "{}"),
+                       ("warmup_sides_same_s", "same with the warm-up's fit", "{}")])
     if args.out:
         write_json(Path(args.out), {"k": args.k, "rows": [{k: v for k, v in r.items() if not k.endswith("_s")}
                                                           for r in rows]})
