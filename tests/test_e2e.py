@@ -16,6 +16,11 @@ def recipe_file(tmp_path, epochs=2, name="r.toml"):
     return f
 
 
+def run_device(d) -> str:
+    """The device type a finished run recorded in run.json."""
+    return json.loads((d / "run.json").read_text())["environment"]["device"].split(":")[0]
+
+
 def test_run_writes_complete_run_directory(tmp_path, capsys):
     f = recipe_file(tmp_path)
     assert main(["run", str(f), "--quiet"]) == 0
@@ -31,6 +36,12 @@ def test_run_writes_complete_run_directory(tmp_path, capsys):
     assert 0 <= metrics["clean_acc"] <= 1 and 0 <= metrics["asr"] <= 1
     assert metrics["num_poison"] == 30 and metrics["asr_set_size"] == 90
     assert metrics["train_images_per_s"] > 0 and 0 <= metrics["train_non_compute_share"] <= 1
+    # this process's peak resident memory so far: at least torch and the run's data (tens of MiB)
+    import resource
+    import sys
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    assert 50 < metrics["peak_memory_mb"]["rss"] <= now + 1e-6
+    assert ("gpu" in metrics["peak_memory_mb"]) == (run_device(d) == "cuda")
     run = json.loads((d / "run.json").read_text())
     assert run["status"] == "complete" and run["environment"]["torch"] == torch.__version__
     assert run["plugins"]["attack"]["distribution"] == "bdframe-attack-badnet"

@@ -470,3 +470,30 @@ def test_no_defense_references_pair_each_run_with_its_row(tmp_path):
     pooled = report.no_defense_references(runs, axes, col_axes=("defense", "seed"))
     assert sorted(r.name for r in pooled(meca)) == ["attack=badnet,defense=none,seed=0",
                                                    "attack=badnet,defense=none,seed=1"]
+
+
+def test_peak_memory_table_shows_each_cell_and_only_where_runs_record_it(tmp_path, capsys):
+    """Runs that record ``peak_memory_mb`` get a peak-memory table (RSS, and GPU only where a
+    run used one); sweeps whose runs record none (made before bdframe did) get no such table."""
+    d = tmp_path / "sweep"
+    axes = {"attack": ["badnet"], "defense": ["none", "meca"], "seed": ["0", "1"]}
+    mem = {("none", "0"): 1000.0, ("none", "1"): 1200.0, ("meca", "0"): 2500.0}  # meca seed 1 records none
+
+    def metrics(labels):
+        m = fake_metrics(labels)
+        if (labels["defense"], labels["seed"]) in mem:
+            m["peak_memory_mb"] = {"rss": mem[(labels["defense"], labels["seed"])]}
+        return m
+
+    make_sweep(d, axes, metrics, failed={}, interrupted=[], not_started=[])
+    t = report.collect(d)
+    assert t.cell("badnet", "none").rss == report.Stat(1100.0, statistics.stdev([1000.0, 1200.0]), 2)
+    assert t.cell("badnet", "meca").rss == report.Stat(2500.0, None, 1)
+    assert t.cell("badnet", "meca").gpu is None
+    head, body = section(md_tables(report_md(capsys, d)), "Peak memory")
+    assert head == ["attack", "none RSS", "meca RSS"]
+    assert body["badnet"] == [f"1100 ± {statistics.stdev([1000.0, 1200.0]):.0f}", "2500"]
+
+    bare = tmp_path / "bare"
+    make_sweep(bare, axes, failed={}, interrupted=[], not_started=[])
+    assert not [k for k in md_tables(report_md(capsys, bare)) if k.startswith("Peak memory")]

@@ -116,7 +116,8 @@ def hardware(r: Run) -> Optional[tuple]:
 class Cell:
     """The finished runs with one row's and one column group's labels and their statistics:
     ``acc``, ``asr``, ``recall``, ``precision`` and ``acc_loss`` in percent (points),
-    ``multiple`` as a ratio; None where no run has the value."""
+    ``multiple`` as a ratio, ``rss`` and ``gpu`` (peak resident and peak GPU memory of the run's
+    process) in MiB; None where no run has the value."""
 
     row: tuple
     col: tuple
@@ -129,6 +130,8 @@ class Cell:
     auroc: Optional[Stat] = None
     multiple: Optional[Stat] = None
     acc_loss: Optional[Stat] = None
+    rss: Optional[Stat] = None
+    gpu: Optional[Stat] = None
     planned: tuple = ()  # every run of the sweep with these labels, finished or not
 
     @property
@@ -445,6 +448,11 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         sus = m.get("suspected")
         if isinstance(sus, dict) and _number(sus.get("share")):
             v["flagged"] = 100 * sus["share"]
+        mem = m.get("peak_memory_mb")
+        if isinstance(mem, dict):
+            for k in ("rss", "gpu"):
+                if _number(mem.get(k)):
+                    v[k] = mem[k]
         own = r.metrics.get("defense") == NO_DEFENSE
         ref = references(r)
         total = _total_seconds(r)
@@ -467,7 +475,8 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         for ck in col_keys:
             inside = [r for r in done if row_of(r) == rk and col_of(r) == ck]
             stats = {k: Stat.of([values[r.name][k] for r in inside if k in values[r.name]])
-                     for k in ("acc", "asr", "recall", "precision", "flagged", "auroc", "multiple", "acc_loss")}
+                     for k in ("acc", "asr", "recall", "precision", "flagged", "auroc", "multiple", "acc_loss",
+                                  "rss", "gpu")}
             planned_here = tuple(r.name for r in runs if row_of(r) == rk and col_of(r) == ck)
             cells[(rk, ck)] = Cell(rk, ck, tuple(r.name for r in inside), **stats, planned=planned_here)
     aggregated = [(p, len(axes[p])) for p in axes if p not in row_axes and p not in col_axes]
@@ -514,6 +523,14 @@ def sections(t: Table) -> list:
         out.append(("Wall time: total seconds as a multiple of the no-defense run of the same row",
                     [head] + [f"{label(c)} time" for c in t.cols],
                     [[label(r)] + [fmt(t.cells[(r, c)].multiple) for c in t.cols] for r in t.rows]))
+    mem = [k for k in ("rss", "gpu") if any(getattr(cell, k) is not None for cell in t.cells.values())]
+    if mem:
+        name = {"rss": "RSS", "gpu": "GPU"}
+        out.append(("Peak memory of the run's process, MiB: resident memory (RSS) and, where a run used a GPU, "
+                    "what PyTorch allocated on it (GPU)",
+                    [head] + [f"{label(c)} {name[k]}" for c in t.cols for k in mem],
+                    [[label(r)] + [fmt(getattr(t.cells[(r, c)], k), 0) for c in t.cols for k in mem]
+                     for r in t.rows]))
     return out
 
 

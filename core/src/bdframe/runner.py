@@ -191,6 +191,25 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def peak_memory(device: torch.device) -> dict:
+    """The peak memory of this process so far, in MiB: ``rss`` (resident memory, where the
+    platform reports it) and, on CUDA, ``gpu`` (what PyTorch allocated on the device). A run made
+    by ``bdframe run`` or by a sweep's worker is its own process, so these are the run's peaks;
+    a run made inside a longer process (a script, a test) reports that process's peak."""
+    out: dict = {}
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["rss"] = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB elsewhere
+    except (ImportError, OSError):  # no resource module (Windows)
+        pass
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def provenance(registry: Registry, recipe: Recipe, *, without_attack: bool = False) -> dict:
     """Component name, plugin, distribution and version per recipe section (``without_attack``:
     as ``run.json`` holds it while the defense runs)."""
@@ -292,6 +311,7 @@ def _run(recipe: Recipe, registry: Registry, rd: RunDir, device, *, resume: bool
         metrics["defense_summary"] = [str(line) for line in result.summary]
     timings["total"] = time.perf_counter() - t_start
     metrics["seconds"] = timings
+    metrics["peak_memory_mb"] = peak_memory(device)
     torch.save(result.model.state_dict(), rd.file("model.pt.tmp"))
     rd.file("model.pt.tmp").replace(rd.file("model.pt"))
     write_json_atomic(rd.file("metrics.json"), metrics)
