@@ -28,6 +28,14 @@ process, so the ratios compare like with like.
     python benchmarks/time_to_accuracy.py            # about 30 minutes on 2 CPU cores
     python benchmarks/time_to_accuracy.py --only simple-10k fast-short
 
+On a GPU (``--device cuda``) every row trains under bfloat16 autocast, since ``amp = "auto"``
+means bfloat16 there; the ``-bf16`` rows differ from the others only on a CPU, and the
+throughput table measures CPU steps only, so skip it::
+
+    python benchmarks/time_to_accuracy.py --device cuda --no-levers \
+        --only simple-10k fast-short fast-50k fast-wide-bf16 \
+        --out benchmarks/results/time_to_accuracy_gpu.json
+
 Prints tables and writes ``benchmarks/results/time_to_accuracy.json``.
 """
 
@@ -87,7 +95,19 @@ def train_row(name: str, root: Path, args) -> dict:
     return {"row": name, "recipe": recipe, "clean_acc": round(100 * metrics["clean_acc"], 2),
             "flip_tta_acc": round(100 * flip_tta_accuracy(out, args.device), 2),
             "train_seconds": round(train_s, 1), "wall_seconds": round(wall, 1), "curve": curve,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **gpu_memory(args.device)}
+
+
+def gpu_memory(device: str) -> dict:
+    """Peak GPU memory the row's process allocated through PyTorch (empty on a CPU)."""
+    import torch
+
+    from bdframe.nn import resolve_device
+
+    if resolve_device(device).type != "cuda":
+        return {}
+    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 def flip_tta_accuracy(run_dir: Path, device: str) -> float:
@@ -220,17 +240,24 @@ def main(argv=None) -> int:
     results = read_json(out, {})
     import torch
 
+    from bdframe.nn import resolve_device
     from bdframe.runner import cpu_name
     from bdframe.training import cpu_bf16_supported
 
+    device = resolve_device(args.device)
     results["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "native_bfloat16": cpu_bf16_supported()}
+                          "native_bfloat16": cpu_bf16_supported(), "device": device.type}
+    if device.type == "cuda":
+        results["machine"]["gpu"] = torch.cuda.get_device_name(device)
+        results["machine"]["cuda"] = torch.version.cuda
+    # bfloat16 rows are skipped only where they would run emulated: on a CPU without native bfloat16
+    emulated_bf16 = device.type == "cpu" and not cpu_bf16_supported()
     if not args.no_levers:
         results["levers"] = levers()
         write_json(out, results)
     rows = results.setdefault("rows", {})
     for name in ([] if args.levers_only else (args.only or ROWS)):
-        if name in BF16_ROWS and not cpu_bf16_supported():
+        if name in BF16_ROWS and emulated_bf16:
             print(f"{name}: skipped, this CPU has no native bfloat16 (emulated, many times slower)", file=sys.stderr)
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -259,7 +286,8 @@ def main(argv=None) -> int:
             continue
         row = {"row": name, "images": r["recipe"]["dataset"].get("train_size") or 50000,
                "epochs": r["recipe"]["train"]["epochs"], "clean_acc": r["clean_acc"],
-               "flip_tta_acc": r.get("flip_tta_acc"), "train_s": r["train_seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+               "flip_tta_acc": r.get("flip_tta_acc"), "train_s": r["train_seconds"], "peak_rss_mb": r["peak_rss_mb"],
+               "peak_gpu_mb": r.get("peak_gpu_mb")}
         if base:
             row["time_ratio"] = r["train_seconds"] / base["train_seconds"]
             hit = next((c for c in r["curve"] if c["clean_acc"] >= base["clean_acc"]), None)
@@ -275,7 +303,8 @@ def main(argv=None) -> int:
                         ("time_ratio", "x simple-10k time", "{:.2f}"),
                         ("to_base_acc_s", "s to simple-10k's ACC", "{:.0f}"),
                         ("to_base_ratio", "x simple-10k time to its ACC", "{:.2f}"),
-                        ("to_88_s", "s to 88%", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")])
+                        ("to_88_s", "s to 88%", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
+                + ([("peak_gpu_mb", "peak GPU MB", "{:.0f}")] if any("peak_gpu_mb" in r for r in rows.values()) else []))
     for name in ROWS:
         if name in rows:
             print(f"\n{name} curve: " + ", ".join(f"{c['train_seconds']:.0f}s {c['clean_acc']:.2f}%"
