@@ -1,0 +1,124 @@
+"""Which of a class's two feature groups is the poison: two side rules measured on finished runs.
+
+MeCa's ``inside = "clusters"`` splits a picked class in two (2-means on the PCA-reduced
+penultimate features of the model trained on the poisoned data) and flags one of the two
+groups. Which one is the side rule:
+
+- ``confident`` (what ``cluster_split`` does): the group the model fits more confidently
+  (higher mean ``logit(p(y|x))``); a dirty-label trigger is easier to learn than the class;
+- ``runner-up``: the group whose runner-up classes are more varied (higher entropy of the
+  histogram of each sample's most likely class other than its label). A dirty-label poison
+  group is images of every other class, so what the model would call them without the trigger
+  varies; a clean group's runner-up is the few classes that resemble it.
+
+For each run directory given, the model is the run's saved warm-up model
+(``meca_warmup_model.pt``) or else its final model (``model.pt``: a no-defense run's model is
+trained on the same poisoned data). The class looked at is the poisoned class (the label most
+poison ids carry), also where the class test would pick another: the point is the side, not
+the pick. Ground truth is read only to choose that class and to score the groups.
+
+    R=benchmarks/results/sweeps/meca-cifar10-50k/runs
+    python benchmarks/meca_side_rules.py $R/attack=*,defense=meca-gap-core-k5 \\
+        --out benchmarks/results/meca_side_rules_50k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+
+def runner_up_entropy(prob, label: int) -> float:
+    """Entropy (nats) of the histogram of the most likely class other than ``label`` over the
+    rows of ``prob``."""
+    import torch
+
+    q = prob.clone()
+    q[:, label] = -1.0
+    hist = torch.bincount(q.argmax(1), minlength=prob.shape[1]).double()
+    hist = hist[hist > 0] / hist.sum()
+    return float(-(hist * hist.log()).sum())
+
+
+def read_run(d: Path) -> dict | None:
+    import torch
+
+    from bdframe.interfaces import ScoreContext
+    from bdframe.runs import read_json
+    from bdframe.scan import load_run
+    from bdframe.scoring import features, logits
+    from bdframe_defense_meca.plugin import _cluster_means, _two_clusters, confidence_scores
+
+    model_file = "meca_warmup_model.pt" if (d / "meca_warmup_model.pt").is_file() else "model.pt"
+    parts, _ = load_run(d, device="cpu")
+    data = parts.poisoned
+    model = parts.build_model()
+    model.load_state_dict(torch.load(d / model_file, map_location="cpu", weights_only=True))
+    ctx = ScoreContext(progress=False)
+    prob = torch.softmax(logits(model, data, ctx).double(), 1)
+    feats = features(model, data, ctx).double()
+    labels = torch.as_tensor(data.labels, dtype=torch.int64)
+    ids = torch.as_tensor(data.ids, dtype=torch.int64)
+    truth = torch.isin(ids, torch.as_tensor(parts.poison_ids, dtype=torch.int64))
+    if not bool(truth.any()):
+        return None
+    target = int(torch.mode(labels[truth]).values)
+    rows = torch.nonzero(labels == target).flatten()
+    seed = int(read_json(d / "run.json")["seeds"]["run"])
+    assign = _two_clusters(feats[rows], ids[rows], ("meca-clusters", seed), 10)
+    metrics = json.loads((d / "metrics.json").read_text())
+    row = {"run": d.parent.parent.name + "/" + d.name, "model": model_file, "attack": metrics.get("attack"),
+           "target": data.classes[target], "poisoned": int(truth.sum())}
+    if assign is None:
+        return row
+    conf = _cluster_means(confidence_scores(prob[rows, target]), assign)
+    ent = [runner_up_entropy(prob[rows][assign == k], target) for k in (0, 1)]
+    poison = [int(truth[rows][assign == k].sum()) for k in (0, 1)]
+    size = [int((assign == k).sum()) for k in (0, 1)]
+    p = 0 if poison[0] / size[0] > poison[1] / size[1] else 1  # the group holding the larger poison share
+    row["groups"] = [{"size": size[k], "poisoned": poison[k], "mean_logit_conf": conf[k], "runner_up_entropy": ent[k]}
+                     for k in (0, 1)]
+    row["poison_group"] = {"size": size[p], "poison_share": poison[p] / size[p], "recall": poison[p] / int(truth.sum())}
+    row["confident_right"] = (0 if conf[0] > conf[1] else 1) == p
+    row["runner_up_right"] = (0 if ent[0] > ent[1] else 1) == p
+    row["poison_group_conf"], row["other_group_conf"] = conf[p], conf[1 - p]
+    row["poison_group_entropy"], row["other_group_entropy"] = ent[p], ent[1 - p]
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", nargs="+", help="finished runs with meca_warmup_model.pt or model.pt")
+    ap.add_argument("--out", help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    dirs = [Path(d) for d in args.run_dir]
+    bad = [str(d) for d in dirs if not (d / "meca_warmup_model.pt").is_file() and not (d / "model.pt").is_file()]
+    if bad:
+        print(f"meca_side_rules.py: no meca_warmup_model.pt or model.pt in: {', '.join(bad)}", file=sys.stderr)
+        return 2
+    rows = [r for r in (read_run(d) for d in dirs) if r is not None]
+    yes = {True: "yes", False: "no"}
+    for r in rows:
+        g = r.get("poison_group")
+        r["poison_group_s"] = "-" if g is None else f"{g['size']} ({100 * g['poison_share']:.1f}% poisoned)"
+        r["confident_s"] = yes.get(r.get("confident_right"), "-")
+        r["runner_up_s"] = yes.get(r.get("runner_up_right"), "-")
+    print("The poisoned class split in two; which group each side rule flags (yes: the poison's group)")
+    print_table(rows, [("run", "run", "{}"), ("target", "poisoned class", "{}"),
+                       ("poison_group_s", "poison's group", "{}"),
+                       ("poison_group_conf", "its mean logit p", "{:.2f}"), ("other_group_conf", "other's", "{:.2f}"),
+                       ("confident_s", "confident right", "{}"),
+                       ("poison_group_entropy", "its runner-up entropy", "{:.3f}"),
+                       ("other_group_entropy", "other's", "{:.3f}"), ("runner_up_s", "runner-up right", "{}")])
+    if args.out:
+        write_json(Path(args.out), {"rows": [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
