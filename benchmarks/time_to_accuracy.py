@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -95,19 +94,8 @@ def train_row(name: str, root: Path, args) -> dict:
     return {"row": name, "recipe": recipe, "clean_acc": round(100 * metrics["clean_acc"], 2),
             "flip_tta_acc": round(100 * flip_tta_accuracy(out, args.device), 2),
             "train_seconds": round(train_s, 1), "wall_seconds": round(wall, 1), "curve": curve,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            **gpu_memory(args.device)}
-
-
-def gpu_memory(device: str) -> dict:
-    """Peak GPU memory the row's process allocated through PyTorch (empty on a CPU)."""
-    import torch
-
-    from bdframe.nn import resolve_device
-
-    if resolve_device(device).type != "cuda":
-        return {}
-    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+            # the run's own record (runner.peak_memory): this child process's peaks, GPU only on CUDA
+            **{f"peak_{k}_mb": round(v, 1) for k, v in metrics["peak_memory_mb"].items()}}
 
 
 def flip_tta_accuracy(run_dir: Path, device: str) -> float:
