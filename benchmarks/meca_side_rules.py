@@ -1,4 +1,4 @@
-"""Which of a class's two feature groups is the poison: two side rules measured on finished runs.
+"""Which of a class's two feature groups is the poison: three side rules measured on finished runs.
 
 MeCa's ``inside = "clusters"`` splits a picked class in two (2-means on the PCA-reduced
 penultimate features of the model trained on the poisoned data) and flags one of the two
@@ -9,7 +9,9 @@ groups. Which one is the side rule:
 - ``runner-up``: the group whose runner-up classes are more varied (higher entropy of the
   histogram of each sample's most likely class other than its label). A dirty-label poison
   group is images of every other class, so what the model would call them without the trigger
-  varies; a clean group's runner-up is the few classes that resemble it.
+  varies; a clean group's runner-up is the few classes that resemble it;
+- ``auto`` (MeCa's ``split_side = "auto"``): runner-up where the two groups' entropies differ
+  by more than ``--cut`` nats, else confident.
 
 For each run directory given, the model is the run's saved warm-up model
 (``meca_warmup_model.pt``) or else its final model (``model.pt``: a no-defense run's model is
@@ -33,26 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
 
-def runner_up_entropy(prob, label: int) -> float:
-    """Entropy (nats) of the histogram of the most likely class other than ``label`` over the
-    rows of ``prob``."""
-    import torch
-
-    q = prob.clone()
-    q[:, label] = -1.0
-    hist = torch.bincount(q.argmax(1), minlength=prob.shape[1]).double()
-    hist = hist[hist > 0] / hist.sum()
-    return float(-(hist * hist.log()).sum())
-
-
-def read_run(d: Path) -> dict | None:
+def read_run(d: Path, cut: float = 0.8) -> dict | None:
     import torch
 
     from bdframe.interfaces import ScoreContext
     from bdframe.runs import read_json
     from bdframe.scan import load_run
     from bdframe.scoring import features, logits
-    from bdframe_defense_meca.plugin import _cluster_means, _two_clusters, confidence_scores
+    from bdframe_defense_meca.plugin import (_cluster_means, _two_clusters, confidence_scores, runner_up_entropy,
+                                             split_side)
 
     model_file = "meca_warmup_model.pt" if (d / "meca_warmup_model.pt").is_file() else "model.pt"
     parts, _ = load_run(d, device="cpu")
@@ -86,6 +77,9 @@ def read_run(d: Path) -> dict | None:
     row["poison_group"] = {"size": size[p], "poison_share": poison[p] / size[p], "recall": poison[p] / int(truth.sum())}
     row["confident_right"] = (0 if conf[0] > conf[1] else 1) == p
     row["runner_up_right"] = (0 if ent[0] > ent[1] else 1) == p
+    row["auto_right"] = split_side(assign, confidence_scores(prob[rows, target]), prob[rows], target, side="auto",
+                                   cut=cut) == p
+    row["auto_uses"] = "runner-up" if abs(ent[0] - ent[1]) > cut else "confident"
     row["poison_group_conf"], row["other_group_conf"] = conf[p], conf[1 - p]
     row["poison_group_entropy"], row["other_group_entropy"] = ent[p], ent[1 - p]
     return row
@@ -94,6 +88,7 @@ def read_run(d: Path) -> dict | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", nargs="+", help="finished runs with meca_warmup_model.pt or model.pt")
+    ap.add_argument("--cut", type=float, default=0.8, help="split_side = auto's cut (nats; default 0.8)")
     ap.add_argument("--out", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     dirs = [Path(d) for d in args.run_dir]
@@ -101,20 +96,22 @@ def main(argv=None) -> int:
     if bad:
         print(f"meca_side_rules.py: no meca_warmup_model.pt or model.pt in: {', '.join(bad)}", file=sys.stderr)
         return 2
-    rows = [r for r in (read_run(d) for d in dirs) if r is not None]
+    rows = [r for r in (read_run(d, args.cut) for d in dirs) if r is not None]
     yes = {True: "yes", False: "no"}
     for r in rows:
         g = r.get("poison_group")
         r["poison_group_s"] = "-" if g is None else f"{g['size']} ({100 * g['poison_share']:.1f}% poisoned)"
         r["confident_s"] = yes.get(r.get("confident_right"), "-")
         r["runner_up_s"] = yes.get(r.get("runner_up_right"), "-")
+        r["auto_s"] = "-" if g is None else f"{yes[r['auto_right']]} ({r['auto_uses']})"
     print("The poisoned class split in two; which group each side rule flags (yes: the poison's group)")
     print_table(rows, [("run", "run", "{}"), ("target", "poisoned class", "{}"),
                        ("poison_group_s", "poison's group", "{}"),
                        ("poison_group_conf", "its mean logit p", "{:.2f}"), ("other_group_conf", "other's", "{:.2f}"),
                        ("confident_s", "confident right", "{}"),
                        ("poison_group_entropy", "its runner-up entropy", "{:.3f}"),
-                       ("other_group_entropy", "other's", "{:.3f}"), ("runner_up_s", "runner-up right", "{}")])
+                       ("other_group_entropy", "other's", "{:.3f}"), ("runner_up_s", "runner-up right", "{}"),
+                       ("auto_s", f"auto (cut {args.cut:g}) right", "{}")])
     if args.out:
         write_json(Path(args.out), {"rows": [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]})
     return 0

@@ -516,6 +516,33 @@ def test_clean_unlearn_trains_the_clean_model_on_the_kept_set_while_unlearning_t
     assert fit_of_flagged(res1.model) < fit_of_flagged(res0.model)
 
 
+def test_split_side_reaches_the_split_with_the_enhanced_models_class_probabilities(tmp_path, bdframe_registry):
+    """``split_side = "runner-up"``: the flagged set is :func:`flag_label_aware` of the enhanced
+    model (with no iteration, the warm-up model) with that side and its softmax over all classes."""
+    from bdframe import scoring
+    from bdframe.interfaces import ScoreContext
+    from bdframe_defense_meca.plugin import flag_label_aware
+
+    recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
+    config = attrs.evolve(recipe.defense.config, iterations=0, detection="label-aware", class_test="warmup",
+                          class_stat="gap", spread_k=0.5, inside="clusters", split_side="runner-up", warmup_epochs=6)
+    MeCa(config).run(train, ctx)
+    saved = torch.load(tmp_path / "meca_scores.pt")
+    pos = train.positions(saved["ids"])
+    labels, subset = train.labels[pos], train.subset(pos)
+    sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
+    warm = ctx.new_model(state_dict=torch.load(tmp_path / "meca_warmup_model.pt"))
+    prob = torch.softmax(scoring.logits(warm, subset, sctx).double(), 1)
+    rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
+    assert rec["suspicious_classes"], "the test needs a picked class"
+    kw = {"classes": rec["suspicious_classes"], "inside": "clusters", "features": scoring.features(warm, subset, sctx),
+          "ids": saved["ids"], "seed": ctx.seed}
+    want, _ = flag_label_aware(saved["enhanced_prob"], labels, side="runner-up", class_prob=prob, **kw)
+    assert torch.equal(saved["detected_poison"], want)
+    confident, _ = flag_label_aware(saved["enhanced_prob"], labels, **kw)
+    assert int(want.sum()) > 0 and not torch.equal(want, confident), "the test needs the two sides to differ"
+
+
 @pytest.mark.parametrize("side", ["confident", "far"])
 def test_clean_unlearn_core_unlearns_the_cores_and_leaves_the_rest_of_the_flagged_set_out(tmp_path,
                                                                                           bdframe_registry, side):
@@ -630,6 +657,10 @@ def test_clean_stage_semi_trains_the_clean_model_on_the_kept_set_with_the_flagge
     ({"clean_stage": "semi", "repair_model": "model.pt"}, "repair_model", 'used only with clean_stage = "repair"'),
     ({"core_side": "far"}, "core_side", "used only with clean_unlearn_core = true"),
     ({"core_side": "near"}, "core_side", "far"),
+    ({"split_side": "auto"}, "split_side", 'inside = "clusters"'),
+    ({"split_side": "runner-up", "inside": "clusters"}, "split_side", 'detection = "label-aware"'),
+    ({"split_side": "larger"}, "split_side", "runner-up"),
+    ({"split_side_cut": 0.5}, "split_side_cut", 'used only with split_side = "auto"'),
 ])
 def test_clean_stage_settings_are_checked_with_the_recipe(tmp_path, bdframe_registry, change, field, message):
     from bdframe.errors import RecipeError

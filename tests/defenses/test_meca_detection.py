@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from bdframe_defense_meca.plugin import (MeCaConfig, _separation, class_spreads, classes_above, cluster_cores,
                                          cluster_gaps, gap_separation_z,
-                                         cluster_split,
+                                         cluster_split, runner_up_entropy, split_side,
                                          confidence_scores, flag_confident, flag_label_aware, gap_z, margins,
                                          otsu_threshold, outlier_threshold, robust_class_z, spread_classes, spread_z,
                                          student_t_quantile, suspicious_classes, upper_outliers)
@@ -211,11 +211,12 @@ def test_a_target_class_that_stands_out_is_found_and_split():
 def test_the_rules_cannot_see_ground_truth():
     for fn in (flag_confident, flag_label_aware, suspicious_classes, otsu_threshold, outlier_threshold,
                upper_outliers, margins, class_spreads, spread_z, spread_classes, cluster_split, cluster_gaps, gap_z,
-               robust_class_z, gap_separation_z, cluster_cores):
+               robust_class_z, gap_separation_z, cluster_cores, split_side, runner_up_entropy):
         params = set(inspect.signature(fn).parameters)
         assert params <= {"prob", "labels", "rows", "threshold", "k", "high", "alpha", "values", "inside",
                           "quantile", "confirm", "pick", "classes", "logits", "margin", "q", "limit", "features",
-                          "ids", "seed", "n_components", "feats", "signal", "seed_parts", "stat", "floor", "separation", "flags", "side"}, (fn, params)
+                          "ids", "seed", "n_components", "feats", "signal", "seed_parts", "stat", "floor", "separation", "flags", "side",
+                          "side_cut", "cut", "class_prob", "label", "assign"}, (fn, params)
 
 
 def test_the_papers_rule_stays_the_default():
@@ -644,3 +645,126 @@ def test_a_class_limit_keeps_the_classes_that_stand_out_most():
     assert spread_classes(margin, labels, limit=1) == [2]
     assert spread_classes(margin, labels, limit=2) == both == spread_classes(margin, labels, limit=5)
     assert spread_classes(margin, labels, k=100.0, limit=1) == []  # the limit never adds a class
+
+
+# -- which of a class's two groups is the poison (split_side) ------------------------------------
+
+def runner_up_probs(group_runner_ups, label: int, n_classes: int = 10, seed: int = 0):
+    """Rows of ``p(.|x)`` whose largest entry is ``label`` and whose second largest is the given
+    runner-up class of each row."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(len(group_runner_ups), n_classes, generator=g, dtype=torch.float64) * 0.01
+    p[torch.arange(len(p)), torch.as_tensor(group_runner_ups)] = 0.2
+    p[:, label] = 0.7
+    return p / p.sum(1, keepdim=True)
+
+
+def test_runner_up_entropy_counts_the_most_likely_other_class():
+    one = runner_up_probs([3] * 50, label=1)
+    assert runner_up_entropy(one, 1) == 0.0
+    every = runner_up_probs([c for c in range(10) if c != 1] * 5, label=1)
+    assert runner_up_entropy(every, 1) == pytest.approx(torch.log(torch.tensor(9.0)).item())
+    assert runner_up_entropy(every[:0], 1) == 0.0
+
+
+@SET
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=60), st.randoms())
+def test_runner_up_entropy_ignores_the_row_order_and_the_class_names(runner_ups, rnd):
+    label = 6
+    p = runner_up_probs(runner_ups, label, n_classes=7)
+    perm = torch.tensor(rnd.sample(range(len(p)), len(p)))
+    names = rnd.sample(range(7), 7)  # class c is renamed names[c]
+    renamed = torch.empty_like(p)
+    renamed[:, torch.tensor(names)] = p
+    want = runner_up_entropy(p, label)
+    assert runner_up_entropy(p[perm], label) == want
+    assert runner_up_entropy(renamed, names[label]) == want
+
+
+def poisoned_class(*, poison_confident: bool, poison_sources: int):
+    """One class of 160 rows split into two feature groups: 60 'poison' rows whose runner-ups
+    cycle through ``poison_sources`` other classes and 100 of the class's own rows whose
+    runner-up is class 9 for nine in ten of them (the class resembles one neighbour); the
+    poison is fitted more (or less) confidently than the class's own rows."""
+    f = two_groups(60, 100)
+    group = torch.arange(160) < 60
+    others = [c for c in range(10) if c != 1][:poison_sources]
+    runner_ups = [others[i % len(others)] for i in range(60)] + [9 if i % 10 else 4 for i in range(100)]
+    prob = runner_up_probs(runner_ups, label=1)
+    signal = torch.where(group == poison_confident, 6.0, 2.0).double() + torch.linspace(0, 0.3, 160,
+                                                                                        dtype=torch.float64)
+    return f, signal, prob, group, torch.arange(160) * 3 + 5
+
+
+@pytest.mark.parametrize("poison_confident", [True, False])
+def test_each_side_rule_flags_the_group_its_signal_points_to(poison_confident):
+    """The poison from eight other classes: runner-up and auto flag it whether or not it is
+    fitted more confidently (its runner-up entropy is ln 8 against about 0.33); confident flags
+    it only when it is."""
+    f, signal, prob, group, ids = poisoned_class(poison_confident=poison_confident, poison_sources=8)
+    kw = {"class_prob": prob, "label": 1}
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="runner-up", **kw), group)
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="auto", **kw), group)
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="confident", **kw),
+                       group if poison_confident else ~group)
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0)), group if poison_confident else ~group)
+
+
+def test_auto_keeps_the_confident_side_when_the_runner_up_entropies_are_close():
+    """The poison from one source class (a source-specific attack): its runner-up entropy is 0,
+    below the class's own (about 0.33), so runner-up flags the class's own rows; the difference
+    is under the cut, so auto follows the confidence, which finds the poison. A cut of 0 makes
+    auto the runner-up rule, a cut above every difference the confident rule."""
+    f, signal, prob, group, ids = poisoned_class(poison_confident=True, poison_sources=1)
+    kw = {"class_prob": prob, "label": 1}
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="runner-up", **kw), ~group)
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="auto", **kw), group)
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="auto", cut=0.0, **kw), ~group)
+    f8, s8, p8, g8, i8 = poisoned_class(poison_confident=False, poison_sources=8)
+    assert torch.equal(cluster_split(f8, s8, i8, ("t", 0), side="auto", cut=10.0, class_prob=p8, label=1), ~g8)
+
+
+def test_equal_runner_up_entropies_flag_nothing_and_the_inputs_are_checked():
+    f = two_groups(50, 50)
+    assign = (torch.arange(100) < 50).long()
+    prob = runner_up_probs([3, 4] * 50, label=1)  # both groups: half 3, half 4
+    assert split_side(assign, torch.arange(100.0), prob, 1, side="runner-up") is None
+    assert split_side(assign, torch.arange(100.0), prob, 1, side="auto", cut=0.0) == 0  # falls to confident
+    with pytest.raises(ValueError, match="side must be one of"):
+        split_side(assign, torch.arange(100.0), prob, 1, side="larger")
+    with pytest.raises(ValueError, match="class_prob"):
+        cluster_split(f, torch.arange(100.0), torch.arange(100), ("t", 0), side="auto")
+    labels = torch.arange(100) % 2
+    with pytest.raises(ValueError, match="one row of class_prob per sample"):
+        flag_label_aware(torch.rand(100, dtype=torch.float64), labels, classes=[1], inside="clusters", features=f,
+                         ids=torch.arange(100), side="auto")
+    with pytest.raises(ValueError, match="inside = 'clusters'"):
+        flag_label_aware(torch.rand(100, dtype=torch.float64), labels, classes=[1], side="auto", class_prob=prob)
+
+
+@SET
+@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from(["runner-up", "auto"]))
+def test_the_side_rules_are_order_invariant_and_ignore_class_names(seed, rnd, side):
+    g = torch.Generator().manual_seed(seed)
+    n, k = 240, 4
+    labels = torch.arange(n) % k
+    f = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
+    marked = (labels == 2) & (torch.arange(n) < 100)
+    f[marked, 1] += 9.0
+    logits[marked, 2] += 3.0
+    prob = torch.softmax(logits, 1)
+    p_y = prob[torch.arange(n), labels]
+    ids = torch.arange(n) * 7 + 3
+    kw = {"classes": [2], "inside": "clusters", "side": side, "seed": seed}
+    flags, _ = flag_label_aware(p_y, labels, features=f, ids=ids, class_prob=prob, **kw)
+    perm = torch.tensor(rnd.sample(range(n), n))
+    again, _ = flag_label_aware(p_y[perm], labels[perm], features=f[perm], ids=ids[perm], class_prob=prob[perm],
+                                **kw)
+    assert torch.equal(again, flags[perm])
+    names = torch.tensor(rnd.sample(range(k), k))
+    renamed = torch.empty_like(prob)
+    renamed[:, names] = prob
+    same, classes = flag_label_aware(p_y, names[labels], features=f, ids=ids, class_prob=renamed,
+                                     **{**kw, "classes": [int(names[2])]})
+    assert classes == [int(names[2])] and torch.equal(same, flags)

@@ -88,6 +88,8 @@ from bdframe import hookimpl, steps
 from bdframe.config import in_range, one_of
 from bdframe.interfaces import Defense, DefenseResult
 
+# which of a picked class's two feature groups is flagged (split_side)
+SPLIT_SIDES = ("confident", "runner-up", "auto")
 
 
 @attrs.frozen
@@ -202,6 +204,15 @@ class MeCaConfig:
                 "reference_quantile of the samples of the classes that do not stand out) or clusters (2-means "
                 "on the warm-up model's penultimate features of the class, PCA-reduced to cluster_components "
                 "dimensions; the cluster whose mean logit(p_e) is higher is flagged, whatever its size)"})
+    split_side: str = attrs.field(default="confident", validator=one_of(*SPLIT_SIDES), metadata={
+        "help": "label-aware, inside = clusters: which of a picked class's two feature groups is flagged: "
+                "confident (the one the enhanced model fits more confidently: a trigger learned more easily than "
+                "the class), runner-up (the one whose most likely other classes vary more: relabelled images "
+                "come from many classes) or auto (runner-up where the two groups' runner-up entropies differ by "
+                "more than split_side_cut nats, else confident)"})
+    split_side_cut: float = attrs.field(default=0.8, validator=in_range(0, None), metadata={
+        "help": "split_side = auto: the difference of runner-up entropies (nats) above which the runner-up "
+                "rule decides"})
     cluster_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
         "help": "label-aware, inside = clusters or class_stat = gap or gap-separation: principal components of the class's "
                 "features kept before 2-means"})
@@ -743,8 +754,59 @@ def classes_above(classes, z, *, k: float, limit: int = 0) -> list[int]:
     return sorted(int(classes[i]) for _, i in above)
 
 
-def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 10):
-    """Split one class in two in feature space and flag the group the model fits more confidently.
+def runner_up_entropy(prob, label: int) -> float:
+    """Entropy (nats) of the histogram of each row's most likely class other than ``label``
+    (ties: the smaller class index) over the rows of ``prob`` (0 with no rows). Summed in sorted
+    order, so it depends neither on the rows' order nor on which integers name the classes."""
+    import torch
+
+    q = torch.as_tensor(prob, dtype=torch.float64).cpu().clone()
+    if not len(q):
+        return 0.0
+    q[:, int(label)] = -1.0
+    hist = torch.bincount(q.argmax(1), minlength=q.shape[1]).double()
+    hist = hist[hist > 0] / hist.sum()
+    return float(-(hist * hist.log()).sort().values.sum())
+
+
+
+def split_side(assign, signal, class_prob, label: int, *, side: str = "confident", cut: float = 0.8):
+    """Which of a class's two feature groups (``assign`` 0/1 over its rows) is the poison:
+    0, 1, or None when the rule cannot tell (equal values).
+
+    - ``"confident"``: the group with the higher mean ``signal`` (``logit(p(y|x))``): a
+      dirty-label trigger is usually learned more easily than the class itself;
+    - ``"runner-up"``: the group whose runner-up classes are more varied (higher
+      :func:`runner_up_entropy` of ``class_prob``, the rows' ``p(.|x)``, with the class's
+      ``label`` left out): relabelled
+      images of every other class would be called many different things without the trigger,
+      while a class's own images resemble a few neighbouring classes (an automobile's runner-up
+      is a truck). It needs no assumption about how easily the trigger is learned, so it holds
+      for a faint blend or a warp the model fits less confidently than the class, but it is
+      wrong where the poison comes from few classes (a source-specific attack) or where the
+      trigger itself pulls every poisoned image towards one other class;
+    - ``"auto"``: ``runner-up`` when the two groups' runner-up entropies differ by more than
+      ``cut`` nats, else ``confident``: a large difference is the many-sources signature, a
+      small one is not evidence either way.
+    """
+    import torch
+
+    if side not in SPLIT_SIDES:
+        raise ValueError(f"side must be one of {', '.join(SPLIT_SIDES)}, got {side!r}")
+    if side != "confident":
+        class_prob = torch.as_tensor(class_prob, dtype=torch.float64).cpu()
+        ent = [runner_up_entropy(class_prob[assign == k], label) for k in (0, 1)]
+        if side == "runner-up" or abs(ent[0] - ent[1]) > cut:
+            return None if ent[0] == ent[1] else 0 if ent[0] > ent[1] else 1
+    mean = _cluster_means(signal, assign)
+    return None if mean[0] == mean[1] else 0 if mean[0] > mean[1] else 1
+
+
+def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 10, side: str = "confident",
+                  class_prob=None, label: int | None = None, cut: float = 0.8):
+    """Split one class in two in feature space and flag the group the model fits more confidently
+    (``side = "confident"``) or the one :func:`split_side` chooses by another rule
+    (``class_prob``: the class's rows of ``p(.|x)`` over all classes, ``label``: the class's column).
 
     The class's features are centred, projected onto their top ``n_components`` principal
     directions and split by the order-independent 2-means of activation clustering; the cluster
@@ -758,14 +820,14 @@ def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 
     Returns a bool tensor over the class's samples."""
     import torch
 
+    if side != "confident" and (class_prob is None or label is None or len(class_prob) != len(feats)):
+        raise ValueError(f"side = {side!r} needs the class's rows of class_prob and its label")
     flags = torch.zeros(len(feats), dtype=torch.bool)
     assign = _two_clusters(feats, ids, seed_parts, n_components)
     if assign is None:
         return flags
-    mean = _cluster_means(signal, assign)
-    if mean[0] == mean[1]:
-        return flags
-    return assign == (0 if mean[0] > mean[1] else 1)
+    k = split_side(assign, signal, class_prob, label, side=side, cut=cut)
+    return flags if k is None else assign == k
 
 
 def _neighbours_inside(z, inside, rows, ids, k: int = 20):
@@ -841,7 +903,8 @@ def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0,
 
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
                      inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both", classes=None,
-                     features=None, ids=None, seed: int = 0, n_components: int = 10):
+                     features=None, ids=None, seed: int = 0, n_components: int = 10, side: str = "confident",
+                     side_cut: float = 0.8, class_prob=None):
     """Label-aware detection: find the classes that stand out (:func:`suspicious_classes`) and
     flag part of each of them; when no class stands out, the confidence rule over all samples
     with ``threshold``. Returns ``(flags, classes)``.
@@ -865,7 +928,9 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
       that are fitted as well as a typical clean sample elsewhere.
     - ``"clusters"``: :func:`cluster_split` of the class's ``features`` (one row per sample, e.g.
       the warm-up model's penultimate features; ``ids`` key the 2-means with ``seed``), the
-      cluster with the higher mean ``logit(p_e)`` flagged.
+      cluster with the higher mean ``logit(p_e)`` flagged, or with ``side`` ``"runner-up"`` or
+      ``"auto"`` the one :func:`split_side` chooses (``side_cut``: its cut; ``class_prob``: every
+      sample's ``p_e(.|x)`` over all classes, one row per sample, columns the class labels).
     """
     import torch
 
@@ -874,6 +939,8 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
     if inside == "clusters" and (features is None or ids is None or len(features) != len(labels)
                                  or len(ids) != len(labels)):
         raise ValueError("inside = 'clusters' needs one feature row and one id per sample")
+    if side != "confident" and (inside != "clusters" or class_prob is None or len(class_prob) != len(labels)):
+        raise ValueError(f"side = {side!r} needs inside = 'clusters' and one row of class_prob per sample")
     if pick not in ("both", "confirm"):
         raise ValueError(f"pick must be 'both' or 'confirm', got {pick!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
@@ -903,7 +970,9 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
             rows = torch.nonzero(labels == c).flatten()
             # keyed by the seed and the sample ids alone, so renaming the classes changes nothing
             flags[rows] = cluster_split(features[rows], z[rows], torch.as_tensor(ids)[rows],
-                                        ("meca-clusters", int(seed)), n_components=n_components)
+                                        ("meca-clusters", int(seed)), n_components=n_components, side=side,
+                                        class_prob=None if class_prob is None else torch.as_tensor(class_prob)[rows],
+                                        label=int(c), cut=side_cut)
         else:
             flags |= flag_confident(prob, labels == c, threshold="otsu")
     return flags, classes
@@ -923,6 +992,10 @@ class MeCa(Defense):
                                           or config.detection != "label-aware"):
             return [("clean_unlearn_core", 'is used only with clean_unlearn > 0, detection = "label-aware" and '
                                            'inside = "clusters"')]
+        if config.split_side != "confident" and (config.inside != "clusters" or config.detection != "label-aware"):
+            return [("split_side", 'is used only with detection = "label-aware" and inside = "clusters"')]
+        if config.split_side != "auto" and config.split_side_cut != 0.8:
+            return [("split_side_cut", 'is used only with split_side = "auto"')]
         if config.core_side != "confident" and not config.clean_unlearn_core:
             return [("core_side", "is used only with clean_unlearn_core = true")]
         if config.repair_model and config.clean_stage != "repair":
@@ -1208,7 +1281,10 @@ class MeCa(Defense):
                                                      quantile=c.reference_quantile, confirm=confirm,
                                                      pick="confirm" if c.class_test == "warmup" else "both",
                                                      classes=picked, features=feats, ids=data.ids.cpu(),
-                                                     seed=ctx.seed, n_components=c.cluster_components)
+                                                     seed=ctx.seed, n_components=c.cluster_components,
+                                                     side=c.split_side, side_cut=c.split_side_cut,
+                                                     class_prob=None if c.split_side == "confident" else
+                                                     torch.softmax(logits.double(), 1).cpu())
             unlearn = poisoned if not c.clean_unlearn_core else \
                 cluster_cores(feats, prob, labels, data.ids.cpu(), poisoned, classes, seed=ctx.seed,
                               n_components=c.cluster_components, side=c.core_side)
