@@ -24,7 +24,8 @@ Pipeline, every piece taken from the registry through the defense context:
    (``"both"``) or instead (``"warmup"``): Otsu's split, the samples fitted more
    confidently than a typical sample of the other classes, or, with ``inside = "clusters"``, the
    activation-clustering split of the class's warm-up features with the more confidently fitted
-   cluster flagged), neither needing a poison rate.
+   cluster flagged, or with ``split_side`` the cluster whose runner-up classes vary more, when
+   they vary much more), neither needing a poison rate.
    With ``class_stat = "spread"`` a class is picked instead when the upper tail of its samples'
    margins lies far from their median compared with the other classes (a confidently fitted
    group inside the class, whatever the class's difficulty); with ``class_stat = "gap"`` when
