@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
 
-def read_run(d: Path, cut: float = 0.8) -> dict | None:
+def read_run(d: Path, cut: float) -> dict | None:
     import torch
 
     from bdframe.interfaces import ScoreContext
@@ -88,7 +88,10 @@ def read_run(d: Path, cut: float = 0.8) -> dict | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", nargs="+", help="finished runs with meca_warmup_model.pt or model.pt")
-    ap.add_argument("--cut", type=float, default=0.8, help="split_side = auto's cut (nats; default 0.8)")
+    from bdframe_defense_meca.plugin import SPLIT_SIDE_CUT
+
+    ap.add_argument("--cut", type=float, default=SPLIT_SIDE_CUT,
+                    help=f"split_side = auto's cut (nats; default MeCa's, {SPLIT_SIDE_CUT})")
     ap.add_argument("--out", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     dirs = [Path(d) for d in args.run_dir]

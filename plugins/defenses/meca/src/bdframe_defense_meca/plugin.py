@@ -89,8 +89,9 @@ from bdframe import hookimpl, steps
 from bdframe.config import in_range, one_of
 from bdframe.interfaces import Defense, DefenseResult
 
-# which of a picked class's two feature groups is flagged (split_side)
+# which of a picked class's two feature groups is flagged (split_side), and auto's cut in nats
 SPLIT_SIDES = ("confident", "runner-up", "auto")
+SPLIT_SIDE_CUT = 0.8
 
 
 @attrs.frozen
@@ -211,7 +212,7 @@ class MeCaConfig:
                 "the class), runner-up (the one whose most likely other classes vary more: relabelled images "
                 "come from many classes) or auto (runner-up where the two groups' runner-up entropies differ by "
                 "more than split_side_cut nats, else confident)"})
-    split_side_cut: float = attrs.field(default=0.8, validator=in_range(0, None), metadata={
+    split_side_cut: float = attrs.field(default=SPLIT_SIDE_CUT, validator=in_range(0, None), metadata={
         "help": "split_side = auto: the difference of runner-up entropies (nats) above which the runner-up "
                 "rule decides"})
     cluster_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
@@ -770,8 +771,7 @@ def runner_up_entropy(prob, label: int) -> float:
     return float(-(hist * hist.log()).sort().values.sum())
 
 
-
-def split_side(assign, signal, class_prob, label: int, *, side: str = "confident", cut: float = 0.8):
+def split_side(assign, signal, class_prob, label: int, *, side: str = "confident", cut: float = SPLIT_SIDE_CUT):
     """Which of a class's two feature groups (``assign`` 0/1 over its rows) is the poison:
     0, 1, or None when the rule cannot tell (equal values).
 
@@ -804,7 +804,7 @@ def split_side(assign, signal, class_prob, label: int, *, side: str = "confident
 
 
 def cluster_split(feats, signal, ids, seed_parts: tuple, *, n_components: int = 10, side: str = "confident",
-                  class_prob=None, label: int | None = None, cut: float = 0.8):
+                  class_prob=None, label: int | None = None, cut: float = SPLIT_SIDE_CUT):
     """Split one class in two in feature space and flag the group the model fits more confidently
     (``side = "confident"``) or the one :func:`split_side` chooses by another rule
     (``class_prob``: the class's rows of ``p(.|x)`` over all classes, ``label``: the class's column).
@@ -905,7 +905,7 @@ def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0,
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
                      inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both", classes=None,
                      features=None, ids=None, seed: int = 0, n_components: int = 10, side: str = "confident",
-                     side_cut: float = 0.8, class_prob=None):
+                     side_cut: float = SPLIT_SIDE_CUT, class_prob=None):
     """Label-aware detection: find the classes that stand out (:func:`suspicious_classes`) and
     flag part of each of them; when no class stands out, the confidence rule over all samples
     with ``threshold``. Returns ``(flags, classes)``.
@@ -995,7 +995,7 @@ class MeCa(Defense):
                                            'inside = "clusters"')]
         if config.split_side != "confident" and (config.inside != "clusters" or config.detection != "label-aware"):
             return [("split_side", 'is used only with detection = "label-aware" and inside = "clusters"')]
-        if config.split_side != "auto" and config.split_side_cut != 0.8:
+        if config.split_side != "auto" and config.split_side_cut != SPLIT_SIDE_CUT:
             return [("split_side_cut", 'is used only with split_side = "auto"')]
         if config.core_side != "confident" and not config.clean_unlearn_core:
             return [("core_side", "is used only with clean_unlearn_core = true")]
