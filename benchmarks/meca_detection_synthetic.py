@@ -35,7 +35,15 @@ RULES = [("argmax (paper)", {"detection": "argmax"}),
          ("spread, top class", {"detection": "label-aware", "class_test": "warmup", "class_stat": "spread",
                                 "spread_max_classes": 1, "forget_skip": 0.1, "clean_unlearn": 0.6, "relearn": False}),
          ("spread, top class, relearn", {"detection": "label-aware", "class_test": "warmup", "class_stat": "spread",
-                                         "spread_max_classes": 1, "forget_skip": 0.1, "clean_unlearn": 0.6})]
+                                         "spread_max_classes": 1, "forget_skip": 0.1, "clean_unlearn": 0.6}),
+         # the MeCa 50k sweep's meca-gapsep-far-auto column: no enhancement, the class picked by the
+         # gap-separation test on the warm-up model, split by its feature clusters, the side chosen
+         # by split_side = "auto", the far core of the flagged group unlearned
+         ("gap-separation, far core, auto side", {"iterations": 0, "detection": "label-aware", "class_test": "warmup",
+                                                  "class_stat": "gap-separation", "spread_max_classes": 1,
+                                                  "inside": "clusters", "split_side": "auto", "forget_skip": 0.1,
+                                                  "clean_unlearn": 2.0, "clean_unlearn_core": True, "core_side": "far",
+                                                  "relearn": False})]
 
 # what a rule does not set is the paper's pipeline, whatever the defense's defaults
 PAPER = {"detection": "argmax", "class_test": "enhanced", "class_stat": "share", "spread_max_classes": 0,
