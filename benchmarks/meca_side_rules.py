@@ -13,6 +13,12 @@ groups. Which one is the side rule:
 - ``auto`` (MeCa's ``split_side = "auto"``): runner-up where the two groups' entropies differ
   by more than ``--cut`` nats, else confident.
 
+Beside the sides, how much of the poison the group ``auto`` flags holds (recall and precision
+against all poisoned samples), and the same after one kNN step: each unflagged sample of the
+class whose ``--knn`` nearest samples of the class (in the PCA-reduced features the split was
+drawn in) are mostly flagged is flagged too. 2-means cuts the class with a straight boundary;
+the step asks whether the poison it leaves out lies in the flagged group's neighbourhood.
+
 For each run directory given, the model is the run's saved warm-up model
 (``meca_warmup_model.pt``) or else its final model (``model.pt``: a no-defense run's model is
 trained on the same poisoned data). The class looked at is the poisoned class (the label most
@@ -35,15 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
 
-def read_run(d: Path, cut: float) -> dict | None:
+def read_run(d: Path, cut: float, knn: int) -> dict | None:
     import torch
 
     from bdframe.interfaces import ScoreContext
     from bdframe.runs import read_json
     from bdframe.scan import load_run
-    from bdframe.scoring import features, logits
-    from bdframe_defense_meca.plugin import (_cluster_means, _two_clusters, confidence_scores, runner_up_entropy,
-                                             split_side)
+    from bdframe.scoring import features, logits, pca_project
+    from bdframe_defense_meca.plugin import (_cluster_means, _neighbours_inside, _two_clusters, confidence_scores,
+                                             runner_up_entropy, split_side)
 
     model_file = "meca_warmup_model.pt" if (d / "meca_warmup_model.pt").is_file() else "model.pt"
     parts, _ = load_run(d, device="cpu")
@@ -77,9 +83,15 @@ def read_run(d: Path, cut: float) -> dict | None:
     row["poison_group"] = {"size": size[p], "poison_share": poison[p] / size[p], "recall": poison[p] / int(truth.sum())}
     row["confident_right"] = (0 if conf[0] > conf[1] else 1) == p
     row["runner_up_right"] = (0 if ent[0] > ent[1] else 1) == p
-    row["auto_right"] = split_side(assign, confidence_scores(prob[rows, target]), prob[rows], target, side="auto",
-                                   cut=cut) == p
+    side = split_side(assign, confidence_scores(prob[rows, target]), prob[rows], target, side="auto", cut=cut)
+    row["auto_right"] = side == p
     row["auto_uses"] = "runner-up" if abs(ent[0] - ent[1]) > cut else "confident"
+    if side is not None:
+        flagged = assign == side
+        near = _neighbours_inside(pca_project(feats[rows], 10), flagged, torch.arange(len(rows)), ids[rows], k=knn)
+        for key, f in (("auto_group", flagged), ("auto_knn", flagged | (near > 0.5))):
+            hit = int((f & truth[rows]).sum())
+            row[key] = {"size": int(f.sum()), "recall": hit / int(truth.sum()), "precision": hit / max(1, int(f.sum()))}
     row["poison_group_conf"], row["other_group_conf"] = conf[p], conf[1 - p]
     row["poison_group_entropy"], row["other_group_entropy"] = ent[p], ent[1 - p]
     return row
@@ -92,6 +104,7 @@ def main(argv=None) -> int:
 
     ap.add_argument("--cut", type=float, default=SPLIT_SIDE_CUT,
                     help=f"split_side = auto's cut (nats; default MeCa's, {SPLIT_SIDE_CUT})")
+    ap.add_argument("--knn", type=int, default=20, help="neighbours of the kNN step (default 20)")
     ap.add_argument("--out", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     dirs = [Path(d) for d in args.run_dir]
@@ -99,7 +112,7 @@ def main(argv=None) -> int:
     if bad:
         print(f"meca_side_rules.py: no meca_warmup_model.pt or model.pt in: {', '.join(bad)}", file=sys.stderr)
         return 2
-    rows = [r for r in (read_run(d, args.cut) for d in dirs) if r is not None]
+    rows = [r for r in (read_run(d, args.cut, args.knn) for d in dirs) if r is not None]
     yes = {True: "yes", False: "no"}
     for r in rows:
         g = r.get("poison_group")
@@ -107,6 +120,9 @@ def main(argv=None) -> int:
         r["confident_s"] = yes.get(r.get("confident_right"), "-")
         r["runner_up_s"] = yes.get(r.get("runner_up_right"), "-")
         r["auto_s"] = "-" if g is None else f"{yes[r['auto_right']]} ({r['auto_uses']})"
+        for key in ("auto_group", "auto_knn"):
+            v = r.get(key)
+            r[key + "_s"] = "-" if v is None else f"{v['size']} ({100 * v['recall']:.1f} / {100 * v['precision']:.1f})"
     print("The poisoned class split in two; which group each side rule flags (yes: the poison's group)")
     print_table(rows, [("run", "run", "{}"), ("target", "poisoned class", "{}"),
                        ("poison_group_s", "poison's group", "{}"),
@@ -114,7 +130,9 @@ def main(argv=None) -> int:
                        ("confident_s", "confident right", "{}"),
                        ("poison_group_entropy", "its runner-up entropy", "{:.3f}"),
                        ("other_group_entropy", "other's", "{:.3f}"), ("runner_up_s", "runner-up right", "{}"),
-                       ("auto_s", f"auto (cut {args.cut:g}) right", "{}")])
+                       ("auto_s", f"auto (cut {args.cut:g}) right", "{}"),
+                       ("auto_group_s", "auto's group (recall / precision %)", "{}"),
+                       ("auto_knn_s", f"with the {args.knn}-NN step", "{}")])
     if args.out:
         write_json(Path(args.out), {"rows": [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]})
     return 0
