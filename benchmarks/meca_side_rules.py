@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--knn", type=int, default=20, help="neighbours of the kNN step (default 20)")
     ap.add_argument("--out", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.knn < 1:
+        print(f"meca_side_rules.py: --knn must be at least 1, got {args.knn}", file=sys.stderr)
+        return 2
     dirs = [Path(d) for d in args.run_dir]
     bad = [str(d) for d in dirs if not (d / "meca_warmup_model.pt").is_file() and not (d / "model.pt").is_file()]
     if bad:
