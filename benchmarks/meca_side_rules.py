@@ -47,7 +47,7 @@ def read_run(d: Path, cut: float, knn: int) -> dict | None:
     from bdframe.interfaces import ScoreContext
     from bdframe.runs import read_json
     from bdframe.scan import load_run
-    from bdframe.scoring import features, logits, pca_project
+    from bdframe.scoring import features, logits
     from bdframe_defense_meca.plugin import (_cluster_means, _neighbours_inside, _two_clusters, confidence_scores,
                                              runner_up_entropy, split_side)
 
@@ -67,13 +67,14 @@ def read_run(d: Path, cut: float, knn: int) -> dict | None:
     target = int(torch.mode(labels[truth]).values)
     rows = torch.nonzero(labels == target).flatten()
     seed = int(read_json(d / "run.json")["seeds"]["run"])
-    assign = _two_clusters(feats[rows], ids[rows], ("meca-clusters", seed), 10)
+    assign, z = _two_clusters(feats[rows], ids[rows], ("meca-clusters", seed), 10, with_points=True)
     metrics = json.loads((d / "metrics.json").read_text())
     row = {"run": d.parent.parent.name + "/" + d.name, "model": model_file, "attack": metrics.get("attack"),
            "target": data.classes[target], "poisoned": int(truth.sum())}
     if assign is None:
         return row
-    conf = _cluster_means(confidence_scores(prob[rows, target]), assign)
+    signal = confidence_scores(prob[rows, target])
+    conf = _cluster_means(signal, assign)
     ent = [runner_up_entropy(prob[rows][assign == k], target) for k in (0, 1)]
     poison = [int(truth[rows][assign == k].sum()) for k in (0, 1)]
     size = [int((assign == k).sum()) for k in (0, 1)]
@@ -83,12 +84,12 @@ def read_run(d: Path, cut: float, knn: int) -> dict | None:
     row["poison_group"] = {"size": size[p], "poison_share": poison[p] / size[p], "recall": poison[p] / int(truth.sum())}
     row["confident_right"] = (0 if conf[0] > conf[1] else 1) == p
     row["runner_up_right"] = (0 if ent[0] > ent[1] else 1) == p
-    side = split_side(assign, confidence_scores(prob[rows, target]), prob[rows], target, side="auto", cut=cut)
+    side = split_side(assign, signal, prob[rows], target, side="auto", cut=cut)
     row["auto_right"] = side == p
     row["auto_uses"] = "runner-up" if abs(ent[0] - ent[1]) > cut else "confident"
     if side is not None:
         flagged = assign == side
-        near = _neighbours_inside(pca_project(feats[rows], 10), flagged, torch.arange(len(rows)), ids[rows], k=knn)
+        near = _neighbours_inside(z, flagged, torch.arange(len(rows)), ids[rows], k=knn)
         for key, f in (("auto_group", flagged), ("auto_knn", flagged | (near > 0.5))):
             hit = int((f & truth[rows]).sum())
             row[key] = {"size": int(f.sum()), "recall": hit / int(truth.sum()), "precision": hit / max(1, int(f.sum()))}
