@@ -883,7 +883,8 @@ def test_class_test_picks_classes_with_the_warm_up_models_fit(tmp_path, bdframe_
 
 @pytest.mark.parametrize("class_stat, class_test, inside", [
     ("spread", "warmup", "otsu"), ("spread", "both", "otsu"), ("spread", "warmup", "clusters"),
-    ("gap", "warmup", "clusters"), ("gap", "both", "otsu"), ("gap-separation", "warmup", "clusters")])
+    ("gap", "warmup", "clusters"), ("gap", "both", "otsu"), ("gap-separation", "warmup", "clusters"),
+    ("gap-separation-floor", "warmup", "clusters"), ("gap-separation-floor", "both", "clusters")])
 def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(tmp_path, bdframe_registry, class_stat,
                                                                                class_test, inside):
     """``class_stat = "spread"`` or ``"gap"``: the warm-up model's margins are saved in
@@ -894,7 +895,8 @@ def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(t
     z-scores are logged."""
     from bdframe import scoring
     from bdframe.interfaces import ScoreContext
-    from bdframe_defense_meca.plugin import classes_above, flag_label_aware, gap_separation_z, gap_z, margins, spread_classes
+    from bdframe_defense_meca.plugin import (classes_above, flag_label_aware, floor_z, gap_separation_z, gap_z, margins,
+                                             spread_classes)
 
     recipe, ctx, train = make_ctx(tmp_path, bdframe_registry, train_size=200)
     config = attrs.evolve(recipe.defense.config, iterations=1, detection="label-aware", class_test=class_test,
@@ -904,10 +906,11 @@ def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(t
     pos = train.positions(saved["ids"])
     labels, subset = train.labels[pos], train.subset(pos)
     sctx = ScoreContext(seed=0, device=torch.device("cpu"), batch_size=256, progress=False)
-    m, feats = {}, None
+    m, probs, feats = {}, {}, None
     for tag in ("warmup", "enhanced"):
         model = ctx.new_model(state_dict=torch.load(tmp_path / f"meca_{tag}_model.pt"))
-        m[tag] = margins(scoring.logits(model, subset, sctx), labels)
+        out = scoring.logits(model, subset, sctx)
+        m[tag], probs[id(m[tag])] = margins(out, labels), torch.softmax(out.double(), 1)
         if tag == "warmup":
             feats = scoring.features(model, subset, sctx).double()
     assert torch.allclose(saved["warmup_margin"], m["warmup"], atol=1e-4)
@@ -916,8 +919,10 @@ def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(t
         if class_stat == "spread":
             return set(spread_classes(margin, labels, k=0.5))
         key = ("meca-clusters", ctx.seed)
-        if class_stat == "gap-separation":
+        if class_stat.startswith("gap-separation"):
             classes, z, _ = gap_separation_z(feats, margin, labels, saved["ids"], key)
+            if class_stat == "gap-separation-floor":  # the largest of three z-scores
+                z = torch.maximum(z, floor_z(probs[id(margin)], labels)[1])
             return set(classes_above(classes, z, k=0.5))
         return set(classes_above(*gap_z(feats, margin, labels, saved["ids"], key), k=0.5))
 
@@ -927,8 +932,9 @@ def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(t
     rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
     assert rec["suspicious_classes"] == sorted(want)
     tags = {"warmup", "enhanced"} if class_test == "both" else {"warmup"}
-    if class_stat == "gap-separation":  # the larger z-score and its two parts
-        tags |= {f"{t}-{part}" for t in tags for part in ("gap", "separation")}
+    if class_stat.startswith("gap-separation"):  # the largest z-score and its parts
+        parts = ("gap", "separation") + (("floor",) if class_stat == "gap-separation-floor" else ())
+        tags |= {f"{t}-{part}" for t in tags for part in parts}
     assert set(rec[f"class_{class_stat}_z"]) == tags
     assert want, "the test needs a picked class to split"
     flags, _ = flag_label_aware(saved["enhanced_prob"], labels, classes=sorted(want), inside=inside,

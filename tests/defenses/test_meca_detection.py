@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from bdframe_defense_meca.plugin import (MeCaConfig, _separation, class_spreads, classes_above, cluster_cores,
                                          cluster_gaps, gap_separation_z,
-                                         cluster_split, runner_up_entropy, split_side,
+                                         cluster_split, floor_z, runner_up_entropy, runner_up_floor, split_side,
                                          confidence_scores, flag_confident, flag_label_aware, gap_z, margins,
                                          otsu_threshold, outlier_threshold, robust_class_z, spread_classes, spread_z,
                                          student_t_quantile, suspicious_classes, upper_outliers)
@@ -681,6 +681,70 @@ def test_runner_up_entropy_ignores_the_row_order_and_the_class_names(runner_ups,
     assert runner_up_entropy(renamed, names[label]) == want
 
 
+def floor_classes(poisoned: int | None, *, n_per_class: int = 300, poison_share: float = 0.3, seed: int = 0):
+    """Ten classes whose runner-ups are mostly their two neighbours (c - 1 and c + 1, mod 10)
+    and now and then (one sample in 30) any class; with ``poisoned``, that class also holds
+    relabelled samples (``poison_share`` of it) whose runner-ups cycle through every other class."""
+    g = torch.Generator().manual_seed(seed)
+    labels, runner_ups = [], []
+    for c in range(10):
+        k = int(n_per_class * poison_share) if c == poisoned else 0
+        others = [j for j in range(10) if j != c]
+        for i in range(n_per_class):
+            if i < k:
+                r = others[i % 9]
+            elif int(torch.randint(30, (1,), generator=g)) == 0:
+                r = others[int(torch.randint(9, (1,), generator=g))]
+            else:
+                r = (c + (1 if int(torch.randint(2, (1,), generator=g)) else -1)) % 10
+            labels.append(c)
+            runner_ups.append(r)
+    labels = torch.tensor(labels)
+    p = torch.rand(len(labels), 10, generator=g, dtype=torch.float64) * 0.01
+    p[torch.arange(len(p)), torch.tensor(runner_ups)] = 0.2
+    p[torch.arange(len(p)), labels] = 0.7
+    return p / p.sum(1, keepdim=True), labels
+
+
+def test_runner_up_floor_is_the_share_whose_runner_ups_cover_every_other_class():
+    # 90 rows whose runner-ups cycle through all nine other classes and 210 on one neighbour: floor 90/300
+    runner_ups = [c for c in range(10) if c != 1] * 10 + [2] * 210
+    classes, floor = runner_up_floor(runner_up_probs(runner_ups, label=1), torch.ones(300, dtype=torch.int64))
+    assert classes.tolist() == [1] and floor.tolist() == pytest.approx([9 * 10 / 300])
+    _, floor = runner_up_floor(runner_up_probs([2] * 40 + [3] * 20, label=1), torch.ones(60, dtype=torch.int64))
+    assert floor.tolist() == [0.0]  # a class that never has some other class as runner-up
+    with pytest.raises(ValueError, match="one row of probabilities per label"):
+        runner_up_floor(torch.rand(5, 3), torch.zeros(4, dtype=torch.int64))
+
+
+def test_the_floor_picks_the_class_that_draws_from_every_class_and_nothing_on_clean_data():
+    for seed in range(3):
+        prob, labels = floor_classes(None, seed=seed)
+        classes, z = floor_z(prob, labels)
+        assert classes_above(classes, z, k=2.0) == []
+        prob, labels = floor_classes(6, seed=seed)
+        classes, z = floor_z(prob, labels)
+        assert classes_above(classes, z, k=2.0) == [6]
+    # a few percent more than the other classes is under the least scale: not picked
+    prob, labels = floor_classes(6, poison_share=0.06)
+    assert classes_above(*floor_z(prob, labels), k=2.0) == []
+    assert classes_above(*floor_z(prob, labels, min_scale=0.01), k=2.0) == [6]
+
+
+@SET
+@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from([None, 0, 7]))
+def test_the_floor_ignores_the_sample_order_and_the_class_names(seed, rnd, poisoned):
+    prob, labels = floor_classes(poisoned, n_per_class=40, seed=seed)
+    classes, floor = runner_up_floor(prob, labels)
+    perm = torch.tensor(rnd.sample(range(len(labels)), len(labels)))
+    assert torch.equal(runner_up_floor(prob[perm], labels[perm])[1], floor)
+    names = torch.tensor(rnd.sample(range(10), 10))  # class c is renamed names[c]
+    renamed = torch.empty_like(prob)
+    renamed[:, names] = prob
+    _, floor_renamed = runner_up_floor(renamed, names[labels])
+    assert torch.equal(floor_renamed, floor[torch.argsort(names)])
+
+
 def poisoned_class(*, poison_confident: bool, poison_sources: int):
     """One class of 160 rows split into two feature groups: 60 'poison' rows whose runner-ups
     cycle through ``poison_sources`` other classes and 100 of the class's own rows whose
@@ -724,6 +788,29 @@ def test_auto_keeps_the_confident_side_when_the_runner_up_entropies_are_close():
     assert torch.equal(cluster_split(f8, s8, i8, ("t", 0), side="auto", cut=10.0, class_prob=p8, label=1), ~g8)
 
 
+def test_auto_floor_flags_the_group_whose_runner_ups_cover_every_class():
+    """A class that resembles many others: its own 100 rows have runner-ups spread over five
+    classes (entropy ln 5 = 1.61), the 60 poison rows over all nine (ln 9 = 2.20), a difference
+    under auto's cut, and the poison is fitted less confidently, so auto flags the class's own
+    rows. The own rows never have four of the other classes as runner-up (floor 0); the poison's
+    60 rows give each other class 6 or 7 (floor 9 * 6 / 60 = 0.9), so auto-floor flags the
+    poison. Where the floors are close it is auto."""
+    f = two_groups(60, 100)
+    group = torch.arange(160) < 60
+    others = [c for c in range(10) if c != 1]
+    runner_ups = [others[i % 9] for i in range(60)] + [[0, 2, 3, 4, 5][i % 5] for i in range(100)]
+    prob = runner_up_probs(runner_ups, label=1)
+    signal = torch.where(group, 2.0, 6.0).double() + torch.linspace(0, 0.3, 160, dtype=torch.float64)
+    ids, kw = torch.arange(160) * 3 + 5, {"class_prob": prob, "label": 1}
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="auto", **kw), ~group)
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="auto-floor", **kw), group)
+    # one source class: both floors 0, auto-floor is auto (the confident side here)
+    f1, s1, p1, g1, i1 = poisoned_class(poison_confident=True, poison_sources=1)
+    kw1 = {"class_prob": p1, "label": 1}
+    assert torch.equal(cluster_split(f1, s1, i1, ("t", 0), side="auto-floor", **kw1),
+                       cluster_split(f1, s1, i1, ("t", 0), side="auto", **kw1))
+
+
 def test_equal_runner_up_entropies_flag_nothing_and_the_inputs_are_checked():
     f = two_groups(50, 50)
     assign = (torch.arange(100) < 50).long()
@@ -743,7 +830,7 @@ def test_equal_runner_up_entropies_flag_nothing_and_the_inputs_are_checked():
 
 
 @SET
-@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from(["runner-up", "auto"]))
+@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from(["runner-up", "auto", "auto-floor"]))
 def test_the_side_rules_are_order_invariant_and_ignore_class_names(seed, rnd, side):
     g = torch.Generator().manual_seed(seed)
     n, k = 240, 4

@@ -33,7 +33,11 @@ Pipeline, every piece taken from the registry through the defense context:
    fitted far more unequally than the groups of the other classes (the relabelled images that
    carry the trigger against the class's own); with ``class_stat = "gap-separation"`` also when
    those two groups lie much further apart in feature space, for their spread, than other
-   classes' (a clean-label attack's triggered images against the class's own, both fitted well).
+   classes' (a clean-label attack's triggered images against the class's own, both fitted well);
+   with ``class_stat = "gap-separation-floor"`` also when far more of its samples than of
+   other classes' have runner-up classes spread evenly over every other class (relabelled images
+   drawn from all classes, which the model still half-recognises: a warp or a blend it fits no
+   more confidently than the class itself).
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
    clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
    ``clean_unlearn`` trains it with the ``mixed`` stage instead, unlearning the detected
@@ -78,6 +82,7 @@ sets, enhanced-model probabilities, detected flags, and with ``class_test`` ``"b
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -90,8 +95,12 @@ from bdframe.config import in_range, one_of
 from bdframe.interfaces import Defense, DefenseResult
 
 # which of a picked class's two feature groups is flagged (split_side), and auto's cut in nats
-SPLIT_SIDES = ("confident", "runner-up", "auto")
+SPLIT_SIDES = ("confident", "runner-up", "auto", "auto-floor")
+CLASS_STATS = ("share", "spread", "gap", "gap-separation", "gap-separation-floor")
 SPLIT_SIDE_CUT = 0.8
+# split_side = "auto-floor": the difference of the two groups' runner-up floors (shares of the
+# group) above which the group with the higher floor is flagged
+SPLIT_FLOOR_CUT = 0.2
 
 
 @attrs.frozen
@@ -180,7 +189,7 @@ class MeCaConfig:
                 "enhanced model's), both (the warm-up model's too: a class the enhancement merely leaves "
                 "easy is not picked) or warmup (the warm-up model's alone; the split inside the class uses "
                 "the enhanced model either way)"})
-    class_stat: str = attrs.field(default="share", validator=one_of("share", "spread", "gap", "gap-separation"),
+    class_stat: str = attrs.field(default="share", validator=one_of(*CLASS_STATS),
                                   metadata={
         "help": "label-aware: the statistic a class must stand out in: share (its share of samples fitted "
                 "above confidence_high; Grubbs's test at class_alpha), spread (how far the spread_quantile of "
@@ -189,16 +198,19 @@ class MeCaConfig:
                 "warm-up model's features of the class, as inside = clusters splits it; how far apart the two "
                 "groups' mean margins lie, a robust z-score above spread_k) or gap-separation (the gap, or the "
                 "separation of the same two groups in feature space, whichever z-score is larger: also picks the "
-                "target class of a clean-label attack, whose two groups are both fitted well)"})
+                "target class of a clean-label attack, whose two groups are both fitted well) or gap-separation-floor "
+                "(also the runner-up floor: the share of the class whose most likely other classes are spread "
+                "over every other class, as relabelled images drawn from all classes are; sees a warp or a "
+                "blend the model fits no more confidently than the class)"})
     spread_quantile: float = attrs.field(default=0.9, validator=in_range(0.5, 1, lo_open=True, hi_open=True),
                                          metadata={"help": "label-aware, class_stat = spread: the upper quantile of "
                                                            "a class's margins compared with their median"})
     spread_k: float = attrs.field(default=2.0, validator=in_range(0, None, lo_open=True), metadata={
-        "help": "label-aware, class_stat = spread, gap or gap-separation: a class is picked when its statistic lies more than "
+        "help": "label-aware, class_stat other than share: a class is picked when its statistic lies more than "
                 "this many robust standard deviations (1.4826 MAD of the classes' values, at least a tenth of "
-                "their median) above the median of the classes"})
+                "their median; for the runner-up floor at least 0.05) above the median of the classes"})
     spread_max_classes: int = attrs.field(default=0, validator=in_range(0, None), metadata={
-        "help": "label-aware, class_stat = spread, gap or gap-separation: pick at most this many classes, those with the largest "
+        "help": "label-aware, class_stat other than share: pick at most this many classes, those with the largest "
                 "z-scores (1 suits an all-to-one attack, which has one target class); 0: every class above spread_k"})
     inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference", "clusters"), metadata={
         "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
@@ -210,13 +222,15 @@ class MeCaConfig:
         "help": "label-aware, inside = clusters: which of a picked class's two feature groups is flagged: "
                 "confident (the one the enhanced model fits more confidently: a trigger learned more easily than "
                 "the class), runner-up (the one whose most likely other classes vary more: relabelled images "
-                "come from many classes) or auto (runner-up where the two groups' runner-up entropies differ by "
-                "more than split_side_cut nats, else confident)"})
+                "come from many classes), auto (runner-up where the two groups' runner-up entropies differ by "
+                "more than split_side_cut nats, else confident) or auto-floor (the group with the higher "
+                "runner-up floor, the share of it whose most likely other classes are spread over every other "
+                "class, where the two groups' floors differ by more than 0.2; else as auto)"})
     split_side_cut: float = attrs.field(default=SPLIT_SIDE_CUT, validator=in_range(0, None), metadata={
-        "help": "split_side = auto: the difference of runner-up entropies (nats) above which the runner-up "
+        "help": "split_side = auto or auto-floor: the difference of runner-up entropies (nats) above which the runner-up "
                 "rule decides"})
     cluster_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
-        "help": "label-aware, inside = clusters or class_stat = gap or gap-separation: principal components of the class's "
+        "help": "label-aware, inside = clusters or class_stat = gap, gap-separation or gap-separation-floor: principal components of the class's "
                 "features kept before 2-means"})
     reference_quantile: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True, hi_open=True),
                                             metadata={"help": "label-aware, inside = reference: the quantile of "
@@ -771,6 +785,55 @@ def runner_up_entropy(prob, label: int) -> float:
     return float(-(hist * hist.log()).sort().values.sum())
 
 
+def runner_up_floor(prob, labels):
+    """``(classes, floor)``: the labels present and, per class ``c``, ``C - 1`` times the
+    smallest share, over the other classes ``j`` of ``prob``'s ``C`` columns, of ``c``'s samples
+    whose most likely class other than ``c`` is ``j`` (ties: the smaller index). It is the
+    largest share of the class whose runner-up classes could be spread evenly over all the others.
+
+    An all-to-one dirty-label backdoor relabels images drawn from every other class. A model that
+    has learned the trigger calls them the target, but what it would call them next is still
+    mostly the class they were drawn from, so every other class is the runner-up of some of the
+    target class's samples, the far ones included, and the floor rises towards the poison's
+    share of the class. A clean class's runner-ups gather on the few classes that resemble it
+    (an automobile's is a truck, rarely a frog), and its floor is near 0. It reads neither the
+    features nor how confidently anything is fitted, so it also sees a trigger the model fits no
+    more confidently than the class (a warp, a blend applied in pieces). It does not see a
+    source-specific attack (one source class), a clean-label one, or a trigger that pulls every
+    poisoned image towards the same second class. Counts are integers, so the value depends
+    neither on the order of the samples nor on which integers name the classes."""
+    import torch
+
+    prob = torch.as_tensor(prob, dtype=torch.float64).cpu()
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
+    if len(prob) != len(labels):
+        raise ValueError("runner_up_floor needs one row of probabilities per label")
+    classes = torch.unique(labels)
+    n = prob.shape[1] if prob.ndim == 2 else 0
+    floors = []
+    for c in classes:
+        q = prob[labels == c].clone()
+        q[:, int(c)] = -1.0
+        hist = torch.bincount(q.argmax(1), minlength=n).double()
+        others = torch.cat([hist[:int(c)], hist[int(c) + 1:]])
+        floors.append(float(others.min() / hist.sum() * (n - 1)) if n > 1 else 0.0)
+    return classes, torch.tensor(floors, dtype=torch.float64)
+
+
+# The least scale of the floor's z-score (share of a class): a class must have at least
+# spread_k times this share more of its samples with evenly spread runner-ups than the median class.
+FLOOR_SCALE = 0.05
+
+
+def floor_z(prob, labels, *, min_scale: float = FLOOR_SCALE):
+    """``(classes, z)``: each class's :func:`runner_up_floor` as a robust z-score among the
+    classes (:func:`robust_class_z` with a scale of at least ``min_scale``: the clean classes'
+    floors are all near 0, so their MAD is a few samples' worth, and a class a few percent
+    above them is not evidence)."""
+    classes, floor = runner_up_floor(prob, labels)
+    return classes, robust_class_z(floor, floor=min_scale)
+
+
 def split_side(assign, signal, class_prob, label: int, *, side: str = "confident", cut: float = SPLIT_SIDE_CUT):
     """Which of a class's two feature groups (``assign`` 0/1 over its rows) is the poison:
     0, 1, or None when the rule cannot tell (equal values).
@@ -788,7 +851,12 @@ def split_side(assign, signal, class_prob, label: int, *, side: str = "confident
       trigger itself pulls every poisoned image towards one other class;
     - ``"auto"``: ``runner-up`` when the two groups' runner-up entropies differ by more than
       ``cut`` nats, else ``confident``: a large difference is the many-sources signature, a
-      small one is not evidence either way.
+      small one is not evidence either way;
+    - ``"auto-floor"``: the group with the higher :func:`runner_up_floor` where the two groups'
+      floors differ by more than :data:`SPLIT_FLOOR_CUT`, else ``auto``: a group whose
+      runner-ups cover every other class is the many-sources signature even where the other
+      group's runner-ups vary too (a class that resembles many others), which the entropies
+      cannot tell apart.
     """
     import torch
 
@@ -796,6 +864,12 @@ def split_side(assign, signal, class_prob, label: int, *, side: str = "confident
         raise ValueError(f"side must be one of {', '.join(SPLIT_SIDES)}, got {side!r}")
     if side != "confident":
         class_prob = torch.as_tensor(class_prob, dtype=torch.float64).cpu()
+    if side == "auto-floor":
+        floor = [float(runner_up_floor(class_prob[assign == k],
+                                       torch.full((int((assign == k).sum()),), int(label)))[1][0]) for k in (0, 1)]
+        if abs(floor[0] - floor[1]) > SPLIT_FLOOR_CUT:
+            return 0 if floor[0] > floor[1] else 1
+    if side != "confident":
         ent = [runner_up_entropy(class_prob[assign == k], label) for k in (0, 1)]
         if side == "runner-up" or abs(ent[0] - ent[1]) > cut:
             return None if ent[0] == ent[1] else 0 if ent[0] > ent[1] else 1
@@ -929,8 +1003,8 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
       that are fitted as well as a typical clean sample elsewhere.
     - ``"clusters"``: :func:`cluster_split` of the class's ``features`` (one row per sample, e.g.
       the warm-up model's penultimate features; ``ids`` key the 2-means with ``seed``), the
-      cluster with the higher mean ``logit(p_e)`` flagged, or with ``side`` ``"runner-up"`` or
-      ``"auto"`` the one :func:`split_side` chooses (``side_cut``: its cut; ``class_prob``: every
+      cluster with the higher mean ``logit(p_e)`` flagged, or with ``side`` ``"runner-up"``,
+      ``"auto"`` or ``"auto-floor"`` the one :func:`split_side` chooses (``side_cut``: its cut; ``class_prob``: every
       sample's ``p_e(.|x)`` over all classes, one row per sample, columns the class labels).
     """
     import torch
@@ -995,8 +1069,8 @@ class MeCa(Defense):
                                            'inside = "clusters"')]
         if config.split_side != "confident" and (config.inside != "clusters" or config.detection != "label-aware"):
             return [("split_side", 'is used only with detection = "label-aware" and inside = "clusters"')]
-        if config.split_side != "auto" and config.split_side_cut != SPLIT_SIDE_CUT:
-            return [("split_side_cut", 'is used only with split_side = "auto"')]
+        if not config.split_side.startswith("auto") and config.split_side_cut != SPLIT_SIDE_CUT:
+            return [("split_side_cut", 'is used only with split_side = "auto" or "auto-floor"')]
         if config.core_side != "confident" and not config.clean_unlearn_core:
             return [("core_side", "is used only with clean_unlearn_core = true")]
         if config.repair_model and config.clean_stage != "repair":
@@ -1243,6 +1317,7 @@ class MeCa(Defense):
             elif c.detection == "label-aware":
                 feats = None
                 need_feats = c.inside == "clusters" or c.class_stat.startswith("gap")
+                class_probs = {}
                 if c.class_test != "enhanced" or need_feats:
                     warm = ctx.new_model(state_dict=warmup_state)
                     wctx = self._score_ctx(ctx, "detect-warmup")
@@ -1252,14 +1327,18 @@ class MeCa(Defense):
                             scoring.logits(warm, data, wctx, desc="meca warm-up fit")
                         _, confirm = detect(warm_logits, data.labels)
                         margin["warmup"] = margins(warm_logits, labels)
+                        if c.class_stat == "gap-separation-floor":
+                            class_probs["warmup"] = torch.softmax(warm_logits.double(), 1).cpu()
                         del warm_logits
                     if need_feats:
                         feats = scoring.features(warm, data, wctx, desc="meca warm-up features").double().cpu()
                     del warm
                 picked = None
-                if c.class_stat in ("spread", "gap", "gap-separation"):
+                if c.class_stat != "share":
                     if c.class_test != "warmup":
                         margin["enhanced"] = margins(logits, labels)
+                        if c.class_stat == "gap-separation-floor":
+                            class_probs["enhanced"] = torch.softmax(logits.double(), 1).cpu()
                     zs, votes = {}, []
                     for tag, m in margin.items():
                         if c.class_stat == "spread":
@@ -1271,6 +1350,11 @@ class MeCa(Defense):
                             present, z, both = gap_separation_z(feats, m, labels, data.ids.cpu(),
                                                                 ("meca-clusters", int(ctx.seed)),
                                                                 n_components=c.cluster_components)
+                            if c.class_stat == "gap-separation-floor":
+                                # the floor's classes are the same labels (torch.unique of labels)
+                                _, both["floor"] = floor_z(class_probs[tag], labels)
+                                known = [v for v in both.values() if v is not None]
+                                z = None if not known else functools.reduce(torch.maximum, known)
                             for name, v in both.items():
                                 zs[f"{tag}-{name}"] = {int(k): (None if v is None else float(v[i]))
                                                        for i, k in enumerate(present)}
