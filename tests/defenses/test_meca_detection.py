@@ -715,6 +715,8 @@ def test_runner_up_floor_is_the_share_whose_runner_ups_cover_every_other_class()
     assert floor.tolist() == [0.0]  # a class that never has some other class as runner-up
     with pytest.raises(ValueError, match="one row of probabilities per label"):
         runner_up_floor(torch.rand(5, 3), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="a 2-D tensor"):
+        runner_up_floor(torch.rand(4), torch.zeros(4, dtype=torch.int64))
 
 
 def test_the_floor_picks_the_class_that_draws_from_every_class_and_nothing_on_clean_data():

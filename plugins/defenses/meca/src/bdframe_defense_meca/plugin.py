@@ -806,10 +806,10 @@ def runner_up_floor(prob, labels):
 
     prob = torch.as_tensor(prob, dtype=torch.float64).cpu()
     labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
-    if len(prob) != len(labels):
-        raise ValueError("runner_up_floor needs one row of probabilities per label")
+    if prob.ndim != 2 or len(prob) != len(labels):
+        raise ValueError("runner_up_floor needs one row of probabilities per label (a 2-D tensor)")
     classes = torch.unique(labels)
-    n = prob.shape[1] if prob.ndim == 2 else 0
+    n = prob.shape[1]
     floors = []
     for c in classes:
         q = prob[labels == c].clone()
