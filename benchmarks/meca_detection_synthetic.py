@@ -43,7 +43,11 @@ RULES = [("argmax (paper)", {"detection": "argmax"}),
                                                   "class_stat": "gap-separation", "spread_max_classes": 1,
                                                   "inside": "clusters", "split_side": "auto", "forget_skip": 0.1,
                                                   "clean_unlearn": 2.0, "clean_unlearn_core": True, "core_side": "far",
-                                                  "relearn": False})]
+                                                  "relearn": False}),
+         ("gap-separation-floor, far core, auto-floor side", {
+             "iterations": 0, "detection": "label-aware", "class_test": "warmup", "class_stat": "gap-separation-floor",
+             "spread_max_classes": 1, "inside": "clusters", "split_side": "auto-floor", "forget_skip": 0.1,
+             "clean_unlearn": 2.0, "clean_unlearn_core": True, "core_side": "far", "relearn": False})]
 
 # what a rule does not set is the paper's pipeline, whatever the defense's defaults
 PAPER = {"detection": "argmax", "class_test": "enhanced", "class_stat": "share", "spread_max_classes": 0,
