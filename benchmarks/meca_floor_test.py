@@ -39,6 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
 
+def _saved(work: Path, name: str) -> Path | None:
+    """The warm-up model of the run ``name`` kept in ``work`` (finished or interrupted), if any."""
+    for d in (work / name, work / f"{name}.partial"):
+        if (d / "meca_warmup_model.pt").is_file():
+            return d / "meca_warmup_model.pt"
+    return None
+
+
 def warmup_model(run, sweep, work: Path, quiet: bool) -> tuple[Path, Path]:
     """The paths of the run's MeCa warm-up model and of its recipe; the model made by an
     interrupted ``bdframe run`` if needed."""
@@ -50,9 +58,8 @@ def warmup_model(run, sweep, work: Path, quiet: bool) -> tuple[Path, Path]:
     work.mkdir(parents=True, exist_ok=True)
     recipe = work / f"{run.name}.toml"
     recipe.write_text(toml.dumps(dict(run.data, output_dir=str(work))))
-    for d in (work / run.name, work / f"{run.name}.partial"):
-        if (d / "meca_warmup_model.pt").is_file():
-            return d / "meca_warmup_model.pt", recipe
+    if _saved(work, run.name):
+        return _saved(work, run.name), recipe
     want = work / f"{run.name}.partial" / "meca_warmup_model.pt"
     if not quiet:
         print(f"{run.name}: training MeCa's warm-up (stopped once {want} is saved)", file=sys.stderr)
@@ -66,9 +73,8 @@ def warmup_model(run, sweep, work: Path, quiet: bool) -> tuple[Path, Path]:
         if proc.poll() is None:
             proc.terminate()
             proc.wait()
-    for d in (work / run.name, work / f"{run.name}.partial"):
-        if (d / "meca_warmup_model.pt").is_file():
-            return d / "meca_warmup_model.pt", recipe
+    if _saved(work, run.name):
+        return _saved(work, run.name), recipe
     raise SystemExit(f"meca_floor_test.py: the run {run.name} ended without saving a warm-up model "
                      f"(rc {proc.returncode}); see {recipe}")
 
@@ -80,8 +86,9 @@ def read_row(run, paths: tuple[Path, Path], k: float) -> dict:
     from bdframe.interfaces import ScoreContext
     from bdframe.plugins import load_recipe
     from bdframe.scoring import features, logits
-    from bdframe_defense_meca.plugin import (_two_clusters, classes_above, floor_z, gap_separation_z, margins,
-                                             runner_up_entropy, runner_up_floor, split_side)
+    from bdframe_defense_meca.plugin import (_two_clusters, classes_above, confidence_scores, floor_z,
+                                             gap_separation_z, margins, runner_up_entropy, runner_up_floor,
+                                             split_side)
 
     model_path, recipe_path = paths
     recipe, registry = load_recipe(recipe_path)
@@ -130,7 +137,7 @@ def read_row(run, paths: tuple[Path, Path], k: float) -> dict:
                                "runner_up_entropy": runner_up_entropy(prob[in_g], c),
                                "floor": float(runner_up_floor(prob[in_g], labels[in_g])[1][0])})
             row["groups"] = groups
-            signal = torch.logit(prob[rows, c].clamp(1e-6, 1 - 1e-6))
+            signal = confidence_scores(prob[rows, c])  # the signal MeCa's split reads
             n = max(1, int(truth.sum()))
             for side in ("auto", "auto-floor"):
                 s = split_side(assign, signal, prob[rows], c, side=side)

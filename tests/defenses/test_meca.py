@@ -910,25 +910,26 @@ def test_class_stat_spread_or_gap_picks_the_classes_whose_statistic_stands_out(t
     for tag in ("warmup", "enhanced"):
         model = ctx.new_model(state_dict=torch.load(tmp_path / f"meca_{tag}_model.pt"))
         out = scoring.logits(model, subset, sctx)
-        m[tag], probs[id(m[tag])] = margins(out, labels), torch.softmax(out.double(), 1)
+        m[tag], probs[tag] = margins(out, labels), torch.softmax(out.double(), 1)
         if tag == "warmup":
             feats = scoring.features(model, subset, sctx).double()
     assert torch.allclose(saved["warmup_margin"], m["warmup"], atol=1e-4)
 
-    def picks(margin):
+    def picks(tag):
+        margin = m[tag]
         if class_stat == "spread":
             return set(spread_classes(margin, labels, k=0.5))
         key = ("meca-clusters", ctx.seed)
         if class_stat.startswith("gap-separation"):
             classes, z, _ = gap_separation_z(feats, margin, labels, saved["ids"], key)
             if class_stat == "gap-separation-floor":  # the largest of three z-scores
-                z = torch.maximum(z, floor_z(probs[id(margin)], labels)[1])
+                z = torch.maximum(z, floor_z(probs[tag], labels)[1])
             return set(classes_above(classes, z, k=0.5))
         return set(classes_above(*gap_z(feats, margin, labels, saved["ids"], key), k=0.5))
 
-    want = picks(m["warmup"])
+    want = picks("warmup")
     if class_test == "both":
-        want &= picks(m["enhanced"])
+        want &= picks("enhanced")
     rec = [r for r in ctx.history if r.get("stage") == "meca-detect"][0]
     assert rec["suspicious_classes"] == sorted(want)
     tags = {"warmup", "enhanced"} if class_test == "both" else {"warmup"}

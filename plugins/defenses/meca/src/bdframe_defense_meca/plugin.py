@@ -770,17 +770,33 @@ def classes_above(classes, z, *, k: float, limit: int = 0) -> list[int]:
     return sorted(int(classes[i]) for _, i in above)
 
 
+def _runner_up_counts(prob, label: int):
+    """How many rows of ``prob`` have each class as their most likely class other than
+    ``label`` (ties: the smaller class index), float64, one count per column."""
+    import torch
+
+    q = torch.as_tensor(prob, dtype=torch.float64).cpu().clone()
+    q[:, int(label)] = -1.0
+    return torch.bincount(q.argmax(1), minlength=q.shape[1]).double()
+
+
+def _floor(counts, label: int) -> float:
+    """``C - 1`` times the smallest share, among the classes other than ``label``, of the
+    runner-up ``counts`` (0 with no rows or a single class)."""
+    import torch
+
+    others = torch.cat([counts[:int(label)], counts[int(label) + 1:]])
+    total = float(counts.sum())
+    return float(others.min()) / total * len(others) if len(others) and total > 0 else 0.0
+
+
 def runner_up_entropy(prob, label: int) -> float:
     """Entropy (nats) of the histogram of each row's most likely class other than ``label``
     (ties: the smaller class index) over the rows of ``prob`` (0 with no rows). Summed in sorted
     order, so it depends neither on the rows' order nor on which integers name the classes."""
-    import torch
-
-    q = torch.as_tensor(prob, dtype=torch.float64).cpu().clone()
-    if not len(q):
+    if not len(prob):
         return 0.0
-    q[:, int(label)] = -1.0
-    hist = torch.bincount(q.argmax(1), minlength=q.shape[1]).double()
+    hist = _runner_up_counts(prob, label)
     hist = hist[hist > 0] / hist.sum()
     return float(-(hist * hist.log()).sort().values.sum())
 
@@ -809,14 +825,7 @@ def runner_up_floor(prob, labels):
     if prob.ndim != 2 or len(prob) != len(labels):
         raise ValueError("runner_up_floor needs one row of probabilities per label (a 2-D tensor)")
     classes = torch.unique(labels)
-    n = prob.shape[1]
-    floors = []
-    for c in classes:
-        q = prob[labels == c].clone()
-        q[:, int(c)] = -1.0
-        hist = torch.bincount(q.argmax(1), minlength=n).double()
-        others = torch.cat([hist[:int(c)], hist[int(c) + 1:]])
-        floors.append(float(others.min() / hist.sum() * (n - 1)) if n > 1 else 0.0)
+    floors = [_floor(_runner_up_counts(prob[labels == c], int(c)), int(c)) for c in classes]
     return classes, torch.tensor(floors, dtype=torch.float64)
 
 
@@ -865,8 +874,7 @@ def split_side(assign, signal, class_prob, label: int, *, side: str = "confident
     if side != "confident":
         class_prob = torch.as_tensor(class_prob, dtype=torch.float64).cpu()
     if side == "auto-floor":
-        floor = [float(runner_up_floor(class_prob[assign == k],
-                                       torch.full((int((assign == k).sum()),), int(label)))[1][0]) for k in (0, 1)]
+        floor = [_floor(_runner_up_counts(class_prob[assign == k], label), label) for k in (0, 1)]
         if abs(floor[0] - floor[1]) > SPLIT_FLOOR_CUT:
             return 0 if floor[0] > floor[1] else 1
     if side != "confident":
