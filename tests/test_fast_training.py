@@ -114,6 +114,16 @@ def test_param_groups_scale_lr_and_keep_the_per_step_decay():
     assert {g["lr_scale"] for g in param_groups(_fast(bn_lr_scale=8.0), s)} == {1.0, 8.0}
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adaptive_optimizers_train_every_parameter_at_the_stage_lr(optimizer):
+    model = _fast()
+    s = OptimSettings(optimizer=optimizer, lr=0.002, weight_decay=1e-3)
+    groups = param_groups(model, s)
+    assert [g["lr_scale"] for g in groups] == [1.0]
+    assert groups[0]["weight_decay"] == pytest.approx(s.weight_decay)
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("widths", [[8, 16], [8, 16, 2000], [8, 16, True]])
 def test_fast_cnn_widths_are_validated(widths):
     with pytest.raises(RecipeError, match="widths"):

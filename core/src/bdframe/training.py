@@ -57,12 +57,17 @@ class OptimSettings:
 def param_groups(model: torch.nn.Module, s: OptimSettings) -> list[dict]:
     """The model's trainable parameters grouped by learning-rate multiplier.
 
-    A module may declare ``lr_scale = {"bias": 64.0}`` (its own parameter names): those
-    parameters train at that multiple of the stage's lr, with their weight decay divided by
-    it so the per-step decay stays the stage's. Every group carries its ``lr_scale``."""
+    A module may declare ``lr_scale = {"bias": 64.0}`` (its own parameter names): under SGD
+    those parameters train at that multiple of the stage's lr, with their weight decay divided
+    by it so the per-step decay stays the stage's. The multiplier makes up for a parameter
+    whose gradient is small for its role, which SGD's step inherits; Adam and AdamW divide every
+    step by the gradient's running scale, so their step is about ``lr`` for every parameter
+    whatever its gradient, and a multiplier would only make that parameter's steps larger:
+    under them every parameter trains at the stage's lr. Every group carries its ``lr_scale``."""
+    adaptive = s.optimizer in ("adam", "adamw")
     scales: dict[float, list] = {}
     for module in model.modules():
-        own = getattr(module, "lr_scale", None) or {}
+        own = {} if adaptive else (getattr(module, "lr_scale", None) or {})
         for pname, p in module.named_parameters(recurse=False):
             if p.requires_grad:
                 scales.setdefault(float(own.get(pname, 1.0)), []).append(p)

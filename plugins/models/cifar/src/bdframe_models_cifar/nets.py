@@ -236,7 +236,8 @@ class Whitening(nn.Module):
 
 class _BN(nn.BatchNorm2d):
     """BatchNorm with a fixed unit scale; the shift, the layer's only parameter, is learned at
-    ``lr_scale`` times the stage's lr (a shift learned at the weights' lr barely moves)."""
+    ``lr_scale`` times the stage's lr under SGD (a shift learned at the weights' lr barely moves);
+    Adam and AdamW stages train it at their own lr (see ``bdframe.training.param_groups``)."""
 
     def __init__(self, c, lr_scale: float = 64.0, momentum=0.4, eps=1e-12):
         super().__init__(c, eps=eps, momentum=momentum)

@@ -52,7 +52,7 @@ class FastCNNConfig:
     logit_scale: float = attrs.field(default=1 / 9, validator=in_range(0, None, lo_open=True), metadata={
         "help": "multiplier on the logits"})
     bn_lr_scale: float = attrs.field(default=64.0, validator=in_range(0, None, lo_open=True), metadata={
-        "help": "learning-rate multiplier of the BatchNorm shifts (their scales are fixed at 1)"})
+        "help": "learning-rate multiplier of the BatchNorm shifts under SGD (their scales are fixed at 1)"})
 
 
 class FastCNN(ModelFactory):
