@@ -63,7 +63,8 @@ def warmup_model(run, sweep, work: Path, quiet: bool) -> tuple[Path, Path]:
     want = work / f"{run.name}.partial" / "meca_warmup_model.pt"
     if not quiet:
         print(f"{run.name}: training MeCa's warm-up (stopped once {want} is saved)", file=sys.stderr)
-    proc = subprocess.Popen([sys.executable, "-m", "bdframe.cli", "run", str(recipe), "--quiet", "--resume"],
+    resume = ["--resume"] if (work / f"{run.name}.partial").is_dir() else []  # continue an interrupted one
+    proc = subprocess.Popen([sys.executable, "-m", "bdframe.cli", "run", str(recipe), "--quiet", *resume],
                             stdout=subprocess.DEVNULL)
     try:
         while proc.poll() is None and not want.is_file():

@@ -1,0 +1,99 @@
+"""DBD's rows of a sweep with what explains them: the linear probe, the split, where the time goes.
+
+``bdframe report`` gives clean ACC, ASR, detection and the time multiple. A DBD result is read
+through its linear probe: the clean accuracy a linear head reaches on the frozen
+self-supervised backbone says what that backbone learned, and the semi-supervised stage starts
+from it. Per attack row of a sweep directory this prints, for the no-defense column (``--none``,
+default ``none``) and the DBD column (``--dbd``, default ``dbd``):
+
+- the no-defense run's ACC / ASR;
+- DBD's linear probe ACC / ASR and its result after semi-supervised fine-tuning;
+- the low-credible set of the final model: recall, precision and the AUROC of the symmetric
+  cross-entropy that ranks it (where the run knows the attack);
+- the seconds of the three stages (self-supervised, linear probe, semi-supervised), the run's
+  total, and the multiple ``DBD total / no-defense total``, given only when both runs record
+  the same CPU, device and thread count in ``run.json``.
+
+    bdframe sweep run benchmarks/sweeps/dbd-cifar10-fast.toml --jobs 1
+    python benchmarks/dbd_rows.py benchmarks/results/sweeps/dbd-cifar10-fast
+
+The figures are written to ``results/dbd_rows.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, print_table, write_json  # noqa: E402
+
+
+def _pct(x):
+    return None if x is None else round(100.0 * x, 2)
+
+
+def rows_of(sweep: Path, none_label: str, dbd_label: str) -> list[dict]:
+    """One dict per attack row that has a finished DBD run."""
+    from bdframe.report import FINISHED, hardware, load_runs
+
+    _, axes, runs = load_runs(sweep)
+    finished = {(r.labels["attack"], r.labels["defense"]): r for r in runs if r.status == FINISHED}
+    rows = []
+    for attack in axes["attack"]:
+        dbd, none = finished.get((attack, dbd_label)), finished.get((attack, none_label))
+        if dbd is None:
+            continue
+        m = dbd.metrics
+        dm = m["defense_metrics"]
+        stages = dm["stages"]
+        det = m.get("detection") or {}
+        row = {"attack": attack,
+               "probe_acc": _pct(stages["linear"]["clean_acc"]), "probe_asr": _pct(stages["linear"].get("asr")),
+               "dbd_acc": _pct(m["clean_acc"]), "dbd_asr": _pct(m.get("asr")),
+               "recall": _pct(det.get("recall")), "precision": _pct(det.get("precision")), "auroc": det.get("auroc"),
+               "simclr_s": dm["stage_seconds"]["simclr"], "linear_s": dm["stage_seconds"]["linear"],
+               "semi_s": dm["stage_seconds"]["semi"], "dbd_total_s": m["seconds"]["total"],
+               "dbd_cpu": (dbd.environment or {}).get("cpu")}
+        if none is not None:
+            row.update(none_acc=_pct(none.metrics["clean_acc"]), none_asr=_pct(none.metrics.get("asr")),
+                       none_total_s=none.metrics["seconds"]["total"])
+            same = hardware(dbd) is not None and hardware(dbd) == hardware(none)
+            row["multiple"] = m["seconds"]["total"] / none.metrics["seconds"]["total"] if same else None
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep_dir", help="a sweep directory written by `bdframe sweep run`")
+    ap.add_argument("--none", default="none", help="label of the no-defense column (default: none)")
+    ap.add_argument("--dbd", default="dbd", help="label of the DBD column (default: dbd)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dbd_rows.json"))
+    args = ap.parse_args(argv)
+    sweep = Path(args.sweep_dir)
+    if not sweep.is_dir():
+        print(f"dbd_rows.py: {str(sweep)!r} is not a sweep directory", file=sys.stderr)
+        return 2
+    rows = rows_of(sweep, args.none, args.dbd)
+    if not rows:
+        print(f"dbd_rows.py: no finished {args.dbd!r} run in {str(sweep)!r}", file=sys.stderr)
+        return 2
+    print_table(rows, [("attack", "attack", "{}"), ("none_acc", "none ACC", "{:.2f}"), ("none_asr", "none ASR", "{:.2f}"),
+                       ("probe_acc", "probe ACC", "{:.2f}"), ("probe_asr", "probe ASR", "{:.2f}"),
+                       ("dbd_acc", "DBD ACC", "{:.2f}"), ("dbd_asr", "DBD ASR", "{:.2f}"),
+                       ("recall", "recall", "{:.1f}"), ("precision", "precision", "{:.1f}"), ("auroc", "AUROC", "{:.3f}"),
+                       ("simclr_s", "SSL s", "{:.0f}"), ("linear_s", "probe s", "{:.0f}"), ("semi_s", "semi s", "{:.0f}"),
+                       ("dbd_total_s", "total s", "{:.0f}"), ("none_total_s", "none s", "{:.0f}"),
+                       ("multiple", "x", "{:.2f}")])
+    print("ACC / ASR in %; probe: the linear head on the frozen self-supervised backbone; recall / precision of "
+          "the low-credible set; AUROC of the symmetric cross-entropy that ranks it; x: DBD's total seconds over "
+          "the no-defense run's (only where both ran on the same CPU and thread count)")
+    write_json(Path(args.out), {"benchmark": "dbd_rows", "sweep": str(sweep), "none": args.none, "dbd": args.dbd,
+                                "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
