@@ -112,3 +112,10 @@ def fast_recipe(root: Path, *, train_size: int | None, epochs: int, widths: tupl
                   "crop_padding": 2},
         "defense": {"name": "none", "evaluate_each_epoch": False},
     }
+
+
+def sweep_dir_problem(path: Path, script: str) -> str | None:
+    """Why ``path`` is not a sweep directory written by ``bdframe sweep run`` (None if it is)."""
+    if not (Path(path) / "sweep.json").is_file():
+        return f"{script}: {str(path)!r} is not a sweep directory (no sweep.json)"
+    return None

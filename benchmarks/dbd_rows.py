@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, print_table, write_json  # noqa: E402
+from _common import REPO, print_table, sweep_dir_problem, write_json  # noqa: E402
 
 
 def _pct(x):
@@ -73,12 +73,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dbd_rows.json"))
     args = ap.parse_args(argv)
     sweep = Path(args.sweep_dir)
-    if not sweep.is_dir():
-        print(f"dbd_rows.py: {str(sweep)!r} is not a sweep directory", file=sys.stderr)
-        return 2
-    rows = rows_of(sweep, args.none, args.dbd)
-    if not rows:
-        print(f"dbd_rows.py: no finished {args.dbd!r} run in {str(sweep)!r}", file=sys.stderr)
+    problem = sweep_dir_problem(sweep, "dbd_rows.py") or (
+        None if (rows := rows_of(sweep, args.none, args.dbd)) else
+        f"dbd_rows.py: no finished {args.dbd!r} run in {str(sweep)!r}")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     print_table(rows, [("attack", "attack", "{}"), ("none_acc", "none ACC", "{:.2f}"), ("none_asr", "none ASR", "{:.2f}"),
                        ("probe_acc", "probe ACC", "{:.2f}"), ("probe_asr", "probe ASR", "{:.2f}"),

@@ -42,7 +42,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, parse_key_values, print_table, write_json  # noqa: E402
+from _common import REPO, parse_key_values, print_table, sweep_dir_problem, write_json  # noqa: E402
 
 
 def _runs(sweep: Path) -> tuple[list, dict]:
@@ -176,12 +176,11 @@ def main(argv=None) -> int:
                 return 2
         rule = DBRConfig(**settings)
     sweep = Path(args.sweep_dir)
-    if not (sweep / "sweep.json").is_file():
-        print(f"error: {sweep} is not a sweep directory (no sweep.json)", file=sys.stderr)
-        return 2
-    rows = rows_of(sweep, args.br, args.st)
-    if not rows:
-        print(f"error: {sweep} has no finished {args.br} or {args.st} run", file=sys.stderr)
+    problem = sweep_dir_problem(sweep, "dbr_rows.py") or (
+        None if (rows := rows_of(sweep, args.br, args.st)) else
+        f"dbr_rows.py: {str(sweep)!r} has no finished {args.br} or {args.st} run")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     br, st = args.br, args.st
     print_table(rows, [("attack", "attack", "{}"), ("start_acc", "repaired ACC", "{:.2f}"),
