@@ -187,6 +187,22 @@ def test_meca_quickstart_removes_the_backdoor_and_prints_what_the_readme_says(tm
     assert printed[1:] == readme_quickstart_output()
 
 
+@pytest.mark.slow
+def test_the_papers_meca_quickstart_removes_the_backdoor_and_flags_every_poisoned_sample(tmp_path):
+    """examples/meca-paper-quickstart.toml, MeCa as its paper describes it: the warm-up model has
+    the backdoor, the defended model has not, and every poisoned sample is flagged (with many
+    clean ones: the enhanced model's errors are what the paper's rule keeps)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    assert main(["run", str(repo / "examples" / "meca-paper-quickstart.toml"), "--quiet",
+                 "--out", str(tmp_path / "qs")]) == 0
+    m = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    assert len(m["defense_metrics"]["trend"]) == 6  # the warm-up and five enhancement iterations
+    assert m["defense_metrics"]["trend"][0]["asr"] > 0.5 and m["asr"] < 0.1
+    assert m["detection"]["recall"] == 1.0
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_bfloat16_on_a_cpu_that_emulates_it_is_announced_before_the_run(tmp_path, capsys, monkeypatch, native):
     """``amp = "on"`` on a CPU without native bfloat16: one warning line naming the setting

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bdframe_defense_meca.plugin import (MeCaConfig, _separation, class_spreads, classes_above, cluster_cores,
+from bdframe_defense_meca.plugin import (_separation, class_spreads, classes_above, cluster_cores,
                                          cluster_gaps, gap_separation_z,
                                          cluster_split, floor_z, runner_up_entropy, runner_up_floor, split_side,
                                          confidence_scores, flag_confident, flag_label_aware, gap_z, margins,
@@ -217,10 +217,6 @@ def test_the_rules_cannot_see_ground_truth():
                           "quantile", "confirm", "pick", "classes", "logits", "margin", "q", "limit", "features",
                           "ids", "seed", "n_components", "feats", "signal", "seed_parts", "stat", "floor", "separation", "flags", "side",
                           "side_cut", "cut", "class_prob", "label", "assign"}, (fn, params)
-
-
-def test_the_papers_rule_stays_the_default():
-    assert MeCaConfig().detection == "argmax"
 
 
 @pytest.mark.parametrize("q,df,want", [(0.975, 10, 2.2281389), (0.995, 8, 3.3553873), (0.995, 1, 63.6567412),

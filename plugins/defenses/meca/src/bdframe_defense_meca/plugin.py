@@ -1,13 +1,20 @@
 """``meca``: MeCa (Mellivora Capensis), backdoor defense by iterative backdoor enhancement,
 detection and clean training from scratch (Pu et al. 2024; see docs/meca.md).
 
-Pipeline, every piece taken from the registry through the defense context:
+Pipeline, every piece taken from the registry through the defense context. The paper's pipeline
+is every step below with ``PAPER_SETTINGS``; bdframe's defaults differ where CIFAR-10 measurements
+showed the paper's choices cost accuracy (docs/meca.md): no enhancement (``iterations = 0``),
+label-aware detection on the warm-up model (``class_stat = "gap-separation-floor"``, one class,
+its feature clusters, ``split_side = "auto-floor"``), and a clean training that unlearns the
+far core of the flagged group (``clean_unlearn = 2``, ``clean_unlearn_core``, ``core_side =
+"far"``).
 
 1. **Warm-up** (reconstructed): the ``standard`` stage on all of D for ``warmup_epochs`` (10) epochs, so
    the backdoor is learned. Option: ``warmup_model``, a model already trained on D (the
    ``model.pt`` of a plain run), is loaded instead, so a user who has trained the model once does
    not pay for a second training of it.
-2. **Backdoor enhancement** (Algorithms 1 and 2), for k = 1..K (``iterations`` = 10, reconstructed):
+2. **Backdoor enhancement** (Algorithms 1 and 2), for k = 1..K (``iterations``; the paper's 10,
+   reconstructed; bdframe's default 0):
    score D with the ``adv-kl`` scorer (``iteration = k``: fresh masks each iteration), take
    ``D_c`` = the ``ceil(alpha_k N)`` least consistent samples (highest KL), with
    ``alpha_k = min(alpha_step * k, alpha_max)`` (0.05 k, capped at 0.5; reconstructed), and train one epoch
@@ -16,8 +23,8 @@ Pipeline, every piece taken from the registry through the defense context:
    recomputed every iteration, never accumulated. Option (bdframe's, off by default):
    ``protect_confident`` keeps samples the current model fits above that probability out of D_c.
    With ``iterations = 0`` there is no enhancement and detection reads the warm-up model.
-3. **Detection**: the enhanced model in eval mode without augmentation; by default the paper's
-   rule, ``argmax != label`` -> clean, otherwise poisoned (the enhanced-model score ``p_e(y|x)``
+3. **Detection**: the enhanced model in eval mode without augmentation; the paper's
+   rule (``detection = "argmax"``), ``argmax != label`` -> clean, otherwise poisoned (the enhanced-model score ``p_e(y|x)``
    is saved too). Options: the confidence rule (a threshold on ``logit(p_e)`` chosen from the
    data) and the label-aware rule (inside the classes whose high-confidence share is a Grubbs
    outlier, in the enhanced model or, with ``class_test``, in the warm-up model as well
@@ -39,7 +46,7 @@ Pipeline, every piece taken from the registry through the defense context:
    drawn from all classes, which the model still half-recognises: a warp or a blend it fits no
    more confidently than the class itself).
 4. **Clean training**: a fresh model (``ctx.new_model()``) trained from scratch on the detected
-   clean set with the recipe's ``[train]`` stage. Option (bdframe's, off by default):
+   clean set with the recipe's ``[train]`` stage (the paper's). Option (bdframe's, on by default):
    ``clean_unlearn`` trains it with the ``mixed`` stage instead, unlearning the detected
    poisoned set (bounded ascent) so that poison detection missed does not reinstall the backdoor.
    Option (bdframe's): ``clean_stage = "semi"`` trains it by semi-supervised learning instead,
@@ -103,6 +110,13 @@ SPLIT_SIDE_CUT = 0.8
 SPLIT_FLOOR_CUT = 0.2
 
 
+# The paper's pipeline as options of this defense: where bdframe's defaults differ from it, the
+# paper's values (docs/meca.md, "The paper's pipeline"; examples/meca-paper-quickstart.toml).
+PAPER_SETTINGS = {"iterations": 10, "detection": "argmax", "class_test": "enhanced", "class_stat": "share",
+                  "spread_max_classes": 0, "inside": "otsu", "split_side": "confident", "clean_unlearn": 0.0,
+                  "clean_unlearn_core": False, "core_side": "confident"}
+
+
 @attrs.frozen
 class MeCaConfig:
     # -- warm-up ---------------------------------------------------------------------------------
@@ -115,9 +129,10 @@ class MeCaConfig:
                 "must fit [model]) to start the enhancement from instead of training the warm-up; "
                 "warmup_epochs and warmup_lr are then unused. Empty: train the warm-up"})
     # -- enhancement (Algorithm 2) ---------------------------------------------------------------
-    iterations: int = attrs.field(default=10, validator=in_range(0, None), metadata={
-        "help": "[R] K, number of score/partition/mixed-step iterations; 0: no enhancement, detection reads "
-                "the warm-up model"})
+    iterations: int = attrs.field(default=0, validator=in_range(0, None), metadata={
+        "help": "[R] K, number of score/partition/mixed-step iterations (the paper's pipeline: 10); 0: no "
+                "enhancement, detection reads the warm-up model (bdframe's default: on CIFAR-10 five iterations gave "
+                "the same detection at more time, and at 10,000 images weakened a blended backdoor)"})
     alpha_step: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True), metadata={
         "help": "[R] partition rate growth: alpha_k = min(alpha_step * k, alpha_max)"})
     alpha_max: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True), metadata={
@@ -170,10 +185,11 @@ class MeCaConfig:
     score_batch_size: int = attrs.field(default=256, validator=in_range(1, None), metadata={
         "help": "batch size of scoring and detection passes"})
     # -- detection ------------------------------------------------------------------------------
-    detection: str = attrs.field(default="argmax", validator=one_of("argmax", "confidence", "label-aware"), metadata={
-        "help": "argmax: the paper's rule (argmax of the enhanced model = label -> poisoned); confidence: "
-                "logit(p_e(y|x)) above a threshold chosen from the data; label-aware: Otsu's split within the "
-                "classes whose high-confidence share stands out, else the confidence rule"})
+    detection: str = attrs.field(default="label-aware", validator=one_of("argmax", "confidence", "label-aware"), metadata={
+        "help": "argmax: the paper's rule (argmax of the enhanced model = label -> poisoned; it flags most clean "
+                "samples too at CPU scale); confidence: "
+                "logit(p_e(y|x)) above a threshold chosen from the data; label-aware (the default): flag inside the "
+                "class that stands out in class_stat (split as inside says), else the confidence rule"})
     threshold: str = attrs.field(default="mad", validator=one_of("mad", "otsu"), metadata={
         "help": "confidence rule (and label-aware when no class stands out): mad (logit(p_e) above median + "
                 "outlier_k robust SDs) or otsu (Otsu's split of logit(p_e))"})
@@ -184,12 +200,12 @@ class MeCaConfig:
     class_alpha: float = attrs.field(default=0.05, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
         "help": "label-aware: significance of the one-sided Grubbs outlier test (applied sequentially) on the "
                 "classes' high-confidence shares"})
-    class_test: str = attrs.field(default="enhanced", validator=one_of("enhanced", "both", "warmup"), metadata={
-        "help": "label-aware: which models' high-confidence shares must single a class out: enhanced (the "
+    class_test: str = attrs.field(default="warmup", validator=one_of("enhanced", "both", "warmup"), metadata={
+        "help": "label-aware: which models' statistic must single a class out: enhanced (the "
                 "enhanced model's), both (the warm-up model's too: a class the enhancement merely leaves "
-                "easy is not picked) or warmup (the warm-up model's alone; the split inside the class uses "
-                "the enhanced model either way)"})
-    class_stat: str = attrs.field(default="share", validator=one_of(*CLASS_STATS),
+                "easy is not picked) or warmup (the warm-up model's alone, the default; the split inside the "
+                "class uses the enhanced model either way). The paper's pipeline has no class test"})
+    class_stat: str = attrs.field(default="gap-separation-floor", validator=one_of(*CLASS_STATS),
                                   metadata={
         "help": "label-aware: the statistic a class must stand out in: share (its share of samples fitted "
                 "above confidence_high; Grubbs's test at class_alpha), spread (how far the spread_quantile of "
@@ -201,7 +217,7 @@ class MeCaConfig:
                 "target class of a clean-label attack, whose two groups are both fitted well) or gap-separation-floor "
                 "(also the runner-up floor: the share of the class whose most likely other classes are spread "
                 "over every other class, as relabelled images drawn from all classes are; sees a warp or a "
-                "blend the model fits no more confidently than the class)"})
+                "blend the model fits no more confidently than the class; the default)"})
     spread_quantile: float = attrs.field(default=0.9, validator=in_range(0.5, 1, lo_open=True, hi_open=True),
                                          metadata={"help": "label-aware, class_stat = spread: the upper quantile of "
                                                            "a class's margins compared with their median"})
@@ -209,23 +225,24 @@ class MeCaConfig:
         "help": "label-aware, class_stat other than share: a class is picked when its statistic lies more than "
                 "this many robust standard deviations (1.4826 MAD of the classes' values, at least a tenth of "
                 "their median; for the runner-up floor at least 0.05) above the median of the classes"})
-    spread_max_classes: int = attrs.field(default=0, validator=in_range(0, None), metadata={
+    spread_max_classes: int = attrs.field(default=1, validator=in_range(0, None), metadata={
         "help": "label-aware, class_stat other than share: pick at most this many classes, those with the largest "
-                "z-scores (1 suits an all-to-one attack, which has one target class); 0: every class above spread_k"})
-    inside: str = attrs.field(default="otsu", validator=one_of("otsu", "reference", "clusters"), metadata={
+                "z-scores (1, the default, suits an all-to-one attack, which has one target class); 0: every class "
+                "above spread_k"})
+    inside: str = attrs.field(default="clusters", validator=one_of("otsu", "reference", "clusters"), metadata={
         "help": "label-aware: how a class that stands out is split: otsu (Otsu's split of the class's "
                 "logit(p_e)), reference (flag its samples fitted more confidently than the "
                 "reference_quantile of the samples of the classes that do not stand out) or clusters (2-means "
                 "on the warm-up model's penultimate features of the class, PCA-reduced to cluster_components "
-                "dimensions; the cluster whose mean logit(p_e) is higher is flagged, whatever its size)"})
-    split_side: str = attrs.field(default="confident", validator=one_of(*SPLIT_SIDES), metadata={
+                "dimensions; the default: which of the two clusters is flagged is split_side's choice)"})
+    split_side: str = attrs.field(default="auto-floor", validator=one_of(*SPLIT_SIDES), metadata={
         "help": "label-aware, inside = clusters: which of a picked class's two feature groups is flagged: "
                 "confident (the one the enhanced model fits more confidently: a trigger learned more easily than "
                 "the class), runner-up (the one whose most likely other classes vary more: relabelled images "
                 "come from many classes), auto (runner-up where the two groups' runner-up entropies differ by "
                 "more than split_side_cut nats, else confident) or auto-floor (the group with the higher "
                 "runner-up floor, the share of it whose most likely other classes are spread over every other "
-                "class, where the two groups' floors differ by more than 0.2; else as auto)"})
+                "class, where the two groups' floors differ by more than 0.2; else as auto; the default)"})
     split_side_cut: float = attrs.field(default=SPLIT_SIDE_CUT, validator=in_range(0, None), metadata={
         "help": "split_side = auto or auto-floor: the difference of runner-up entropies (nats) above which the runner-up "
                 "rule decides"})
@@ -237,27 +254,29 @@ class MeCaConfig:
                                                               "the ordinary classes' logit(p_e) above which a "
                                                               "sample of a class that stands out is flagged"})
     # -- clean training ---------------------------------------------------------------------------
-    clean_unlearn: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
+    clean_unlearn: float = attrs.field(default=2.0, validator=in_range(0, None), metadata={
         "help": "weight of an unlearning term on the detected poisoned set during clean training: the clean "
                 "model learns the kept set and unlearns the flagged one (the mixed stage, per-sample weights: "
                 "a flagged sample weighs clean_unlearn times a kept one), so poisoned samples that detection "
-                "missed do not reinstall the backdoor; 0: the paper's clean training on the kept set alone"})
+                "missed do not reinstall the backdoor (default 2; used with clean_stage = train only); 0: the paper's "
+                "clean training on the kept set alone"})
     clean_unlearn_below: float = attrs.field(default=0.1, validator=in_range(0, 1, lo_open=True, hi_open=True),
                                              metadata={"help": "clean_unlearn > 0: a flagged sample is unlearned "
                                                                "only while the model gives its label a "
                                                                "probability above this (bounded ascent)"})
-    clean_unlearn_core: bool = attrs.field(default=False, metadata={
+    clean_unlearn_core: bool = attrs.field(default=True, metadata={
         "help": "clean_unlearn > 0 with inside = clusters: unlearn only the core of each picked class's flagged "
                 "group, the half of it that a second 2-means split of the group's features finds the enhanced "
                 "model fits more confidently; the rest of the group is left out of the clean training (neither "
                 "learned nor unlearned), since unlearning a clean sample of the class costs far more accuracy "
-                "than leaving it out; the suspected set reported is still the whole flagged set"})
-    core_side: str = attrs.field(default="confident", validator=one_of("confident", "far"), metadata={
+                "than leaving it out; the suspected set reported is still the whole flagged set (default true; "
+                "false: the paper's clean training, with clean_unlearn = 0)"})
+    core_side: str = attrs.field(default="far", validator=one_of("confident", "far"), metadata={
         "help": "clean_unlearn_core: which half of the flagged group is its core: confident (the half the "
                 "enhanced model fits more confidently) or far (the half lying farther from the rest of the class: "
                 "fewer unflagged samples of the class among each sample's 20 nearest neighbours in the warm-up "
                 "model's features; the clean samples swept into the group border the rest of the class however "
-                "confidently they are fitted)"})
+                "confidently they are fitted; the default)"})
     clean_stage: str = attrs.field(default="train", validator=one_of("train", "semi", "repair"), metadata={
         "help": "how the clean model is made: train (trained from scratch by the recipe's [train] stage on the "
                 "kept set alone, the paper's), semi (from scratch by the mixmatch stage: the kept set labelled, the "
@@ -1071,23 +1090,19 @@ class MeCa(Defense):
         """The ``semi`` table against the mixmatch stage, and the options it cannot be combined with."""
         from bdframe.recipe import table_problems
 
-        if config.clean_unlearn_core and (config.clean_unlearn <= 0 or config.inside != "clusters"
-                                          or config.detection != "label-aware"):
-            return [("clean_unlearn_core", 'is used only with clean_unlearn > 0, detection = "label-aware" and '
-                                           'inside = "clusters"')]
-        if config.split_side != "confident" and (config.inside != "clusters" or config.detection != "label-aware"):
-            return [("split_side", 'is used only with detection = "label-aware" and inside = "clusters"')]
+        # split_side and core_side (bdframe's defaults) are simply unused where their rule is off;
+        # the cores need the clusters they are cut from
+        if cls.cores(config) and (config.inside != "clusters" or config.detection != "label-aware"):
+            return [("clean_unlearn_core", 'needs detection = "label-aware" and inside = "clusters" while '
+                                           'clean_unlearn > 0: set it to false to unlearn the whole flagged set, '
+                                           'or clean_unlearn = 0 for the paper\'s clean training')]
         if not config.split_side.startswith("auto") and config.split_side_cut != SPLIT_SIDE_CUT:
             return [("split_side_cut", 'is used only with split_side = "auto" or "auto-floor"')]
-        if config.core_side != "confident" and not config.clean_unlearn_core:
-            return [("core_side", "is used only with clean_unlearn_core = true")]
         if config.repair_model and config.clean_stage != "repair":
             return [("repair_model", 'is used only with clean_stage = "repair"')]
         if config.clean_stage == "repair":
             problems = [(field, why) for field, bad, why in (
                 ("semi", bool(config.semi), 'is used only with clean_stage = "semi"'),
-                ("clean_unlearn", config.clean_unlearn > 0,
-                 'must be 0 with clean_stage = "repair": the repair itself unlearns the flagged samples'),
                 ("relearn", config.relearn,
                  'must be false with clean_stage = "repair": the repaired model keeps the given labels'))
                 if bad]
@@ -1097,11 +1112,19 @@ class MeCa(Defense):
             return problems
         if config.clean_stage != "semi":
             return [("semi", 'is used only with clean_stage = "semi"')] if config.semi else []
-        problems = table_problems(registry, "trainer", "mixmatch", "semi", dict(config.semi), owned=("credible_share",))
-        if config.clean_unlearn > 0:
-            problems.append(("clean_unlearn", 'must be 0 with clean_stage = "semi": the flagged set is unlabelled '
-                                              'data there, not unlearned'))
-        return problems
+        return table_problems(registry, "trainer", "mixmatch", "semi", dict(config.semi), owned=("credible_share",))
+
+    @staticmethod
+    def unlearns(config) -> bool:
+        """Whether the clean training unlearns flagged samples: ``clean_unlearn > 0`` with
+        ``clean_stage = "train"`` (the semi-supervised stage uses the flagged set as unlabelled
+        data and the repair unlearns by itself, so ``clean_unlearn`` is unused there)."""
+        return config.clean_unlearn > 0 and config.clean_stage == "train"
+
+    @classmethod
+    def cores(cls, config) -> bool:
+        """Whether the clean training unlearns only the cores of the flagged groups."""
+        return cls.unlearns(config) and config.clean_unlearn_core
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _optim(self, amp: str) -> dict:
@@ -1150,7 +1173,7 @@ class MeCa(Defense):
         unlearn the flagged set with per-sample weight ``clean_unlearn``, each flagged sample's CE
         capped at ``-ln(clean_unlearn_below)``; ``steps.unlearning_trainer``)."""
         c = self.config
-        if c.clean_unlearn <= 0:
+        if not self.unlearns(c):
             return ctx.component("trainer")
         return steps.unlearning_trainer(ctx, c.clean_unlearn, c.clean_unlearn_below, "meca", "clean_unlearn")
 
@@ -1378,12 +1401,12 @@ class MeCa(Defense):
                                                      side=c.split_side, side_cut=c.split_side_cut,
                                                      class_prob=None if c.split_side == "confident" else
                                                      torch.softmax(logits.double(), 1).cpu())
-            unlearn = poisoned if not c.clean_unlearn_core else \
+            unlearn = poisoned if not self.cores(c) else \
                 cluster_cores(feats, prob, labels, data.ids.cpu(), poisoned, classes, seed=ctx.seed,
                               n_components=c.cluster_components, side=c.core_side)
             ctx.log({"stage": "meca-detect", "rule": c.detection, "detected_clean": int((~poisoned).sum()),
                      "detected_poison": int(poisoned.sum()), "suspicious_classes": classes,
-                     **({"unlearn_core": int(unlearn.sum())} if c.clean_unlearn_core else {}),
+                     **({"unlearn_core": int(unlearn.sum())} if self.cores(c) else {}),
                      **({} if zs is None else {f"class_{c.class_stat}_z": zs})})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
                    "unlearn_ids": data.ids[unlearn].clone(),
@@ -1406,7 +1429,7 @@ class MeCa(Defense):
         clean_set = data.subset(data.contains(det["kept_ids"]))
         poison_set = data.subset(data.contains(det["flagged_ids"]))
         # what the clean training unlearns: the flagged set, or with clean_unlearn_core its cores
-        forget_set = poison_set if not c.clean_unlearn_core else \
+        forget_set = poison_set if not self.cores(c) else \
             data.subset(data.contains(det.get("unlearn_ids", det["flagged_ids"])))
         del model
 
@@ -1435,11 +1458,11 @@ class MeCa(Defense):
                 t0 = time.perf_counter()
                 st = ctx.stage("meca-clean", evaluate_each_epoch=c.evaluate_each_epoch,
                                lr_setting="[defense] semi.lr" if semi else "[train] lr")
-                clean_trainer.fit(clean_model, clean_set, st, forget=forget_set if c.clean_unlearn > 0 else None,
+                clean_trainer.fit(clean_model, clean_set, st, forget=forget_set if self.unlearns(c) else None,
                                   unlabelled=poison_set if semi and len(poison_set) else None)
                 ev = ctx.evaluate(clean_model)
                 ctx.log({"stage": "meca-clean", "train_size": len(clean_set),
-                         "unlearned": len(forget_set) if c.clean_unlearn > 0 else 0,
+                         "unlearned": len(forget_set) if self.unlearns(c) else 0,
                          "unlabelled": len(poison_set) if semi else 0, **ev})
                 done = {"model": steps.cpu_state(clean_model), "eval": ev, "seconds": time.perf_counter() - t0}
                 step.save(done)
@@ -1491,7 +1514,7 @@ class MeCa(Defense):
         metrics = {
             "trend": trend,
             "split": {"clean": n - n_p, "poison": n_p, "poison_share": n_p / n,
-                      "unlearned": len(forget_set) if c.clean_unlearn > 0 and not repairing else 0},
+                      "unlearned": len(forget_set) if self.unlearns(c) else 0},
             "clean_model": dict(clean_eval),
             "relearn": relearn_metrics,
             "repair": repaired,
@@ -1511,11 +1534,11 @@ class MeCa(Defense):
             summary.append(f"meca: {which} repaired ({repaired['unlearned']} unlearned, {repaired['relearned']} "
                            f"relearned, {repaired['rounds']} rounds{stop}): {steps.figures(clean_eval)}")
         else:
-            # clean_unlearn and clean_stage = "semi" exclude each other (check_components)
+            # clean_unlearn is unused with clean_stage = "semi" (unlearns)
             flagged_use = (f", with the {n_p} flagged as unlabelled data" if semi else
                            f", unlearning {len(forget_set)} of the {n_p} flagged (their cores) and leaving out the "
-                           f"rest" if c.clean_unlearn > 0 and c.clean_unlearn_core else
-                           f", unlearning the {n_p} flagged" if c.clean_unlearn > 0 else "")
+                           f"rest" if self.cores(c) else
+                           f", unlearning the {n_p} flagged" if self.unlearns(c) else "")
             summary.append(f"meca: clean model trained on the {n - n_p} kept samples{flagged_use}: {steps.figures(clean_eval)}"
                            + ("" if relearn_metrics is None else
                               f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
