@@ -4,8 +4,10 @@ Runs ``examples/meca-paper-quickstart.toml`` (or ``--recipe``; BadNet at 10%) an
 without the attack, once per detection rule, and prints clean ACC, ASR, detection
 recall/precision and the flagged share; writes ``benchmarks/results/meca_detection_synthetic.json``.
 A rule's settings are laid over the recipe's, and what neither sets is the paper's pipeline,
-except for the rule "the defaults", which runs the recipe's [defense] as it is. The rules never
-see ground truth; it is used here only to score them.
+except for the rules "the defaults" (the recipe's [defense] as it is) and "the defaults, spread_k 2"
+(the same with the class test's earlier cut). Each row records the classes the label-aware class
+test picked and every class's z-score. The rules never see ground truth; it is used here only to
+score them.
 
     python benchmarks/meca_detection_synthetic.py
     python benchmarks/meca_detection_synthetic.py --rules "argmax (paper)" "unlearn, warm-up classes" --out F.json
@@ -22,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, add_results_args, print_table, read_json, run_recipe, write_json  # noqa: E402
+from meca_class_z import class_z  # noqa: E402
 from bdframe_defense_meca.plugin import PAPER_SETTINGS  # noqa: E402
 
 RULES = [("argmax (paper)", {"detection": "argmax"}),
@@ -56,10 +59,12 @@ RULES = [("argmax (paper)", {"detection": "argmax"}),
              "spread_max_classes": 1, "inside": "clusters", "split_side": "auto-floor", "forget_skip": 0.1,
              "clean_unlearn": 2.0, "clean_unlearn_core": True, "core_side": "far", "relearn": False}),
          # the recipe's [defense] as it is: with examples/meca-quickstart.toml, bdframe's defaults
-         ("the defaults", {})]
+         ("the defaults", {}),
+         # the defaults with the class test's cut of before (2; 3 since)
+         ("the defaults, spread_k 2", {"spread_k": 2.0})]
 
 # what a rule does not set is the paper's pipeline (the defense's defaults are bdframe's), except
-# for "the defaults", which sets nothing
+# for the rules named "the defaults...", which lay their settings over the defaults
 PAPER = {**PAPER_SETTINGS, "forget_skip": 0.0}
 
 
@@ -87,11 +92,12 @@ def main(argv=None) -> int:
                     continue
                 # the recipe's own settings win over the paper's, the rule's over both
                 recipe = {**base, "seed": seed,
-                          "defense": {**({} if label == "the defaults" else PAPER), **base["defense"], **params}}
+                          "defense": {**({} if label.startswith("the defaults") else PAPER), **base["defense"], **params}}
                 if data == "clean":
                     recipe.pop("attack")
                 with tempfile.TemporaryDirectory() as tmp:
                     m = run_recipe(recipe, Path(tmp) / "run")
+                    picked, top_z = class_z(Path(tmp) / "run" / "history.jsonl")
                 dm = m["defense_metrics"]
                 det = m.get("detection", {})
                 rows.append({"data": data, "rule": label, "seed": seed, "params": params,
@@ -99,12 +105,17 @@ def main(argv=None) -> int:
                              "asr": 100 * m["asr"] if "asr" in m else None,
                              "recall": 100 * det["recall"] if det else None,
                              "precision": 100 * det["precision"] if det.get("flagged") else None,
-                             "flagged": 100 * dm["split"]["poison_share"]})
+                             "flagged": 100 * dm["split"]["poison_share"],
+                             "picked": picked, "top_z": top_z})
                 write_json(out, rows)
                 print(f"seed {seed} {data} / {label}: done", file=sys.stderr)
+    for r in rows:
+        known = [z for z in (r.get("top_z") or {}).values() if z is not None]
+        r["max_z"] = max(known) if known else None
     print_table(rows, [("data", "data", "{}"), ("rule", "rule", "{}"), ("seed", "seed", "{}"), ("warmup_acc", "ACC warm-up", "{:.2f}"),
                        ("acc", "ACC MeCa", "{:.2f}"), ("asr", "ASR MeCa", "{:.2f}"), ("recall", "recall %", "{:.1f}"),
-                       ("precision", "precision %", "{:.1f}"), ("flagged", "flagged %", "{:.1f}")])
+                       ("precision", "precision %", "{:.1f}"), ("flagged", "flagged %", "{:.1f}"),
+                       ("picked", "class picked", "{}"), ("max_z", "largest z", "{:.2f}")])
     return 0
 
 

@@ -162,6 +162,7 @@ def test_defaults_match_the_spec():
     assert (c.iterations, c.detection, c.class_test, c.class_stat, c.spread_max_classes, c.inside, c.split_side,
             c.clean_unlearn, c.clean_unlearn_core, c.core_side) == (0, "label-aware", "warmup", "gap-separation-floor",
                                                                     1, "clusters", "auto-floor", 2.0, True, "far")
+    assert c.spread_k == 3.0
     c = MeCaConfig(**PAPER_SETTINGS)
     assert (c.iterations, c.detection, c.clean_unlearn, c.relearn) == (10, "argmax", 0.0, False)
     assert set(PAPER_SETTINGS) <= {f.name for f in attrs.fields(MeCaConfig)}
@@ -1135,3 +1136,28 @@ def test_the_defaults_keep_more_accuracy_than_the_papers_rule_and_flag_little_of
     assert ours["asr"] <= max(paper["asr"], 0.02)
     clean = run("clean", {}, attack=False)
     assert clean["defense_metrics"]["split"]["poison_share"] < 0.10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 5])
+def test_the_default_cut_picks_no_class_of_clean_data_where_a_cut_of_2_did(tmp_path, seed):
+    """The README quickstart's recipe without its attack, at two seeds where a clean class's
+    z-score in the class test lies between 2 and 3 (2.45 and 2.83 when measured): the default
+    cut (spread_k = 3) picks no class, and the clean data loses almost nothing to detection."""
+    from pathlib import Path
+
+    import toml
+
+    data = tomllib.loads((Path(__file__).resolve().parents[2] / "examples" / "meca-quickstart.toml").read_text())
+    data.pop("attack")
+    data.update(device="cpu", seed=seed)
+    f = tmp_path / "clean.toml"
+    f.write_text(toml.dumps(data))
+    assert main(["run", str(f), "--quiet", "--out", str(tmp_path / "run")]) == 0
+    detect = next(r for r in map(json.loads, (tmp_path / "run" / "history.jsonl").read_text().splitlines())
+                  if r.get("stage") == "meca-detect")
+    z = detect["class_gap-separation-floor_z"]["warmup"]
+    assert 2.0 < max(v for v in z.values() if v is not None) <= 3.0  # a cut of 2 would pick a clean class
+    assert detect["suspicious_classes"] == []
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["defense_metrics"]["split"]["poison_share"] < 0.01
