@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
+from bdframe_defense_meca.plugin import classes_above  # noqa: E402
 
 
 def class_z(history: Path) -> tuple[list | None, dict | None]:
@@ -60,9 +61,10 @@ def row(run: Path, cuts: list[float]) -> dict | None:
          "target_z": z.get(target) if target is not None else None,
          "top_other_class": top_other, "top_other_z": others.get(top_other),
          "z": {str(c): v for c, v in z.items()}}
-    for k in cuts:  # at most one class, the largest z above the cut (spread_max_classes = 1)
-        above = [c for c, v in z.items() if v is not None and v > k]
-        r[f"pick_at_{k:g}"] = max(above, key=lambda c: z[c]) if above else None
+    known = [c for c, v in z.items() if v is not None]
+    for k in cuts:  # MeCa's own rule with spread_max_classes = 1: the largest z above the cut
+        pick = classes_above(known, [z[c] for c in known], k=k, limit=1)
+        r[f"pick_at_{k:g}"] = pick[0] if pick else None
     return r
 
 
