@@ -12,7 +12,9 @@ default ``none``) and the DBD column (``--dbd``, default ``dbd``):
   cross-entropy that ranks it (where the run knows the attack);
 - the seconds of the three stages (self-supervised, linear probe, semi-supervised), the run's
   total, and the multiple ``DBD total / no-defense total``, given only when both runs record
-  the same CPU, device and thread count in ``run.json``.
+  the same CPU, device and thread count in ``run.json``;
+- with ``--trend``, the clean ACC and ASR after every linear-probe and semi-supervised epoch,
+  from the run's ``history.jsonl`` (runs with ``evaluate_each_epoch``; reporting only).
 
     bdframe sweep run benchmarks/sweeps/dbd-cifar10-fast.toml --jobs 1
     python benchmarks/dbd_rows.py benchmarks/results/sweeps/dbd-cifar10-fast
@@ -32,6 +34,21 @@ from _common import REPO, print_table, sweep_dir_problem, write_json  # noqa: E4
 
 def _pct(x):
     return None if x is None else round(100.0 * x, 2)
+
+
+def trend_of(run_dir: Path) -> list[dict]:
+    """``{"stage", "epoch", "clean_acc", "asr"}`` (in %) after every evaluated epoch of the
+    linear-probe and semi-supervised stages of a DBD run."""
+    import json
+
+    path = run_dir / "history.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        r = json.loads(line)
+        if r.get("stage") in ("dbd-linear", "dbd-semi") and "epoch" in r and "clean_acc" in r:
+            out.append({"stage": r["stage"].removeprefix("dbd-"), "epoch": r["epoch"],
+                        "clean_acc": _pct(r["clean_acc"]), "asr": _pct(r.get("asr"))})
+    return out
 
 
 def rows_of(sweep: Path, none_label: str, dbd_label: str) -> list[dict]:
@@ -55,7 +72,7 @@ def rows_of(sweep: Path, none_label: str, dbd_label: str) -> list[dict]:
                "recall": _pct(det.get("recall")), "precision": _pct(det.get("precision")), "auroc": det.get("auroc"),
                "simclr_s": dm["stage_seconds"]["simclr"], "linear_s": dm["stage_seconds"]["linear"],
                "semi_s": dm["stage_seconds"]["semi"], "dbd_total_s": m["seconds"]["total"],
-               "dbd_cpu": (dbd.environment or {}).get("cpu")}
+               "dbd_cpu": (dbd.environment or {}).get("cpu"), "trend": trend_of(dbd.dir)}
         if none is not None:
             row.update(none_acc=_pct(none.metrics["clean_acc"]), none_asr=_pct(none.metrics.get("asr")),
                        none_total_s=none.metrics["seconds"]["total"])
@@ -70,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("sweep_dir", help="a sweep directory written by `bdframe sweep run`")
     ap.add_argument("--none", default="none", help="label of the no-defense column (default: none)")
     ap.add_argument("--dbd", default="dbd", help="label of the DBD column (default: dbd)")
+    ap.add_argument("--trend", action="store_true",
+                    help="also print ACC / ASR after every linear-probe and semi-supervised epoch")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dbd_rows.json"))
     args = ap.parse_args(argv)
     sweep = Path(args.sweep_dir)
@@ -89,6 +108,11 @@ def main(argv=None) -> int:
     print("ACC / ASR in %; probe: the linear head on the frozen self-supervised backbone; recall / precision of "
           "the low-credible set; AUROC of the symmetric cross-entropy that ranks it; x: DBD's total seconds over "
           "the no-defense run's (only where both ran on the same CPU and thread count)")
+    for row in rows if args.trend else []:
+        if row["trend"]:
+            print(f"\n{row['attack']}: ACC / ASR after every epoch")
+            print_table(row["trend"], [("stage", "stage", "{}"), ("epoch", "epoch", "{}"),
+                                       ("clean_acc", "ACC", "{:.2f}"), ("asr", "ASR", "{:.2f}")])
     write_json(Path(args.out), {"benchmark": "dbd_rows", "sweep": str(sweep), "none": args.none, "dbd": args.dbd,
                                 "rows": rows})
     return 0
