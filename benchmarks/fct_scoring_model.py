@@ -37,28 +37,26 @@ PREFIX = "dst"  # the step names, and so the seeds, of d-st (whose scoring model
 
 
 def _parts(run_dir: Path, defense: dict, model: dict):
-    """The run's poisoned set rebuilt with the run's own attack seed (checked against its
-    ``poison.json`` where the directory keeps one), with the recipe's ``[defense]`` replaced by
-    ``defense`` and ``model`` laid over ``[model]``."""
+    """The run's poisoned set rebuilt (:func:`bdframe.scan.rebuild_parts`), with the recipe's
+    ``[defense]`` replaced by ``defense`` and ``model`` laid over ``[model]``; checked against
+    the run's ``metrics.json`` too, since committed benchmark runs keep no ``poison.json``."""
     from bdframe import recipe as rmod
-    from bdframe.build import materialise
+    from bdframe.errors import UserError
     from bdframe.plugins import load_registry
     from bdframe.runs import read_json as read_run_json
+    from bdframe.scan import rebuild_parts
 
-    for f in ("recipe.toml", "run.json"):
-        if not (run_dir / f).is_file():
-            raise SystemExit(f"{run_dir}: not a run directory ({f} is missing)")
+    if not (run_dir / "recipe.toml").is_file():
+        raise SystemExit(f"{run_dir}: not a run directory (recipe.toml is missing)")
     registry = load_registry()
     data = rmod.parse_toml(run_dir / "recipe.toml")
     data["defense"] = defense
     data["model"] = {**data["model"], **model}
     recipe = rmod.loads_dict(data, registry=registry, source="fct-scoring-model")
-    seed = int(read_run_json(run_dir / "run.json")["seeds"]["attack"])
-    parts = materialise(recipe, registry, seed=seed)
-    if (run_dir / "poison.json").is_file():
-        saved = sorted(read_run_json(run_dir / "poison.json").get("poison_ids", []))
-        if saved != sorted(int(i) for i in parts.poison_ids):
-            raise SystemExit(f"{run_dir}: the rebuilt poisoned set does not match the run's poison.json")
+    try:
+        parts = rebuild_parts(run_dir, recipe, registry)
+    except UserError as e:
+        raise SystemExit(f"{run_dir}: {e}") from None
     metrics = run_dir / "metrics.json"
     n = read_run_json(metrics).get("num_poison") if metrics.is_file() else None
     if n is not None and n != len(parts.poison_ids):

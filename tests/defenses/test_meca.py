@@ -6,6 +6,7 @@ import math
 import sys
 import tomllib
 from fractions import Fraction
+from pathlib import Path
 
 import attrs
 import pytest
@@ -1107,27 +1108,30 @@ def test_with_no_enhancement_iteration_detection_reads_the_warm_up_model(tmp_pat
     assert len(res.metrics["trend"]) == 1
 
 
+def _quickstart(tmp_path, tag, *, attack=True, **changes) -> Path:
+    """Run the README quickstart's MeCa recipe on the CPU with the top-level ``changes`` laid
+    over it (without its attack if ``attack`` is false); returns the run directory."""
+    import toml
+
+    data = tomllib.loads((Path(__file__).resolve().parents[2] / "examples" / "meca-quickstart.toml").read_text())
+    data.update(device="cpu", **changes)
+    if not attack:
+        data.pop("attack")
+    f = tmp_path / f"{tag}.toml"
+    f.write_text(toml.dumps(data))
+    assert main(["run", str(f), "--quiet", "--out", str(tmp_path / tag)]) == 0
+    return tmp_path / tag
+
+
 @pytest.mark.slow
 def test_the_defaults_keep_more_accuracy_than_the_papers_rule_and_flag_little_of_clean_data(tmp_path):
     """The README quickstart's data (synthetic, BadNet at 10%), the same seed and warm-up: bdframe's
     defaults keep far more clean accuracy than the paper's pipeline (its rule, a five-iteration
     enhancement as in examples/meca-paper-quickstart.toml) at an ASR as low, or both under 2%;
     on the same data without the attack the defaults flag under 10%."""
-    from pathlib import Path
-
-    base = tomllib.loads((Path(__file__).resolve().parents[2] / "examples" / "meca-quickstart.toml").read_text())
-    base["device"] = "cpu"
-
     def run(tag, defense, attack=True):
-        import toml
-
-        data = {**base, "defense": {"name": "meca", **defense}}
-        if not attack:
-            data.pop("attack")
-        f = tmp_path / f"{tag}.toml"
-        f.write_text(toml.dumps(data))
-        assert main(["run", str(f), "--quiet", "--out", str(tmp_path / tag)]) == 0
-        return json.loads((tmp_path / tag / "metrics.json").read_text())
+        out = _quickstart(tmp_path, tag, attack=attack, defense={"name": "meca", **defense})
+        return json.loads((out / "metrics.json").read_text())
 
     ours = run("defaults", {})
     paper = run("paper", {**PAPER_SETTINGS, "iterations": 5, "alpha_step": 0.1})
@@ -1144,20 +1148,11 @@ def test_the_default_cut_picks_no_class_of_clean_data_where_a_cut_of_2_did(tmp_p
     """The README quickstart's recipe without its attack, at two seeds where a clean class's
     z-score in the class test lies between 2 and 3 (2.45 and 2.83 when measured): the default
     cut (spread_k = 3) picks no class, and the clean data loses almost nothing to detection."""
-    from pathlib import Path
-
-    import toml
-
-    data = tomllib.loads((Path(__file__).resolve().parents[2] / "examples" / "meca-quickstart.toml").read_text())
-    data.pop("attack")
-    data.update(device="cpu", seed=seed)
-    f = tmp_path / "clean.toml"
-    f.write_text(toml.dumps(data))
-    assert main(["run", str(f), "--quiet", "--out", str(tmp_path / "run")]) == 0
-    detect = next(r for r in map(json.loads, (tmp_path / "run" / "history.jsonl").read_text().splitlines())
+    out = _quickstart(tmp_path, "run", attack=False, seed=seed)
+    detect = next(r for r in map(json.loads, (out / "history.jsonl").read_text().splitlines())
                   if r.get("stage") == "meca-detect")
     z = detect["class_gap-separation-floor_z"]["warmup"]
     assert 2.0 < max(v for v in z.values() if v is not None) <= 3.0  # a cut of 2 would pick a clean class
     assert detect["suspicious_classes"] == []
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
     assert m["defense_metrics"]["split"]["poison_share"] < 0.01

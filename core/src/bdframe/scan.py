@@ -101,19 +101,19 @@ def parse_params(items: list[str], scorers: list[str]) -> dict[str, dict]:
     return params
 
 
-def load_run(run_dir: Path, *, device):
-    """The :class:`~bdframe.build.RunParts` of a saved run (rebuilt from its recipe with its
-    saved attack seed and checked against its ``poison.json``) and its final model."""
-    import torch
-
+def rebuild_parts(run_dir: Path, recipe=None, registry=None):
+    """The :class:`~bdframe.build.RunParts` of a saved run: rebuilt from its recipe (or from
+    ``recipe`` with ``registry``, e.g. the run's recipe with another defense) with the run's saved
+    attack seed, and checked against its ``poison.json`` where the directory keeps one."""
     from bdframe.build import materialise
     from bdframe.plugins import load_recipe
     from bdframe.runs import read_json
 
-    for f in ("recipe.toml", "run.json", "model.pt"):
+    for f in ("recipe.toml", "run.json"):
         if not (run_dir / f).is_file():
             raise UserError(f"{str(run_dir)!r} is not a complete run directory: {f} is missing")
-    recipe, registry = load_recipe(run_dir / "recipe.toml")
+    if recipe is None:
+        recipe, registry = load_recipe(run_dir / "recipe.toml")
     try:
         run_info = read_json(run_dir / "run.json")
         attack_seed = int(run_info["seeds"]["attack"])
@@ -127,6 +127,19 @@ def load_run(run_dir: Path, *, device):
                 sorted(saved.get("cover_ids", [])) != sorted(int(i) for i in parts.cover_ids):
             raise UserError(f"the rebuilt poisoned set does not match {str(pj)!r} (did the dataset, the "
                             f"attack plugin or its version change since the run?)")
+    return parts
+
+
+def load_run(run_dir: Path, *, device):
+    """The :class:`~bdframe.build.RunParts` of a saved run (:func:`rebuild_parts`) and its final
+    model."""
+    import torch
+
+    for f in ("recipe.toml", "run.json", "model.pt"):
+        if not (run_dir / f).is_file():
+            raise UserError(f"{str(run_dir)!r} is not a complete run directory: {f} is missing")
+    parts = rebuild_parts(run_dir)
+    recipe = parts.recipe
     model = parts.build_model()
     try:
         state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
