@@ -103,12 +103,13 @@ def measure(run_dir: Path, params: dict, model_params: dict, device, every: int 
             if "epoch" not in rec or not stage.startswith(f"{PREFIX}-scoring-"):
                 return
             last = c.notrans_epochs if stage.endswith("-plain") else c.intra_epochs
-            if rec["epoch"] != last and rec["epoch"] % every:
+            if rec["epoch"] != last and not rec.get("stopped") and rec["epoch"] % every:
                 return
             t = time.perf_counter()
             s = scorer.score(models[-1], train, sctx).double().cpu()
             row = {"stage": stage.removeprefix(f"{PREFIX}-scoring-"), "epoch": rec["epoch"],
-                   "loss": rec.get("loss"), "train_acc": rec.get("train_acc"), "auroc": auroc(s, truth),
+                   "loss": rec.get("loss"), "loss_floor": rec.get("loss_floor"), "stopped": bool(rec.get("stopped")),
+                   "train_acc": rec.get("train_acc"), "auroc": auroc(s, truth),
                    **ctx.evaluate(models[-1]), "score_s": time.perf_counter() - t}
             trend.append(row)
             print(f"{row['stage']} epoch {row['epoch']}: FCT AUROC {row['auroc']:.3f}, clean ACC "
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a finished run of the row (any defense): its poisoned set is rebuilt")
     ap.add_argument("params", nargs="*", metavar="KEY=VALUE",
-                    help="settings of the FCT split (notrans_epochs, intra_epochs, scoring_lr, alpha_clean, "
+                    help="settings of the FCT split (notrans_epochs, intra_epochs, intra_stop_gap, scoring_lr, alpha_clean, "
                          "alpha_poison, fct); JSON values")
     ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="laid over the run's [model]")
     ap.add_argument("--label", default="", help="a name for the variant in the table")
@@ -168,6 +169,7 @@ def main(argv=None) -> dict:
     print_table([dict(r, clean_acc=100 * r["clean_acc"], asr=100 * r["asr"] if r.get("asr") is not None else None)
                  for r in row["trend"]],
                 [("stage", "stage", "{}"), ("epoch", "epoch", "{}"), ("loss", "loss", "{:.4f}"),
+                 ("loss_floor", "floor", "{:.4f}"),
                  ("train_acc", "train acc", "{:.3f}"), ("clean_acc", "ACC %", "{:.2f}"), ("asr", "ASR %", "{:.2f}"),
                  ("auroc", "FCT AUROC", "{:.3f}")])
     print(f"split: suspected poisoned {d['flagged']} (recall {100 * d['recall']:.1f}%, precision "

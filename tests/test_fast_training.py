@@ -192,3 +192,33 @@ def test_emulated_bfloat16_warning_names_every_setting_that_asks_for_it(monkeypa
     assert emulated_bf16_warning(amps, torch.device("meta")) is None  # not the CPU: not this warning
     monkeypatch.setattr(bdframe.training, "cpu_bf16_supported", lambda: True)
     assert emulated_bf16_warning(amps, cpu) is None
+
+
+def test_a_stage_stops_where_its_rule_says_and_a_resumed_stopped_stage_trains_no_further(tmp_path):
+    """``stop`` sees each epoch's record (and may add to it); the epoch where it holds is the
+    last, marked ``stopped``; resuming from the saved state neither trains nor asks again."""
+    data = _images(64)
+    s = OptimSettings(epochs=5, batch_size=32, lr=0.01)
+    state = tmp_path / "state.pt"
+    seen = []
+
+    def stop(rec):
+        seen.append(rec["epoch"])
+        rec["asked"] = True
+        return rec["epoch"] == 2
+
+    model = _fast()
+    hist = run_epochs(model, data, StageContext(name="t", seed=0, device="cpu", state_path=str(state),
+                                                progress=False), s, _ce, stop=stop)
+    assert seen == [1, 2] and [h["epoch"] for h in hist] == [1, 2]
+    assert hist[-1]["stopped"] is True and "stopped" not in hist[0] and all(h["asked"] for h in hist)
+    after = {n: t.clone() for n, t in model.state_dict().items()}
+    fresh = _fast()
+    replayed = []
+    again = run_epochs(fresh, data, StageContext(name="t", seed=0, device="cpu", state_path=str(state),
+                                                 progress=False, on_epoch=replayed.append), s, _ce, stop=stop)
+    assert seen == [1, 2] and again == hist and [r["epoch"] for r in replayed] == [1, 2]
+    assert all(torch.equal(t, after[n]) for n, t in fresh.state_dict().items())
+    # without a rule (or one that never holds) every epoch runs
+    assert len(run_epochs(_fast(), data, StageContext(name="t", seed=0, device="cpu", progress=False),
+                          s, _ce, stop=lambda rec: False)) == 5

@@ -50,10 +50,53 @@ def test_class_centres_that_point_apart_score_lower_than_aligned_ones():
     assert float(class_centre_similarity(apart, y)) < 0 < float(class_centre_similarity(aligned, y))
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 6), d=st.integers(1, 8), seed=st.integers(0, 1000),
+       relu=st.booleans())
+def test_the_class_separation_floor_is_a_lower_bound_of_the_loss(n, k, d, seed, relu):
+    """-1/k for k classes (0 for one class), 0 for non-negative features: the loss is never lower."""
+    from bdframe_trainer_class_separation.plugin import batch_floor
+
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, d, generator=g)
+    f = f.clamp(min=0) if relu else f
+    y = torch.randint(0, k, (n,), generator=g)
+    floor = batch_floor(f, y)
+    present = len(torch.unique(y))
+    assert floor == (0.0 if present == 1 or bool((f >= 0).all()) else -1.0 / present)
+    assert float(class_centre_similarity(f, y)) >= floor - 1e-6
+
+
+@pytest.mark.parametrize("k", [2, 3, 10])
+def test_the_class_separation_floor_is_reached_by_centres_spread_as_a_simplex(k):
+    from bdframe_trainer_class_separation.plugin import batch_floor
+
+    centres = torch.eye(k) - 1.0 / k  # a regular simplex: the k centred unit axes
+    y = torch.arange(k).repeat(3)
+    f = centres[y]
+    assert float(class_centre_similarity(f, y)) == pytest.approx(-1.0 / k, abs=1e-6) == batch_floor(f, y)
+    assert batch_floor(torch.eye(k)[y], y) == 0.0 == pytest.approx(float(class_centre_similarity(torch.eye(k)[y], y)))
+
+
+@pytest.mark.parametrize("gap, epochs", [(0, 3), (10.0, 1)], ids=["all-epochs", "stops-after-one"])
+def test_intra_stop_gap_ends_the_class_separation_stage_near_its_floor(tmp_path, gap, epochs):
+    """Every separation epoch records its floor; a gap wider than any loss can be from its floor
+    (the loss is at most 1 and the floor at least -1/2) stops the stage after its first epoch."""
+    f = recipe(tmp_path, DBR.replace("intra_epochs = 1", "intra_epochs = 3") + f"intra_stop_gap = {gap}\n")
+    assert main(["run", str(f), "--quiet"]) == 0
+    d = tmp_path / "runs" / "tiny"
+    recs = [r for r in map(json.loads, (d / "history.jsonl").read_text().splitlines())
+            if r.get("stage") == "dbr-scoring-separate" and "epoch" in r]
+    assert [r["epoch"] for r in recs] == list(range(1, epochs + 1))
+    assert all(r["loss"] >= r["loss_floor"] - 1e-6 and -0.5 <= r["loss_floor"] <= 0 for r in recs)
+    assert [bool(r.get("stopped")) for r in recs] == [False] * (epochs - 1) + [gap > 0]
+
+
 @pytest.mark.parametrize("defense, expected", [
     (DBR + "alpha_clean = 0.9\nalpha_poison = 0.2\n", "$.defense.alpha_poison: alpha_clean + alpha_poison must be <= 1"),
     (DBR + "fct = {transforms = [\"spin\"]}\n", "$.defense.fct.transforms: element 0: must be one of"),
     (DBR + "plateau_share = 0\n", "$.defense.plateau_share:"),
+    (DBR + "intra_stop_gap = -0.1\n", "$.defense.intra_stop_gap:"),
     (DBR + "plateau_fall = 1.0\n", "$.defense.plateau_fall:"),
     (DBR + "fct = {alpha_clean = 0.1}\n", "$.defense.fct: 'alpha_clean' is set by the defense itself"),
     (DST.replace("simclr = {", "simclr = {mode = \"simclr\", "), "$.defense.simclr: 'mode' is set by the defense itself"),

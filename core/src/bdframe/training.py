@@ -275,7 +275,7 @@ class _Cycle:
 def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings,
                loss_fn: LossFn, *, desc: Optional[str] = None, augment=_SETTINGS,
                companion: Optional[ImageSet] = None, modules: Optional[dict] = None,
-               split: Optional[SplitFn] = None) -> list[dict]:
+               split: Optional[SplitFn] = None, stop: Optional[Callable[[dict], bool]] = None) -> list[dict]:
     """Train ``model`` for ``s.epochs`` epochs; an epoch is one pass over the main stream ``data``.
 
     ``loss_fn(model, batch) -> (loss, logits)``: the stage's objective on one :class:`Batch`.
@@ -287,6 +287,9 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
     projection head), by name. ``split(model, epoch)``: called before every epoch to choose
     that epoch's ``(main, companion)`` streams from the current model, returning figures for
     the epoch's history record too (a stage that re-splits its data each epoch).
+    ``stop(record)``: called with each epoch's history record (it may add figures to it); True
+    ends the stage after that epoch, before ``s.epochs``. The record then holds
+    ``"stopped": True``, and a resumed stage whose last saved epoch stopped trains no further.
 
     The optimiser trains every parameter of ``model`` and ``modules`` that requires a gradient.
     Saves resumable state to ``ctx.state_path`` after each epoch and resumes from it; replays
@@ -333,10 +336,11 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
     if augment is _SETTINGS:
         augment = Augment(s.crop_padding, s.flip) if (s.crop_padding or s.flip) else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    last_epoch = start_epoch if history and history[-1].get("stopped") else s.epochs
     # the schedule's length in steps is fixed by the first epoch's stream (a split may change sizes)
     batches_per_epoch = -(-len(data) // s.batch_size) if len(data) else 1
     step = start_epoch * batches_per_epoch
-    for epoch in range(start_epoch, s.epochs):
+    for epoch in range(start_epoch, last_epoch):
         figures: dict = {}
         main, extra = data, companion
         if split is not None:
@@ -403,6 +407,9 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
                "images": seen, "seconds": wall, "images_per_s": seen / wall if wall > 0 else 0.0,
                "compute_seconds": compute, "non_compute_share": max(0.0, 1.0 - compute / wall) if wall > 0 else 0.0,
                **figures}
+        stopped = bool(stop(rec)) if stop is not None else False
+        if stopped:
+            rec["stopped"] = True
         if ctx.evaluate is not None:
             rec.update(ctx.evaluate(model))
             model.train()
@@ -415,6 +422,8 @@ def run_epochs(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: Opt
                          state_path)
         if ctx.on_epoch:
             ctx.on_epoch(rec)
+        if stopped:
+            break
     if lookahead is not None:
         lookahead.sync()
     model.eval()

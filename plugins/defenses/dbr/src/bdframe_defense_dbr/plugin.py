@@ -7,7 +7,8 @@ move further (feature consistency towards transformations, FCT). Both defenses s
 
 1. a scoring model is trained from scratch on the untrusted data *without augmentation* for
    ``notrans_epochs`` (2) at ``scoring_lr`` (0.01), then fine-tuned with the
-   ``class-separation`` stage for ``intra_epochs`` (10), which pushes the class centres apart;
+   ``class-separation`` stage for ``intra_epochs`` (10), which pushes the class centres apart
+   (``intra_stop_gap`` ends it once its loss is that close to the lowest it can be);
 2. every sample gets its FCT score (the ``fct`` scorer: rotation then translation);
 3. the ``alpha_clean`` (20%) lowest scores are the suspected-clean set, the ``alpha_poison`` (5%)
    highest the suspected-poisoned set, the rest uncertain. The three partition the data.
@@ -55,6 +56,9 @@ class FctSplitConfig:
         "help": "scoring model: epochs of plain training without augmentation"})
     intra_epochs: int = attrs.field(default=10, validator=in_range(0, None), metadata={
         "help": "scoring model: epochs of the class-separation stage after that"})
+    intra_stop_gap: float = attrs.field(default=0.0, validator=in_range(0, None), metadata={
+        "help": "scoring model: end the class-separation stage early once an epoch's mean loss is within "
+                "this distance of the loss's floor (the class-separation stage's stop_gap); 0: all intra_epochs"})
     scoring_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
         "help": "scoring model: learning rate of both phases (SGD, momentum 0.9, constant)"})
     fct: dict[str, Any] = attrs.field(factory=dict, metadata={
@@ -86,7 +90,8 @@ def fct_split(ctx, data, c, prefix: str) -> dict:
 
     plain = ctx.component("trainer", "standard", epochs=c.notrans_epochs, lr=c.scoring_lr, momentum=0.9,
                           weight_decay=5e-4, schedule="constant", crop_padding=0, flip=False, batch_size=128)
-    separate = ctx.component("trainer", "class-separation", epochs=c.intra_epochs, lr=c.scoring_lr)
+    separate = ctx.component("trainer", "class-separation", epochs=c.intra_epochs, lr=c.scoring_lr,
+                             stop_gap=c.intra_stop_gap)
     scorer = ctx.component("scorer", "fct", alpha_clean=c.alpha_clean, alpha_poison=c.alpha_poison, **c.fct)
     cp = ctx.checkpoint(f"{prefix}-fct-split")
     done = cp.load()
