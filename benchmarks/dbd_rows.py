@@ -10,6 +10,9 @@ default ``none``) and the DBD column (``--dbd``, default ``dbd``):
 - DBD's linear probe ACC / ASR and its result after semi-supervised fine-tuning;
 - the low-credible set of the final model: recall, precision and the AUROC of the symmetric
   cross-entropy that ranks it (where the run knows the attack);
+- the low-credible samples of each given label (from the run's ``suspected.csv``) and the label
+  with the most of them: where the split keeps the labels of the whole set's lowest-loss share,
+  a class the backbone separates poorly can lose nearly all of its labels;
 - the seconds of the three stages (self-supervised, linear probe, semi-supervised), the run's
   total, and the multiple ``DBD total / no-defense total``, given only when both runs record
   the same CPU, device and thread count in ``run.json``;
@@ -51,6 +54,20 @@ def trend_of(run_dir: Path) -> list[dict]:
     return out
 
 
+def low_credible_by_class(run_dir: Path) -> dict:
+    """``{class name: number of low-credible samples with that given label}`` from the run's
+    ``suspected.csv`` (empty when the run did not write one)."""
+    import collections
+    import csv
+
+    path = run_dir / "suspected.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        counts = collections.Counter(r.get("class") or r["label"] for r in csv.DictReader(f))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def rows_of(sweep: Path, none_label: str, dbd_label: str) -> list[dict]:
     """One dict per attack row that has a finished DBD run."""
     from bdframe.report import FINISHED, hardware, load_runs
@@ -73,6 +90,10 @@ def rows_of(sweep: Path, none_label: str, dbd_label: str) -> list[dict]:
                "simclr_s": dm["stage_seconds"]["simclr"], "linear_s": dm["stage_seconds"]["linear"],
                "semi_s": dm["stage_seconds"]["semi"], "dbd_total_s": m["seconds"]["total"],
                "dbd_cpu": (dbd.environment or {}).get("cpu"), "trend": trend_of(dbd.dir)}
+        by_class = low_credible_by_class(dbd.dir)
+        row["low_credible_by_class"] = by_class
+        row["most_low_credible"] = (f"{next(iter(by_class))} {next(iter(by_class.values()))}"
+                                    if by_class else None)
         if none is not None:
             row.update(none_acc=_pct(none.metrics["clean_acc"]), none_asr=_pct(none.metrics.get("asr")),
                        none_total_s=none.metrics["seconds"]["total"])
@@ -102,11 +123,12 @@ def main(argv=None) -> int:
                        ("probe_acc", "probe ACC", "{:.2f}"), ("probe_asr", "probe ASR", "{:.2f}"),
                        ("dbd_acc", "DBD ACC", "{:.2f}"), ("dbd_asr", "DBD ASR", "{:.2f}"),
                        ("recall", "recall", "{:.1f}"), ("precision", "precision", "{:.1f}"), ("auroc", "AUROC", "{:.3f}"),
-                       ("simclr_s", "SSL s", "{:.0f}"), ("linear_s", "probe s", "{:.0f}"), ("semi_s", "semi s", "{:.0f}"),
+                       ("most_low_credible", "most low-credible label", "{}"), ("simclr_s", "SSL s", "{:.0f}"), ("linear_s", "probe s", "{:.0f}"), ("semi_s", "semi s", "{:.0f}"),
                        ("dbd_total_s", "total s", "{:.0f}"), ("none_total_s", "none s", "{:.0f}"),
                        ("multiple", "x", "{:.2f}")])
     print("ACC / ASR in %; probe: the linear head on the frozen self-supervised backbone; recall / precision of "
-          "the low-credible set; AUROC of the symmetric cross-entropy that ranks it; x: DBD's total seconds over "
+          "the low-credible set; AUROC of the symmetric cross-entropy that ranks it; most low-credible label: the "
+          "given label with the most low-credible samples, and their number; x: DBD's total seconds over "
           "the no-defense run's (only where both ran on the same CPU and thread count)")
     for row in rows if args.trend else []:
         if row["trend"]:

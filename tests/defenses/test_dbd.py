@@ -31,6 +31,8 @@ def recipe(tmp_path, extra="", each="false"):
     ("simclr", "{epoch = 3}", "$.defense.simclr.epoch: unknown parameter for trainer 'simclr'"),
     ("linear", '{loss = "mse"}', "$.defense.linear.loss: must be one of"),
     ("semi", "{credible_share = 0.3}", "$.defense.semi: 'credible_share' is set by the defense itself"),
+    ("semi", '{split_by = "class"}', "$.defense.semi: 'split_by' is set by the defense itself"),
+    ("split_by", '"label"', "$.defense.split_by: must be one of"),
 ])
 def test_a_bad_stage_table_is_one_clear_line_naming_its_path(tmp_path, capsys, table, value, expected):
     f = tmp_path / "bad.toml"
@@ -60,6 +62,31 @@ def test_dbd_reports_its_low_credible_half_and_each_stage(tmp_path):
     assert [r["labelled"] for r in semi] == [n // 2, n // 2] and all("clean_acc" in r for r in semi)
     if dm["plot"] is not None:
         assert (d / dm["plot"]).is_file() or (d / "dbd_trend.png").is_file()
+
+
+def test_dbd_split_by_class_keeps_half_of_every_label(tmp_path):
+    """With ``split_by = "class"`` every semi-supervised epoch and the final split keep the labels
+    of the lowest-loss half of each given label, so the low-credible set holds half of every class
+    (rounded up)."""
+    import collections
+
+    f = recipe(tmp_path, extra='split_by = "class"')
+    assert main(["run", str(f), "--quiet"]) == 0
+    d = tmp_path / "runs" / "tiny"
+    m = json.loads((d / "metrics.json").read_text())
+    sus = json.loads((d / "suspected.json").read_text())["samples"]
+    flagged = collections.Counter(s["label"] for s in sus)
+    # the class sizes under the given (poisoned) labels, from the run's own data
+    from bdframe.build import materialise
+    from bdframe.plugins import load_recipe
+
+    parsed, registry = load_recipe(f)
+    sizes = collections.Counter(materialise(parsed, registry).poisoned.labels.tolist())
+    assert flagged == {c: n - n // 2 for c, n in sizes.items()}, (flagged, sizes)
+    assert m["defense_metrics"]["split"]["credible"] == sum(n // 2 for n in sizes.values())
+    semi = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+    assert [r["labelled"] for r in semi if r["stage"] == "dbd-semi" and "epoch" in r] == \
+        [sum(n // 2 for n in sizes.values())] * 2
 
 
 @pytest.mark.slow

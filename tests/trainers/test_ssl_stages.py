@@ -84,6 +84,36 @@ def test_lowest_share_keeps_exactly_floor_share_n_of_the_lowest_whatever_the_ord
     assert set(ids[perm][lowest_share(values[perm], share, ids[perm])].tolist()) == set(ids[keep].tolist())
 
 
+@SET
+@given(n=st.integers(0, 60), k=st.integers(1, 5), share=st.floats(0, 1), seed=st.integers(0, 10_000))
+def test_lowest_share_by_group_keeps_the_lowest_floor_share_of_every_group(n, k, share, seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(n, generator=g, dtype=torch.float64)
+    groups = torch.randint(0, k, (n,), generator=g)
+    ids = torch.randperm(10 * n + 1, generator=g)[:n]
+    keep = lowest_share(values, share, ids, groups)
+    for c in range(k):
+        rows = groups == c
+        kept, left = values[rows & keep], values[rows & ~keep]
+        assert len(kept) == math.floor(share * int(rows.sum()) + 1e-9)
+        if len(kept) and len(left):
+            assert kept.max() <= left.min()
+    perm = torch.randperm(n, generator=g)
+    again = lowest_share(values[perm], share, ids[perm], groups[perm])
+    assert set(ids[perm][again].tolist()) == set(ids[keep].tolist())
+
+
+def test_lowest_share_by_group_keeps_a_class_that_the_global_split_drops():
+    # class 1's losses are all above class 0's: the global half is class 0 alone
+    values = torch.tensor([0.1, 0.2, 0.3, 0.4, 5.0, 6.0, 7.0, 8.0], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    ids = torch.arange(8)
+    assert lowest_share(values, 0.5, ids).tolist() == [True] * 4 + [False] * 4
+    assert lowest_share(values, 0.5, ids, labels).tolist() == [True, True, False, False, True, True, False, False]
+    with pytest.raises(ValueError, match="groups has shape"):
+        lowest_share(values, 0.5, ids, labels[:3])
+
+
 # -- simclr ----------------------------------------------------------------------------------------
 
 def test_simclr_trains_the_backbone_leaves_the_head_and_drops_its_projection(tmp_path):

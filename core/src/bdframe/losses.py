@@ -187,11 +187,25 @@ def class_centre_similarity(features: torch.Tensor, labels: torch.Tensor) -> tor
     return sim.masked_fill(torch.eye(k, dtype=torch.bool, device=f.device), 0.0).mean()
 
 
-def lowest_share(values: torch.Tensor, share: float, ids: torch.Tensor) -> torch.Tensor:
+def lowest_share(values: torch.Tensor, share: float, ids: torch.Tensor,
+                 groups: torch.Tensor | None = None) -> torch.Tensor:
     """A boolean mask over ``values`` selecting exactly ``floor(share * N)`` rows with the
     lowest values, ties broken by the lower id (so the choice is a function of the samples, not
-    of their order). DBD keeps the labels of the lowest-loss share this way."""
+    of their order). DBD keeps the labels of the lowest-loss share this way.
+
+    With ``groups`` (one integer per row, e.g. the given labels) the share is taken within each
+    group instead: ``floor(share * N_g)`` rows of each group ``g``, so no group is left out
+    because its values are higher overall."""
     n = values.shape[0]
+    if groups is not None:
+        groups = groups.detach().cpu()
+        if groups.shape != (n,):
+            raise ValueError(f"lowest_share: groups has shape {tuple(groups.shape)}, expected ({n},)")
+        keep = torch.zeros(n, dtype=torch.bool)
+        for g in torch.unique(groups):
+            rows = torch.nonzero(groups == g).flatten()
+            keep[rows] = lowest_share(values.detach().cpu()[rows], share, ids.cpu()[rows])
+        return keep
     k = int(math.floor(share * n + 1e-9))
     keep = torch.zeros(n, dtype=torch.bool)
     if k:

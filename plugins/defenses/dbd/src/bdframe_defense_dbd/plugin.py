@@ -12,7 +12,8 @@ trigger is the easiest feature that explains the target label. DBD trains the pa
 3. **Semi-supervised fine-tuning**: the ``mixmatch`` stage fine-tunes the whole model; before
    every epoch it keeps the labels of the ``credible_share`` (epsilon, 50%) of samples with the
    lowest symmetric cross-entropy under the current model and treats the rest, the
-   "low-credible" samples, as unlabelled. Poisoned samples land in the unlabelled half, where
+   "low-credible" samples, as unlabelled (``split_by = "class"``: the share is taken within each
+   given label; see docs/dbd.md for why a weak backbone needs it). Poisoned samples land in the unlabelled half, where
    their labels cannot teach the trigger.
 
 The samples outside the credible share under the final model are the suspected set
@@ -30,11 +31,11 @@ from typing import Any
 import attrs
 
 from bdframe import hookimpl, steps
-from bdframe.config import in_range
+from bdframe.config import in_range, one_of
 from bdframe.interfaces import Defense, DefenseResult
 
 #: each table of the config -> the stage it configures, and the fields the defense sets itself
-STAGES = {"simclr": ("simclr", ()), "linear": ("linear-probe", ()), "semi": ("mixmatch", ("credible_share",))}
+STAGES = {"simclr": ("simclr", ()), "linear": ("linear-probe", ()), "semi": ("mixmatch", ("credible_share", "split_by"))}
 #: DBD's own settings of the stages where they differ from the stages' defaults
 DEFAULTS = {"simclr": {"mode": "simclr"}, "linear": {"loss": "sce", "alpha": 0.1, "beta": 1.0}, "semi": {}}
 
@@ -43,6 +44,9 @@ DEFAULTS = {"simclr": {"mode": "simclr"}, "linear": {"loss": "sce", "alpha": 0.1
 class DBDConfig:
     credible_share: float = attrs.field(default=0.5, validator=in_range(0, 1, lo_open=True, hi_open=True), metadata={
         "help": "epsilon: share of samples whose labels are kept each semi-supervised epoch (lowest SCE)"})
+    split_by: str = attrs.field(default="all", validator=one_of("all", "class"), metadata={
+        "help": "credible split: \"all\" keeps the lowest-loss share of the whole set (the paper); \"class\" "
+                "the share within each given label, so a class the backbone separates poorly keeps labels"})
     simclr: dict[str, Any] = attrs.field(factory=dict, metadata={
         "help": "parameters of the simclr stage (self-supervised backbone), a table"})
     linear: dict[str, Any] = attrs.field(factory=dict, metadata={
@@ -84,7 +88,7 @@ class DBD(Defense):
         # every component up front, so a missing plugin or a rejected parameter fails before training
         simclr = self.stage_component(ctx, "simclr")
         linear = self.stage_component(ctx, "linear")
-        semi = self.stage_component(ctx, "semi", credible_share=c.credible_share)
+        semi = self.stage_component(ctx, "semi", credible_share=c.credible_share, split_by=c.split_by)
 
         model = ctx.new_model()
         # 1. the backbone, from the images alone (every sample unlabelled)
@@ -103,7 +107,7 @@ class DBD(Defense):
                             progress=ctx.progress)
         scores = sce_losses(model, data, sctx, alpha=semi.config.split_alpha, beta=semi.config.split_beta,
                             desc="dbd final split").double()
-        keep = lowest_share(scores, c.credible_share, data.ids)
+        keep = lowest_share(scores, c.credible_share, data.ids, data.labels if c.split_by == "class" else None)
         suspected = data.ids[~keep].clone()
         ctx.log({"stage": "dbd-split", "credible": int(keep.sum()), "low_credible": int((~keep).sum())})
 

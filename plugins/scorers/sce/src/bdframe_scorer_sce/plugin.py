@@ -6,7 +6,8 @@ sample under its given label (eval mode, no augmentation; the reverse term is
 (DBD's self-supervised backbone and linear probe) a poisoned sample's label disagrees with its
 content and its loss is high: higher = more likely poisoned. A sample's score does not depend on
 the others. Split rule (:meth:`Sce.flag`): all but the ``floor(credible_share * N)`` lowest-loss
-samples (ties broken by id) are flagged, DBD's low-credible set.
+samples (ties broken by id) are flagged, DBD's low-credible set; with ``split_by = "class"`` the
+share is taken within each given label.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import attrs
 
 from bdframe import hookimpl
-from bdframe.config import in_range
+from bdframe.config import in_range, one_of
 from bdframe.interfaces import SampleScorer
 
 
@@ -24,6 +25,8 @@ class SceConfig:
     beta: float = attrs.field(default=1.0, validator=in_range(0, None), metadata={"help": "weight of the reverse CE"})
     credible_share: float = attrs.field(default=0.5, validator=in_range(0, 1), metadata={
         "help": "split: share of samples whose labels are kept (lowest loss); the rest are flagged"})
+    split_by: str = attrs.field(default="all", validator=one_of("all", "class"), metadata={
+        "help": "split: \"all\": the lowest share of the whole set; \"class\": the lowest share within each given label"})
 
 
 class Sce(SampleScorer):
@@ -39,10 +42,12 @@ class Sce(SampleScorer):
         return sce_losses(model, data, ctx, alpha=c.alpha, beta=c.beta).double()
 
     def flag(self, scores, data):
-        """Every sample outside the ``floor(credible_share * N)`` lowest scores (ties by id)."""
+        """Every sample outside the ``floor(credible_share * N)`` lowest scores (ties by id), or
+        outside the lowest share of its own label with ``split_by = "class"``."""
         from bdframe.losses import lowest_share
 
-        return ~lowest_share(scores, self.config.credible_share, data.ids)
+        c = self.config
+        return ~lowest_share(scores, c.credible_share, data.ids, data.labels if c.split_by == "class" else None)
 
 
 @hookimpl

@@ -20,7 +20,8 @@ and unlabelled rows together (what the reference's interleaving of the two achie
 ``credible_share = eps > 0`` makes the stage choose its own split: before every epoch it
 computes each sample's symmetric cross-entropy under the current model (eval mode, no
 augmentation) and keeps the labels of the ``floor(eps * N)`` lowest (ties by id); the others
-are that epoch's unlabelled set. The stage then takes only labelled input (every sample with
+are that epoch's unlabelled set (``split_by = "class"``: the lowest share within each given
+label, so that a class the model has not learned yet is not left without labels). The stage then takes only labelled input (every sample with
 its given label): DBD's semi-supervised fine-tuning. Defaults follow DBD: Adam lr 0.002, no
 schedule, batches of 64, ``k = 2``, ``T = 0.5``, ``mix_alpha = 0.75``, ``lambda_u = 15``.
 """
@@ -56,23 +57,28 @@ class MixMatchConfig(OptimSettings):
         "help": "epochs over which lambda_u ramps up linearly from 0 (0: all epochs)"})
     credible_share: float = attrs.field(default=0.0, validator=in_range(0, 1), metadata={
         "help": "> 0: re-split every epoch, keeping the labels of this share with the lowest SCE loss"})
+    split_by: str = attrs.field(default="all", validator=one_of("all", "class"), metadata={
+        "help": "credible split: \"all\" keeps the lowest-loss share of the whole set; \"class\" the share "
+                "within each given label, so every class keeps labelled samples"})
     split_alpha: float = attrs.field(default=0.1, validator=in_range(0, None), metadata={
         "help": "credible split: weight of CE in the symmetric CE"})
     split_beta: float = attrs.field(default=1.0, validator=in_range(0, None), metadata={
         "help": "credible split: weight of the reverse CE in the symmetric CE"})
 
 
-def credible_split(model, data, share: float, ctx, *, alpha: float = 0.1, beta: float = 1.0):
+def credible_split(model, data, share: float, ctx, *, alpha: float = 0.1, beta: float = 1.0,
+                   split_by: str = "all"):
     """``(kept mask, per-sample SCE)``: the ``floor(share * N)`` samples of ``data`` with the
     lowest symmetric cross-entropy under ``model`` (eval mode, no augmentation) keep their
-    labels (ties by id). A sample's loss does not depend on the others; the split's size is exact."""
+    labels (ties by id); with ``split_by = "class"`` the ``floor(share * N_c)`` lowest of each
+    given label ``c``. A sample's loss does not depend on the others."""
     from bdframe.interfaces import ScoreContext
     from bdframe.losses import lowest_share
     from bdframe.scoring import sce_losses
 
     sctx = ScoreContext(seed=ctx.seed, device=ctx.device, batch_size=512, progress=ctx.progress)
     loss = sce_losses(model, data, sctx, alpha=alpha, beta=beta, desc=f"{ctx.name} split")
-    return lowest_share(loss, share, data.ids), loss
+    return lowest_share(loss, share, data.ids, data.labels if split_by == "class" else None), loss
 
 
 class MixMatch(Trainer):
@@ -104,7 +110,7 @@ class MixMatch(Trainer):
 
             def resplit(model, epoch):
                 keep, loss = credible_split(model, everything, c.credible_share, ctx,
-                                            alpha=c.split_alpha, beta=c.split_beta)
+                                            alpha=c.split_alpha, beta=c.split_beta, split_by=c.split_by)
                 return everything.subset(keep), everything.subset(~keep), {
                     "labelled": int(keep.sum()), "unlabelled": int((~keep).sum()),
                     "split_loss_labelled": float(loss[keep].mean()) if bool(keep.any()) else 0.0,
