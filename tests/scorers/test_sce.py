@@ -33,3 +33,16 @@ def test_flags_all_but_the_credible_share(n, share):
     assert int((~f).sum()) == math.floor(share * n + 1e-9)
     if f.any() and (~f).any():
         assert float(scores[f].min()) >= float(scores[~f].max())
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 300), st.floats(0, 1), st.integers(0, 100))
+def test_split_by_class_flags_all_but_the_credible_share_of_every_label(n, share, seed):
+    data, _ = make(n, seed=seed)
+    scores = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    f = Sce(SceConfig(credible_share=share, split_by="class")).flag(scores, data)
+    for c in torch.unique(data.labels):
+        rows = data.labels == c
+        assert int((rows & ~f).sum()) == math.floor(share * int(rows.sum()) + 1e-9)
+        if (rows & f).any() and (rows & ~f).any():
+            assert float(scores[rows & f].min()) >= float(scores[rows & ~f].max())
