@@ -201,10 +201,11 @@ def lowest_share(values: torch.Tensor, share: float, ids: torch.Tensor,
         groups = groups.detach().cpu()
         if groups.shape != (n,):
             raise ValueError(f"lowest_share: groups has shape {tuple(groups.shape)}, expected ({n},)")
+        values, ids = values.detach().cpu(), ids.cpu()
         keep = torch.zeros(n, dtype=torch.bool)
         for g in torch.unique(groups):
             rows = torch.nonzero(groups == g).flatten()
-            keep[rows] = lowest_share(values.detach().cpu()[rows], share, ids.cpu()[rows])
+            keep[rows] = lowest_share(values[rows], share, ids[rows])
         return keep
     k = int(math.floor(share * n + 1e-9))
     keep = torch.zeros(n, dtype=torch.bool)
