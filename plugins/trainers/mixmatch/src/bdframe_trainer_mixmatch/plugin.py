@@ -105,7 +105,11 @@ class MixMatch(Trainer):
                 raise ValueError("the mixmatch stage with credible_share > 0 splits the data itself: "
                                  "pass every sample as labelled and no unlabelled set")
             everything = labelled
-            k = int(c.credible_share * len(everything) + 1e-9)
+            if c.split_by == "class":  # the size every epoch's credible set will have
+                k = sum(int(c.credible_share * int(n) + 1e-9)
+                        for n in torch.unique(everything.labels.cpu(), return_counts=True)[1])
+            else:
+                k = int(c.credible_share * len(everything) + 1e-9)
             labelled = everything.subset(torch.arange(k))  # sizes the schedule; replaced every epoch
 
             def resplit(model, epoch):
