@@ -93,7 +93,7 @@ class MixMatch(Trainer):
         import torch.nn.functional as F
 
         from bdframe.data import Augment
-        from bdframe.losses import linear_ramp, mixmatch_loss, mixup, mixup_weight, sharpen
+        from bdframe.losses import linear_ramp, lowest_share, mixmatch_loss, mixup, mixup_weight, sharpen
         from bdframe.scoring import eval_mode
         from bdframe.training import run_epochs
 
@@ -105,11 +105,9 @@ class MixMatch(Trainer):
                 raise ValueError("the mixmatch stage with credible_share > 0 splits the data itself: "
                                  "pass every sample as labelled and no unlabelled set")
             everything = labelled
-            if c.split_by == "class":  # the size every epoch's credible set will have
-                k = sum(int(c.credible_share * int(n) + 1e-9)
-                        for n in torch.unique(everything.labels.cpu(), return_counts=True)[1])
-            else:
-                k = int(c.credible_share * len(everything) + 1e-9)
+            # the size every epoch's credible set will have, counted by the split's own rule
+            k = int(lowest_share(torch.zeros(len(everything)), c.credible_share, everything.ids,
+                                 everything.labels if c.split_by == "class" else None).sum())
             labelled = everything.subset(torch.arange(k))  # sizes the schedule; replaced every epoch
 
             def resplit(model, epoch):
