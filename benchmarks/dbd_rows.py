@@ -97,7 +97,7 @@ def rows_of(sweep: Path, none_label: str, dbd_label: str) -> list[dict]:
         if none is not None:
             row.update(none_acc=_pct(none.metrics["clean_acc"]), none_asr=_pct(none.metrics.get("asr")),
                        none_total_s=none.metrics["seconds"]["total"])
-            same = hardware(dbd) is not None and hardware(dbd) == hardware(none)
+            same = hardware(dbd) is not None and hardware(dbd) == hardware(none) and not (dbd.resumed or none.resumed)
             row["multiple"] = m["seconds"]["total"] / none.metrics["seconds"]["total"] if same else None
         rows.append(row)
     return rows

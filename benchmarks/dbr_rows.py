@@ -100,10 +100,10 @@ def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
             row["cap"] = int(defense.get("rounds", 20))
             row.update(start_acc=_pct(trend[0].get("clean_acc")), start_asr=_pct(trend[0].get("asr")),
                        br_acc=_pct(m["clean_acc"]), br_asr=_pct(m.get("asr")), br_train_s=train,
-                       br_split_s=m["seconds"]["defense"] - stages["train"] - stages["repair"],
+                       br_split_s=None if br.resumed else m["seconds"]["defense"] - stages["train"] - stages["repair"],
                        br_repair_s=stages["repair"], br_steps_s=_step_seconds(br, dm.get("rounds", trend[-1]["round"])),
-                       br_fit_s=stages.get("fit"), br_total_s=m["seconds"]["total"],
-                       br_multiple=None if train is None else m["seconds"]["total"] / train,
+                       br_fit_s=stages.get("fit"), br_total_s=None if br.resumed else m["seconds"]["total"],
+                       br_multiple=None if train is None or br.resumed else m["seconds"]["total"] / train,
                        br_rounds=dm.get("rounds", trend[-1]["round"]), br_cpu=(br.environment or {}).get("cpu"),
                        trend=[{"round": t["round"], "acc": _pct(t.get("clean_acc")), "asr": _pct(t.get("asr")),
                                "fit": _pct(t.get("fit_poisoned"))}
@@ -111,9 +111,9 @@ def rows_of(sweep: Path, br_label: str, st_label: str) -> list[dict]:
         if st is not None:
             m = st.metrics
             stages = m["defense_metrics"]["stage_seconds"]
-            same = train is not None and hardware(st) is not None and hardware(st) == hardware(br)
+            same = train is not None and not (st.resumed or br.resumed) and hardware(st) is not None and hardware(st) == hardware(br)
             row.update(st_acc=_pct(m["clean_acc"]), st_asr=_pct(m.get("asr")), st_ss_ctl_s=stages["ss_ctl"],
-                       st_linear_s=stages["linear"], st_total_s=m["seconds"]["total"],
+                       st_linear_s=stages["linear"], st_total_s=None if st.resumed else m["seconds"]["total"],
                        st_multiple=m["seconds"]["total"] / train if same else None,
                        st_cpu=(st.environment or {}).get("cpu"))
         rows.append(row)
@@ -193,7 +193,8 @@ def main(argv=None) -> int:
                        ("st_total_s", "total s", "{:.0f}"), ("st_multiple", "x", "{:.2f}"),
                        ("br_cpu", f"{br} CPU", "{}"), ("st_cpu", f"{st} CPU", "{}")])
     print(f"x: total seconds over the {br} run's own plain training (the row's no-defense training, made in the "
-          f"same run); '-' where the run loaded its model, or the two runs do not record one CPU. repair s: the "
+          f"same run); '-' where the run loaded its model, was resumed (run.json: its seconds are those of its last "
+          f"attempt), or the two runs do not record one CPU. repair s: the "
           f"rounds, with their test passes where ACC/ASR were logged each round; steps s: its training passes alone; "
           f"fit s: measuring the fit of the split's sets (recorded by newer runs)")
     trends = [r for r in rows if r.get("trend")]

@@ -256,6 +256,32 @@ def test_no_time_multiple_across_machines(tmp_path, capsys):
     assert body["blend"] == ["1.00 ± 0.00", "–"] and body["badnet"][1] == f"{ratio('badnet', '1'):.2f}"
 
 
+def test_a_resumed_run_has_no_time_multiple(tmp_path, capsys):
+    """A resumed run's seconds are those of its last attempt only: neither it nor a run whose
+    no-defense reference was resumed gets a multiple, and a note names both; a resumed
+    no-defense run is still its own reference."""
+    d = tmp_path / "sweep"
+    axes = {"attack": ["none", "badnet", "blend"], "defense": ["none", "meca"]}
+    make_sweep(d, axes, failed={}, interrupted=[], not_started=[])
+    env = {"cpu": "AMD EPYC 9R14", "device": "cpu", "threads": 2}
+    resumed = {"attack=badnet,defense=meca", "attack=blend,defense=none"}
+    for combo in itertools.product(*axes.values()):
+        name = f"attack={combo[0]},defense={combo[1]}"
+        (d / "runs" / name / "run.json").write_text(json.dumps({"environment": env, "resumed": name in resumed}))
+    t = report.collect(d)
+    assert t.cell("badnet", "meca").multiple is None
+    assert t.cell("blend", "meca").multiple is None  # its reference was resumed
+    assert t.cell("blend", "none").multiple == report.Stat(1.0, None, 1)
+    assert t.cell("none", "meca").multiple.mean == pytest.approx(
+        fake_metrics({"attack": "none", "defense": "meca"})["seconds"]["total"]
+        / fake_metrics({"attack": "none", "defense": "none"})["seconds"]["total"])
+    assert t.resumed == ["attack=badnet,defense=meca", "attack=blend,defense=meca"] and t.other_hardware == []
+    text = report_md(capsys, d)
+    assert ("- wall time: no multiple for 2 runs that were resumed, or whose no-defense run was (run.json: "
+            "\"resumed\": true; the seconds cover only the last attempt):\n"
+            "  - attack=badnet,defense=meca\n") in text
+
+
 def test_csv_is_one_line_per_cell(tmp_path, capsys):
     d = tmp_path / "sweep"
     finished = make_sweep(d)

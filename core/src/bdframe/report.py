@@ -29,7 +29,9 @@ Per cell:
   Seconds measured on two machines make no multiple: where the hardware that the run and a
   reference record in ``run.json`` (CPU model, device, GPU, threads) differs, or only one of
   them records it, the cell has no multiple and a note names the run. Two runs that both
-  predate the CPU record are compared as before.
+  predate the CPU record are compared as before. A resumed run (``"resumed": true`` in
+  ``run.json``) records only the seconds of its last attempt, so neither it nor a run whose
+  reference was resumed has a multiple; a note names them.
   The ACC loss in the HTML scatter plot uses the same reference.
 
 When the default ``attack`` (or ``defense``) is not an axis of the sweep, or is taken by the
@@ -100,6 +102,7 @@ class Run:
     error: Optional[str] = None
     log: Optional[str] = None
     environment: Optional[dict] = None  # run.json's, where it could be read
+    resumed: bool = False  # run.json says so: its seconds cover only the last attempt
 
 
 def hardware(r: Run) -> Optional[tuple]:
@@ -160,6 +163,7 @@ class Table:
     runs: list
     fallbacks: list
     other_hardware: list = attrs.field(factory=list)  # runs without a multiple: their reference ran elsewhere
+    resumed: list = attrs.field(factory=list)  # runs without a multiple: they or their reference were resumed
 
     def cell(self, row, col) -> Cell:
         """The cell of a row and a column group, given as keys or as " / "-joined labels."""
@@ -312,7 +316,10 @@ def _load_run(sweep_dir: Path, p: _Planned) -> Run:
                             f"must be rerun or its directory removed") from None
         if not isinstance(m, dict) or not _number(m.get("clean_acc")):
             raise UserError(f"{str(mf)!r} has no clean_acc number; is it a bdframe metrics.json?")
-        return Run(p.name, p.labels, d, FINISHED, metrics=m, environment=_environment(d))
+        info = _run_info(d)
+        env = info.get("environment")
+        return Run(p.name, p.labels, d, FINISHED, metrics=m, environment=env if isinstance(env, dict) else None,
+                   resumed=info.get("resumed") is True)
     ff = sweep_dir / "failed" / f"{p.name}.json"
     if ff.is_file():
         try:
@@ -330,12 +337,13 @@ def _load_run(sweep_dir: Path, p: _Planned) -> Run:
     return Run(p.name, p.labels, d, NOT_STARTED)
 
 
-def _environment(d: Path) -> Optional[dict]:
+def _run_info(d: Path) -> dict:
+    """The run's ``run.json`` ({} where it is missing or unreadable)."""
     try:
-        env = json.loads((d / "run.json").read_text(encoding="utf-8")).get("environment")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return None
-    return env if isinstance(env, dict) else None
+        info = json.loads((d / "run.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def load_runs(sweep_dir) -> tuple:
@@ -460,6 +468,8 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         mine, theirs = hardware(r), [hardware(x) for x in ref]
         if own and total is not None:
             v["multiple"] = 1.0
+        elif ref and (r.resumed or any(x.resumed for x in ref)):
+            resumed.append(r.name)  # a resumed run's seconds are those of its last attempt only
         elif any(h != mine for h in theirs if (h, mine) != (None, None)):
             other_hardware.append(r.name)  # seconds of two machines (or of one that is not known) are no multiple
         elif total is not None and ref_totals and statistics.fmean(ref_totals) > 0:
@@ -469,6 +479,7 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         return v
 
     other_hardware: list = []
+    resumed: list = []
     values = {r.name: per_run(r) for r in done}
     cells = {}
     for rk in row_keys:
@@ -485,7 +496,7 @@ def collect(sweep_dir, rows=None, cols=None, only=()) -> Table:
         fallbacks.append(f"--only: the runs with {which} ({len(runs)} of {len(every)}); the time multiple and "
                          f"ACC loss still refer to each row's no-defense run")
     return Table(sweep_dir, name, axes, row_axes, col_axes, row_names, col_names, row_keys, col_keys, cells,
-                 aggregated, runs, fallbacks, other_hardware)
+                 aggregated, runs, fallbacks, other_hardware, resumed)
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -560,7 +571,11 @@ def notes(t: Table) -> list:
                     f"{'s' if len(t.other_hardware) != 1 else ''} whose no-defense run was made on other "
                     f"hardware, or on hardware one of them does not record (the CPU, device, GPU or thread count "
                     f"in run.json):", list(t.other_hardware)))
-    if t.runs and not t.has_multiples() and not t.other_hardware:
+    if t.resumed:
+        out.append((f"wall time: no multiple for {len(t.resumed)} run{'s' if len(t.resumed) != 1 else ''} that "
+                    f"{'were' if len(t.resumed) != 1 else 'was'} resumed, or whose no-defense run was (run.json: "
+                    f"\"resumed\": true; the seconds cover only the last attempt):", list(t.resumed)))
+    if t.runs and not t.has_multiples() and not t.other_hardware and not t.resumed:
         out.append(("wall time: no shown run has a finished no-defense run in its row to compare with, so there "
                     "is no time table (each run's metrics.json has its seconds)", []))
     n = len(t.runs)
