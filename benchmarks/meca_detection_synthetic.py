@@ -61,7 +61,10 @@ RULES = [("argmax (paper)", {"detection": "argmax"}),
          # the recipe's [defense] as it is: with examples/meca-quickstart.toml, bdframe's defaults
          ("the defaults", {}),
          # the defaults with the class test's cut of before (2; 3 since)
-         ("the defaults, spread_k 2", {"spread_k": 2.0})]
+         ("the defaults, spread_k 2", {"spread_k": 2.0}),
+         # the defaults before the clean model's second look (recheck_below) was added to them
+         ("the defaults before the second look", {"recheck_below": 0.0}),
+         ("the defaults before the second look, spread_k 2", {"spread_k": 2.0, "recheck_below": 0.0})]
 
 # what a rule does not set is the paper's pipeline (the defense's defaults are bdframe's), except
 # for the rules named "the defaults...", which lay their settings over the defaults

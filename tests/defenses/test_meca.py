@@ -60,6 +60,8 @@ split_side = "confident"
 clean_unlearn = 0.0
 clean_unlearn_core = false
 core_side = "confident"
+recheck_below = 0.0
+relabel = "all"
 relearn = {relearn}
 relearn_epochs = 1
 """
@@ -606,7 +608,8 @@ def test_clean_unlearn_core_unlearns_the_cores_and_leaves_the_rest_of_the_flagge
     assert rec["unlearn_core"] == int(core.sum())
     assert res.metrics["split"]["unlearned"] == int(core.sum())
     assert whole.metrics["split"]["unlearned"] == int(saved["detected_poison"].sum())
-    assert f"unlearning {int(core.sum())} of the {len(res.suspected_ids)} flagged" in res.summary[-1]
+    flagged = int(saved["detected_poison"].sum())  # detection's; the second look's come after
+    assert any(f"unlearning {int(core.sum())} of the {flagged} flagged" in line for line in res.summary)
 
 
 def test_clean_unlearn_refuses_a_train_stage_setting_the_mixed_stage_lacks(tmp_path, bdframe_registry):
@@ -1156,3 +1159,52 @@ def test_the_default_cut_picks_no_class_of_clean_data_where_a_cut_of_2_did(tmp_p
     assert detect["suspicious_classes"] == []
     m = json.loads((out / "metrics.json").read_text())
     assert m["defense_metrics"]["split"]["poison_share"] < 0.01
+    # no class picked: no second look and no relearning, the clean model is the result
+    assert m["defense_metrics"]["relearn"] is None
+    assert (m["clean_acc"], m.get("asr")) == (m["defense_metrics"]["clean_model"]["clean_acc"],
+                                          m["defense_metrics"]["clean_model"].get("asr"))
+
+
+@pytest.mark.slow
+def test_the_second_look_flags_what_the_clean_model_doubts_in_the_picked_class_and_relearns_it(tmp_path):
+    """``recheck_below``: after the clean training, the kept samples of the picked class to which
+    the clean model (``meca_clean_model.pt``) gives their label a probability below the cut are
+    flagged too, exactly those; the whole flagged set is relabelled and relearned for
+    ``recheck_epochs``, and the suspects reported are both sets."""
+    from bdframe import scoring
+    from bdframe.interfaces import ScoreContext
+    from bdframe.scan import load_run
+
+    out = _quickstart(tmp_path, "recheck", defense={"name": "meca", "recheck_below": 0.95, "recheck_epochs": 2})
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    detect = next(r for r in history if r.get("stage") == "meca-detect")
+    recheck = next(r for r in history if r.get("stage") == "meca-recheck")
+    assert detect["suspicious_classes"] == recheck["classes"] == [1]
+    m = json.loads((out / "metrics.json").read_text())
+    relearn = m["defense_metrics"]["relearn"]
+    assert relearn["rechecked"] == recheck["flagged"] > 0
+    assert relearn["relabelled"] == detect["detected_poison"] + recheck["flagged"] == m["detection"]["flagged"]
+    assert len([r for r in history if r.get("stage") == "meca-relearn" and "epoch" in r]) == 2
+    # relabel = "changed" (the default): only the flagged samples the clean model relabels are relearned
+    done = next(r for r in history if r.get("stage") == "meca-relearn" and "train_size" in r)
+    n = m["train_size"]
+    assert done["train_size"] == n - relearn["relabelled"] + relearn["label_changed"]
+    assert 0 < relearn["label_changed"] < relearn["relabelled"]
+    assert (m["clean_acc"], m["asr"]) == (relearn["clean_acc"], relearn["asr"])
+    # the rechecked samples are exactly the kept ones of class 1 the clean model doubts
+    parts, _ = load_run(out, device="cpu")
+    data = parts.poisoned
+    saved = torch.load(out / "meca_scores.pt", weights_only=False)
+    detected = set(saved["ids"][saved["detected_poison"]].tolist())
+    suspected = set(json.loads((out / "suspected.json").read_text())["suspected_ids"])
+    rechecked = suspected - detected
+    assert detected <= suspected and len(rechecked) == recheck["flagged"]
+    clean = parts.build_model()
+    clean.load_state_dict(torch.load(out / "meca_clean_model.pt", map_location="cpu", weights_only=True))
+    rows = torch.nonzero((data.labels == 1) & ~data.contains(sorted(detected))).flatten()
+    part = data.subset(rows)
+    prob = torch.softmax(scoring.logits(clean.eval(), part, ScoreContext(progress=False)).double(), 1)
+    doubted = set(part.ids[prob[:, 1] < 0.95].tolist())
+    assert rechecked == doubted
+    assert any(line.startswith(f"meca: second look: the clean model flagged {len(rechecked)} more of class 1")
+               for line in m["defense_summary"])

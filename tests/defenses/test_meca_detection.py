@@ -12,7 +12,7 @@ from bdframe_defense_meca.plugin import (_separation, class_spreads, classes_abo
                                          cluster_gaps, gap_separation_z,
                                          cluster_split, floor_z, runner_up_entropy, runner_up_floor, split_side,
                                          confidence_scores, flag_confident, flag_label_aware, gap_z, margins,
-                                         otsu_threshold, outlier_threshold, robust_class_z, spread_classes, spread_z,
+                                         otsu_threshold, outlier_threshold, robust_class_z, second_look, spread_classes, spread_z,
                                          student_t_quantile, suspicious_classes, upper_outliers)
 
 SET = settings(max_examples=60, deadline=None)
@@ -853,3 +853,47 @@ def test_the_side_rules_are_order_invariant_and_ignore_class_names(seed, rnd, si
     same, classes = flag_label_aware(p_y, names[labels], features=f, ids=ids, class_prob=renamed,
                                      **{**kw, "classes": [int(names[2])]})
     assert classes == [int(names[2])] and torch.equal(same, flags)
+
+
+# -- the second look by the clean model ------------------------------------------------------------
+
+@st.composite
+def prob_rows(draw, k_max=6):
+    k = draw(st.integers(2, k_max))
+    n = draw(st.integers(1, 60))
+    raw = draw(st.lists(st.floats(0.01, 10.0, allow_nan=False), min_size=n * k, max_size=n * k))
+    prob = torch.tensor(raw, dtype=torch.float64).view(n, k)
+    prob = prob / prob.sum(1, keepdim=True)
+    labels = torch.tensor(draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)))
+    picked = sorted(draw(st.sets(st.integers(0, k - 1), max_size=k)))
+    return prob, labels, picked
+
+
+@SET
+@given(prob_rows(), st.floats(0.05, 0.95), st.integers(0, 10 ** 6))
+def test_the_second_look_flags_picked_rows_below_the_cut_whatever_the_order_or_class_names(case, below, seed):
+    """Exactly the rows of the picked classes whose label's probability is below the cut; the
+    same rows when the samples are shuffled or the classes renamed (columns permuted with them)."""
+    prob, labels, picked = case
+    n, k = prob.shape
+    flags = second_look(prob, labels, picked, below=below)
+    own = prob[torch.arange(n), labels]
+    want = torch.tensor([int(labels[i]) in picked and float(own[i]) < below for i in range(n)], dtype=torch.bool)
+    assert torch.equal(flags, want)
+    g = torch.Generator().manual_seed(seed)
+    perm, rename = torch.randperm(n, generator=g), torch.randperm(k, generator=g)
+    moved = torch.empty_like(prob)
+    moved[:, rename] = prob  # class c is now called rename[c]
+    again = second_look(moved[perm], rename[labels][perm], [int(rename[c]) for c in picked], below=below)
+    assert torch.equal(again, flags[perm])
+
+
+def test_the_second_look_flags_nothing_without_a_picked_class_and_refuses_bad_input():
+    prob = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    assert not second_look(prob, labels, []).any()
+    # even odds is not "less than even": the cut is strict
+    assert second_look(prob, labels, [0, 1]).tolist() == [True, False, False]
+    assert second_look(prob[:0], labels[:0], [0]).tolist() == []
+    with pytest.raises(ValueError, match="one row of probabilities per label"):
+        second_look(prob[:2], labels, [0])

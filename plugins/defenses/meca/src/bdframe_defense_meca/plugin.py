@@ -5,9 +5,10 @@ Pipeline, every piece taken from the registry through the defense context. The p
 is every step below with ``PAPER_SETTINGS``; bdframe's defaults differ where CIFAR-10 measurements
 showed the paper's choices cost accuracy (docs/meca.md): no enhancement (``iterations = 0``),
 label-aware detection on the warm-up model (``class_stat = "gap-separation-floor"``, one class,
-its feature clusters, ``split_side = "auto-floor"``), and a clean training that unlearns the
+its feature clusters, ``split_side = "auto-floor"``), a clean training that unlearns the
 far core of the flagged group (``clean_unlearn = 2``, ``clean_unlearn_core``, ``core_side =
-"far"``).
+"far"``), and the clean model's second look at the picked class (``recheck_below = 0.5``)
+followed by a short relabel-and-relearn.
 
 1. **Warm-up** (reconstructed): the ``standard`` stage on all of D for ``warmup_epochs`` (10) epochs, so
    the backdoor is learned. Option: ``warmup_model``, a model already trained on D (the
@@ -62,9 +63,16 @@ far core of the flagged group (``clean_unlearn = 2``, ``clean_unlearn_core``, ``
    The model keeps what it learned from all of D instead of being retrained on the kept set.
    ``repair_model`` repairs another model trained on D (a plain run's ``model.pt``) instead of
    the warm-up model: detection reads MeCa's own warm-up, the repair acts on the deployed model.
-5. **Relabel and relearn** (optional, ``relearn = true``; off by default as in the paper's main
-   tables): detected poisoned samples get the clean model's argmax as label (Eq. 12) and the
-   clean model is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01, reconstructed).
+5. **Relabel and relearn** (optional, ``relearn = true``; off in the paper's main tables):
+   detected poisoned samples get the clean model's argmax as label (Eq. 12) and the clean model
+   is fine-tuned on the merged set with the ``relearn`` stage (20 epochs, lr 0.01, reconstructed).
+   Option (bdframe's, on by default): ``recheck_below``, the clean model's second look. Where
+   the label-aware rule picked a class, the kept samples of that class to which the clean model
+   gives their label a probability below the cut (0.5) are flagged too: the poison the split
+   inside the class left there, which the clean model, having never learned the trigger, calls
+   by the class it was drawn from. The enlarged flagged set is then relabelled and relearned as
+   above, for ``recheck_epochs`` (3) unless ``relearn = true`` sets ``relearn_epochs``. No class
+   picked: no second look and, without ``relearn``, no relearning.
 
 Precision: ``amp`` sets steps 1, 2 and 5 (training and consistency scoring) to bfloat16 autocast
 or float32; ``"auto"`` takes the recipe's ``[train]`` setting. Detection is always float32 and
@@ -114,7 +122,8 @@ SPLIT_FLOOR_CUT = 0.2
 # paper's values (docs/meca.md, "The paper's pipeline"; examples/meca-paper-quickstart.toml).
 PAPER_SETTINGS = {"iterations": 10, "detection": "argmax", "class_test": "enhanced", "class_stat": "share",
                   "spread_max_classes": 0, "inside": "otsu", "split_side": "confident", "clean_unlearn": 0.0,
-                  "clean_unlearn_core": False, "core_side": "confident"}
+                  "clean_unlearn_core": False, "core_side": "confident", "recheck_below": 0.0,
+                  "relabel": "all"}
 
 
 @attrs.frozen
@@ -320,6 +329,19 @@ class MeCaConfig:
         "help": "[R] relearning epochs"})
     relearn_lr: float = attrs.field(default=0.01, validator=in_range(0, None, lo_open=True), metadata={
         "help": "[R] relearning learning rate (cosine schedule)"})
+    # -- second look by the clean model --------------------------------------------------------
+    recheck_below: float = attrs.field(default=0.5, validator=in_range(0, 1, hi_open=True), metadata={
+        "help": "clean_stage = train, label-aware detection: after the clean training, the kept samples of each "
+                "picked class to which the clean model gives their label a probability below this are flagged "
+                "too, and the whole flagged set is relabelled with the clean model's prediction and relearned "
+                "(recheck_epochs; relearn_epochs with relearn = true); 0: no second look"})
+    relabel: str = attrs.field(default="changed", validator=one_of("all", "changed"), metadata={
+        "help": "relabel-and-relearn: changed: only the flagged samples whose label the clean model changes are "
+                "relearned, with its label, the rest left out (a suspect it still calls by its given label may "
+                "carry a trigger it has partly learned); all: every flagged sample, relabelled (the paper's)"})
+    recheck_epochs: int = attrs.field(default=3, validator=in_range(1, None), metadata={
+        "help": "recheck_below > 0 and relearn = false: epochs of the relabel-and-relearn after the second look "
+                "(the relearn stage at relearn_lr)"})
     # -- reporting ---------------------------------------------------------------------------
     evaluate_iterations: bool = attrs.field(default=True, metadata={
         "help": "evaluate clean ACC and ASR after every enhancement iteration (the trend); false: only the "
@@ -1006,6 +1028,31 @@ def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0,
     return core
 
 
+def second_look(prob, labels, classes, *, below: float = 0.5):
+    """The second look at the kept samples: a bool mask over the rows of ``prob`` (a model's
+    ``p(.|x)``, one row per sample) flagging the rows labelled with one of ``classes`` whose
+    label gets a probability below ``below``.
+
+    MeCa's clean model was trained without the flagged group of each picked class and unlearned
+    its core, so it has not learned the trigger. The poison the split inside the class left out
+    is images drawn from other classes: the clean model calls them by the class they were drawn
+    from, while it fits the class's own training images. With ``below = 0.5`` a sample is
+    flagged when the clean model gives its label less than even odds. Rows of other classes are
+    never flagged; the mask does not depend on the order of the rows or on which integers name
+    the classes."""
+    import torch
+
+    prob = torch.as_tensor(prob, dtype=torch.float64).cpu()
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
+    if prob.ndim != 2 or len(prob) != len(labels):
+        raise ValueError("second_look needs one row of probabilities per label (a 2-D tensor)")
+    inside = torch.isin(labels, torch.as_tensor(sorted(int(k) for k in classes), dtype=torch.int64))
+    if not len(labels):
+        return inside
+    own = prob[torch.arange(len(prob)), labels]
+    return inside & (own < float(below))
+
+
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
                      inside: str = "otsu", quantile: float = 0.5, confirm=None, pick: str = "both", classes=None,
                      features=None, ids=None, seed: int = 0, n_components: int = 10, side: str = "confident",
@@ -1124,6 +1171,13 @@ class MeCa(Defense):
         data and the repair unlearns by itself, so ``clean_unlearn`` is unused there)."""
         return config.clean_unlearn > 0 and config.clean_stage == "train"
 
+    @staticmethod
+    def rechecks(config) -> bool:
+        """Whether the clean model takes a second look at the picked classes' kept samples
+        (``recheck_below > 0`` with label-aware detection and ``clean_stage = "train"``;
+        unused otherwise)."""
+        return config.recheck_below > 0 and config.detection == "label-aware" and config.clean_stage == "train"
+
     @classmethod
     def cores(cls, config) -> bool:
         """Whether the clean training unlearns only the cores of the flagged groups."""
@@ -1189,6 +1243,63 @@ class MeCa(Defense):
 
         return steps.load_saved(copy.deepcopy(fresh), self.config.repair_model, "$.defense.repair_model")
 
+    def relabel_and_relearn(self, ctx, data, det, clean_model, relearner, recheck_classes) -> dict:
+        """Step 5 on ``clean_model`` (in place): with ``recheck_classes``, first the second look
+        (:meth:`_second_look`) at the kept samples of those classes; then every flagged sample
+        (detection's and the second look's) gets the clean model's argmax as its label, and the
+        model is fine-tuned by ``relearner`` on the kept samples the second look left alone and
+        the relabelled ones (the paper's relabel-and-relearn on the enlarged flagged set). Returns
+        the step's record: the model's state, its evaluation, the counts, the rechecked ids and
+        the seconds."""
+        import torch
+
+        from bdframe import scoring
+        from bdframe.data import ImageSet
+
+        t0 = time.perf_counter()
+        rechecked = data.ids[:0].cpu().clone()
+        if recheck_classes:
+            kept = data.subset(data.contains(det["kept_ids"]))
+            rechecked = self._second_look(ctx, clean_model, kept, recheck_classes)
+            ctx.log({"stage": "meca-recheck", "classes": list(recheck_classes), "below": self.config.recheck_below,
+                     "flagged": len(rechecked)})
+        relabel_set = data.subset(data.contains(torch.cat([det["flagged_ids"].cpu(), rechecked])))
+        learn_set = data.subset(data.contains(det["kept_ids"]) & ~data.contains(rechecked))
+        if len(relabel_set):
+            new = scoring.logits(clean_model, relabel_set, self._score_ctx(ctx, "relabel"),
+                                 desc="meca relabel").argmax(1).cpu()
+        else:
+            new = torch.empty(0, dtype=torch.int64)
+        moved = new != relabel_set.labels.cpu()
+        changed = int(moved.sum())
+        relabelled = relabel_set.with_labels(new)
+        if self.config.relabel == "changed":
+            relabelled = relabelled.subset(moved)
+        merged = ImageSet.concat(learn_set, relabelled)
+        st = ctx.stage("meca-relearn", evaluate_each_epoch=self.config.evaluate_each_epoch,
+                       lr_setting="[defense] relearn_lr")
+        relearner.fit(clean_model, merged, st)
+        ev = ctx.evaluate(clean_model)
+        ctx.log({"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
+                 "label_changed": changed, **ev})
+        return {"model": steps.cpu_state(clean_model), "eval": ev, "relabelled": len(new),
+                "label_changed": changed, "rechecked_ids": rechecked, "seconds": time.perf_counter() - t0}
+
+    def _second_look(self, ctx, clean_model, kept, classes):
+        """The ids of the samples of ``kept`` that :func:`second_look` flags, read in the clean
+        model (eval mode, no augmentation)."""
+        import torch
+
+        from bdframe import scoring
+
+        inside = torch.isin(kept.labels.cpu(), torch.as_tensor(sorted(int(k) for k in classes), dtype=torch.int64))
+        if not bool(inside.any()):
+            return kept.ids[:0].cpu().clone()
+        part = kept.subset(inside)
+        prob = torch.softmax(scoring.logits(clean_model, part, self._score_ctx(ctx, "recheck"),
+                                            desc="meca second look").double(), 1).cpu()
+        return part.ids[second_look(prob, part.labels, classes, below=self.config.recheck_below)].cpu().clone()
+
     def _repair(self, ctx, data, det, prob, model, start: dict):
         """``clean_stage = "repair"``: the warm-up model or ``repair_model`` (``model``, trained on all of D) repaired
         in place by alternating passes (``steps.repair``): unlearn the flagged samples the
@@ -1226,7 +1337,6 @@ class MeCa(Defense):
         import torch
 
         from bdframe import scoring
-        from bdframe.data import ImageSet
         from bdframe.runs import save_atomic
 
         c = self.config
@@ -1253,8 +1363,10 @@ class MeCa(Defense):
                 ctx.component("trainer", stage)
         else:
             clean_trainer = ctx.component("trainer", "mixmatch", **dict(c.semi)) if semi else self._clean_trainer(ctx)
-        relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs, lr=c.relearn_lr, **self._optim(amp))
-                     if c.relearn else None)
+        rechecks = self.rechecks(c)
+        relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs if c.relearn else c.recheck_epochs,
+                                   lr=c.relearn_lr, **self._optim(amp))
+                     if c.relearn or rechecks else None)
 
         # 1. warm-up ------------------------------------------------------------------------
         model = ctx.new_model()
@@ -1412,6 +1524,7 @@ class MeCa(Defense):
                      **({"unlearn_core": int(unlearn.sum())} if self.cores(c) else {}),
                      **({} if zs is None else {f"class_{c.class_stat}_z": zs})})
             det = {"flagged_ids": data.ids[poisoned].clone(), "kept_ids": data.ids[~poisoned].clone(),
+                   "classes": list(classes or []),
                    "unlearn_ids": data.ids[unlearn].clone(),
                    "ids": data.ids.clone(), "prob": prob, "poisoned": poisoned, "paper_rule": paper_rule,
                    "warmup_prob": confirm, "warmup_margin": margin.get("warmup"),
@@ -1474,35 +1587,25 @@ class MeCa(Defense):
         if out_dir is not None and c.save_models:
             save_atomic(steps.cpu_state(clean_model), out_dir / "meca_clean_model.pt")
 
-        # 5. optional relabel and relearn ------------------------------------------------------
+        # 5. optional second look and relabel and relearn ----------------------------------------
         relearn_metrics = None
-        if c.relearn:
+        picked = det.get("classes", [])
+        if c.relearn or (rechecks and picked):
             step = ctx.checkpoint("meca-relearn")
             done = step.load()
             if done is not None:
                 clean_model.load_state_dict(done["model"])
                 resumed.append("relearn")
             else:
-                t0 = time.perf_counter()
-                if len(poison_set):
-                    new = scoring.logits(clean_model, poison_set, self._score_ctx(ctx, "relabel"),
-                                         desc="meca relabel").argmax(1)
-                else:
-                    new = torch.empty(0, dtype=torch.int64)
-                changed = int((new != poison_set.labels).sum())
-                merged = ImageSet.concat(clean_set, poison_set.with_labels(new))
-                st = ctx.stage("meca-relearn", evaluate_each_epoch=c.evaluate_each_epoch,
-                               lr_setting="[defense] relearn_lr")
-                relearner.fit(clean_model, merged, st)
-                ev = ctx.evaluate(clean_model)
-                ctx.log({"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
-                         "label_changed": changed, **ev})
-                done = {"model": steps.cpu_state(clean_model), "eval": ev, "relabelled": len(new),
-                        "label_changed": changed, "seconds": time.perf_counter() - t0}
+                done = self.relabel_and_relearn(ctx, data, det, clean_model, relearner,
+                                                picked if rechecks else [])
                 step.save(done)
             seconds["relearn"] = done["seconds"]
+            rechecked = done.get("rechecked_ids", data.ids[:0].cpu())
             relearn_metrics = {"relabelled": done["relabelled"], "label_changed": done["label_changed"],
-                               **done["eval"]}
+                               "rechecked": len(rechecked), **done["eval"]}
+            if len(rechecked):
+                suspected = torch.cat([suspected.cpu(), rechecked.cpu()])
 
         # report ---------------------------------------------------------------------------
         plot = None  # stays None without a run directory or without matplotlib (the `plots` extra)
@@ -1543,8 +1646,18 @@ class MeCa(Defense):
                            f"rest" if self.cores(c) else
                            f", unlearning the {n_p} flagged" if self.unlearns(c) else "")
             summary.append(f"meca: clean model trained on the {n - n_p} kept samples{flagged_use}: {steps.figures(clean_eval)}"
-                           + ("" if relearn_metrics is None else
+                           + ("" if relearn_metrics is None or relearn_metrics["rechecked"] else
                               f"; after relabel-and-relearn: {steps.figures(relearn_metrics)}"))
+            if relearn_metrics is not None and relearn_metrics["rechecked"]:
+                names = ", ".join(f"{k} ({data.classes[k]})" if data.classes and k < len(data.classes) else str(k)
+                                  for k in picked)
+                summary.append(f"meca: second look: the clean model flagged {relearn_metrics['rechecked']} more of "
+                               f"class{'es' if len(picked) > 1 else ''} {names}; "
+                               + (f"after relearning the {relearn_metrics['label_changed']} of the "
+                                  f"{relearn_metrics['relabelled']} flagged that it relabelled"
+                                  if c.relabel == "changed" else
+                                  f"after relabelling the {relearn_metrics['relabelled']} flagged and relearning")
+                               + f": {steps.figures(relearn_metrics)}")
         return DefenseResult(model=clean_model, suspected_ids=suspected.clone(), scores=scores,
                              metrics=metrics, summary=summary)
 
