@@ -73,8 +73,8 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
     saved = torch.load(run_dir / "meca_scores.pt", weights_only=False)
     flagged = saved["ids"][saved["detected_poison"]].cpu()
     det = {"flagged_ids": flagged, "kept_ids": data.ids[~data.contains(flagged)].cpu()}
-    picked = next(json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()
-                  if json.loads(x).get("stage") == "meca-detect")["suspicious_classes"]
+    records = map(json.loads, (run_dir / "history.jsonl").read_text().splitlines())
+    picked = next(r for r in records if r.get("stage") == "meca-detect")["suspicious_classes"]
     state = torch.load(run_dir / "meca_clean_model.pt", map_location="cpu", weights_only=True)
     rows = []
     for i, v in enumerate([None, *variants]):
@@ -89,8 +89,7 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
             config = attrs.evolve(parts.recipe.defense.config, relearn=False,
                                   **{KEYS[k]: val for k, val in v.items()})
             meca = MeCa(config)
-            relearner = ctx.component("trainer", "relearn", epochs=config.recheck_epochs, lr=config.relearn_lr,
-                                      **meca._optim(meca._amp(ctx)))
+            relearner = meca.relearn_stage(ctx)
             model = ctx.new_model(state_dict=state)
             t = time.perf_counter()
             done = meca.relabel_and_relearn(ctx, data, det, model, relearner,

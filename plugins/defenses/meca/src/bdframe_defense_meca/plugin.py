@@ -1243,6 +1243,13 @@ class MeCa(Defense):
 
         return steps.load_saved(copy.deepcopy(fresh), self.config.repair_model, "$.defense.repair_model")
 
+    def relearn_stage(self, ctx, amp: str | None = None):
+        """The ``relearn`` stage of step 5: ``relearn_epochs`` with ``relearn = true``, else
+        ``recheck_epochs``, at ``relearn_lr`` with MeCa's optimisation settings."""
+        c = self.config
+        return ctx.component("trainer", "relearn", epochs=c.relearn_epochs if c.relearn else c.recheck_epochs,
+                             lr=c.relearn_lr, **self._optim(self._amp(ctx) if amp is None else amp))
+
     def relabel_and_relearn(self, ctx, data, det, clean_model, relearner, recheck_classes) -> dict:
         """Step 5 on ``clean_model`` (in place): with ``recheck_classes``, first the second look
         (:meth:`_second_look`) at the kept samples of those classes; then every flagged sample
@@ -1364,9 +1371,7 @@ class MeCa(Defense):
         else:
             clean_trainer = ctx.component("trainer", "mixmatch", **dict(c.semi)) if semi else self._clean_trainer(ctx)
         rechecks = self.rechecks(c)
-        relearner = (ctx.component("trainer", "relearn", epochs=c.relearn_epochs if c.relearn else c.recheck_epochs,
-                                   lr=c.relearn_lr, **self._optim(amp))
-                     if c.relearn or rechecks else None)
+        relearner = self.relearn_stage(ctx, amp) if c.relearn or rechecks else None
 
         # 1. warm-up ------------------------------------------------------------------------
         model = ctx.new_model()
