@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parse_key_values, print_table, write_json  # noqa: E402
 
-KEYS = {"below": "recheck_below", "epochs": "recheck_epochs", "lr": "relearn_lr", "relabel": "relabel"}
+KEYS = {"below": "recheck_below", "epochs": "recheck_epochs", "lr": "relearn_lr", "relabel": "relabel",
+        "cut": "recheck_cut"}
 
 
 def _medians(model, data, det, picked, truth_ids) -> dict:
@@ -52,6 +53,20 @@ def _medians(model, data, det, picked, truth_ids) -> dict:
         med[f"{key}_count"] = int(m.sum())
         med[f"{key}_median_p"] = float(own[m].median()) if bool(m.any()) else None
     return med
+
+
+def _class_acc(model, test) -> list:
+    """Test accuracy per class (reporting only), without touching the global random state."""
+    import torch
+
+    from bdframe.interfaces import ScoreContext
+    from bdframe.scoring import logits
+
+    with torch.random.fork_rng():
+        pred = logits(model, test, ScoreContext(progress=False)).argmax(1).cpu()
+    y = test.labels.cpu()
+    return [float((pred[y == k] == k).double().mean()) if bool((y == k).any()) else None
+            for k in range(int(y.max()) + 1)]
 
 
 def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
@@ -84,6 +99,7 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
             if v is None:
                 model = ctx.new_model(state_dict=state)
                 rows.append({"variant": "clean model (no second look)", **ctx.evaluate(model),
+                             "class_acc": _class_acc(model, parts.test),
                              **detection(flagged, truth_ids, data.ids), **_medians(model, data, det, picked, truth_ids)})
                 continue
             config = attrs.evolve(parts.recipe.defense.config, relearn=False,
@@ -96,8 +112,9 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
                                             picked if config.recheck_below > 0 else [])
             suspected = torch.cat([flagged, done["rechecked_ids"]])
             rows.append({"variant": ",".join(f"{k}={val}" for k, val in v.items()), **done["eval"],
+                         "class_acc": _class_acc(model, parts.test),
                          "rechecked": len(done["rechecked_ids"]), "relabelled": done["relabelled"],
-                         "label_changed": done["label_changed"], "seconds": time.perf_counter() - t,
+                         "label_changed": done["label_changed"], "cuts": done["cuts"], "seconds": time.perf_counter() - t,
                          **detection(suspected, truth_ids, data.ids)})
             print(f"{rows[-1]['variant']}: ACC {100 * rows[-1]['clean_acc']:.2f}%, ASR "
                   f"{100 * rows[-1].get('asr', float('nan')):.2f}%", file=sys.stderr, flush=True)
@@ -108,7 +125,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished MeCa run directories")
     ap.add_argument("--variant", action="append", default=[],
-                    help='below=X,epochs=N,lr=Y,relabel="changed" (any subset; the run\'s own settings otherwise); repeatable')
+                    help='below=X,epochs=N,lr=Y,relabel="changed",cut="class" (any subset; the run\'s own settings otherwise); repeatable')
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/meca_second_look.json"))
     args = ap.parse_args(argv)
@@ -120,7 +137,7 @@ def main(argv=None) -> int:
         bad = sorted(set(v) - set(KEYS))
         if bad:
             ap.error(f"--variant {text!r}: unknown key {bad[0]!r} (allowed: {', '.join(KEYS)})")
-        variants.append({k: (int(val) if k == "epochs" else str(val) if k == "relabel" else float(val))
+        variants.append({k: (int(val) if k == "epochs" else str(val) if k in ("relabel", "cut") else float(val))
                          for k, val in v.items()})
     rows = []
     for d in args.runs:
@@ -130,8 +147,10 @@ def main(argv=None) -> int:
         r["recall_pct"], r["precision_pct"] = 100 * r["recall"], 100 * r["precision"]
     for r in rows:
         r["name"] = Path(r["run"]).name
+        accs = [r["class_acc"][k] for k in r["picked"] if k < len(r["class_acc"]) and r["class_acc"][k] is not None]
+        r["picked_acc_pct"] = 100 * sum(accs) / len(accs) if accs else float("nan")
     print_table(rows, [("name", "run", "{}"), ("variant", "variant", "{}"), ("acc_pct", "ACC %", "{:.2f}"),
-                       ("asr_pct", "ASR %", "{:.2f}"), ("flagged", "flagged", "{}"), ("recall_pct", "recall %", "{:.2f}"),
+                       ("asr_pct", "ASR %", "{:.2f}"), ("picked_acc_pct", "picked class ACC %", "{:.2f}"), ("flagged", "flagged", "{}"), ("recall_pct", "recall %", "{:.2f}"),
                        ("precision_pct", "precision %", "{:.2f}")])
     for r in rows:
         if r.get("missed_poison_count") is not None:

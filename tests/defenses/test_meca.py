@@ -1201,10 +1201,17 @@ def test_the_second_look_flags_what_the_clean_model_doubts_in_the_picked_class_a
     assert detected <= suspected and len(rechecked) == recheck["flagged"]
     clean = parts.build_model()
     clean.load_state_dict(torch.load(out / "meca_clean_model.pt", map_location="cpu", weights_only=True))
-    rows = torch.nonzero((data.labels == 1) & ~data.contains(sorted(detected))).flatten()
-    part = data.subset(rows)
+    # read as the defense reads them: the picked class's kept samples, and with the class-relative
+    # cut all kept samples, whose median p(label) outside the class scales the cut
+    relative = recheck["cut"] == "class"
+    keep = ~data.contains(sorted(detected))
+    part = data.subset(torch.nonzero(keep if relative else keep & (data.labels == 1)).flatten())
     prob = torch.softmax(scoring.logits(clean.eval(), part, ScoreContext(progress=False)).double(), 1)
-    doubted = set(part.ids[prob[:, 1] < 0.95].tolist())
+    own = prob[torch.arange(len(part)), part.labels]
+    mine = part.labels == 1
+    cut = 0.95 * min(1.0, float(own[mine].median()) / float(own[~mine].median())) if relative else 0.95
+    assert recheck["cuts"] == {"1": pytest.approx(cut)}
+    doubted = set(part.ids[mine & (own < cut)].tolist())
     assert rechecked == doubted
     assert any(line.startswith(f"meca: second look: the clean model flagged {len(rechecked)} more of class 1")
                for line in m["defense_summary"])

@@ -12,7 +12,8 @@ from bdframe_defense_meca.plugin import (_separation, class_spreads, classes_abo
                                          cluster_gaps, gap_separation_z,
                                          cluster_split, floor_z, runner_up_entropy, runner_up_floor, split_side,
                                          confidence_scores, flag_confident, flag_label_aware, gap_z, margins,
-                                         otsu_threshold, outlier_threshold, robust_class_z, second_look, spread_classes, spread_z,
+                                         otsu_threshold, outlier_threshold, robust_class_z, second_look, second_look_cuts,
+                                         spread_classes, spread_z,
                                          student_t_quantile, suspicious_classes, upper_outliers)
 
 SET = settings(max_examples=60, deadline=None)
@@ -869,23 +870,57 @@ def prob_rows(draw, k_max=6):
     return prob, labels, picked
 
 
+def _lower_median(values):
+    values = sorted(values)
+    return values[(len(values) - 1) // 2]
+
+
 @SET
-@given(prob_rows(), st.floats(0.05, 0.95), st.integers(0, 10 ** 6))
-def test_the_second_look_flags_picked_rows_below_the_cut_whatever_the_order_or_class_names(case, below, seed):
-    """Exactly the rows of the picked classes whose label's probability is below the cut; the
-    same rows when the samples are shuffled or the classes renamed (columns permuted with them)."""
+@given(prob_rows(), st.floats(0.05, 0.95), st.sampled_from(["fixed", "class"]), st.integers(0, 10 ** 6))
+def test_the_second_look_flags_picked_rows_below_the_cut_whatever_the_order_or_class_names(case, below, cut, seed):
+    """Exactly the rows of the picked classes whose label's probability is below the class's cut
+    (``fixed``: ``below``; ``class``: ``below`` times the class's median over the other rows'
+    median, at most 1); the same rows when the samples are shuffled or the classes renamed
+    (columns permuted with them)."""
     prob, labels, picked = case
     n, k = prob.shape
-    flags = second_look(prob, labels, picked, below=below)
-    own = prob[torch.arange(n), labels]
-    want = torch.tensor([int(labels[i]) in picked and float(own[i]) < below for i in range(n)], dtype=torch.bool)
+    flags = second_look(prob, labels, picked, below=below, cut=cut)
+    own = prob[torch.arange(n), labels].tolist()
+    rest = [own[i] for i in range(n) if int(labels[i]) not in picked]
+    cuts = {}
+    for c in picked:
+        mine = [own[i] for i in range(n) if int(labels[i]) == c]
+        cuts[c] = below if cut == "fixed" or not rest or not mine else below * min(1.0, _lower_median(mine) / _lower_median(rest))
+    want = torch.tensor([int(labels[i]) in picked and own[i] < cuts[int(labels[i])] for i in range(n)], dtype=torch.bool)
     assert torch.equal(flags, want)
+    # the class-relative cut never flags what the fixed one leaves
+    assert not (flags & ~second_look(prob, labels, picked, below=below)).any()
     g = torch.Generator().manual_seed(seed)
     perm, rename = torch.randperm(n, generator=g), torch.randperm(k, generator=g)
     moved = torch.empty_like(prob)
     moved[:, rename] = prob  # class c is now called rename[c]
-    again = second_look(moved[perm], rename[labels][perm], [int(rename[c]) for c in picked], below=below)
+    again = second_look(moved[perm], rename[labels][perm], [int(rename[c]) for c in picked], below=below, cut=cut)
     assert torch.equal(again, flags[perm])
+
+
+def test_the_class_relative_cut_spares_a_hard_class_and_keeps_the_cut_of_an_easy_one():
+    """A hard picked class (its clean images at 0.4, the others' at 0.8) gets half the cut, so
+    only the images the model calls by another class (0.05) are flagged, not its clean ones; an
+    easy picked class keeps ``below``."""
+    def rows(p_own, label, n):
+        r = torch.full((n, 3), (1 - p_own) / 2, dtype=torch.float64)
+        r[:, label] = p_own
+        return r, torch.full((n,), label)
+    parts = [rows(0.4, 0, 8), rows(0.05, 0, 2), rows(0.8, 1, 10), rows(0.8, 2, 10)]
+    prob, labels = torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
+    assert second_look(prob, labels, [0]).sum() == 10  # the fixed cut takes the whole class
+    assert second_look_cuts(prob, labels, [0], cut="class") == {0: pytest.approx(0.25)}
+    assert second_look(prob, labels, [0], cut="class").tolist() == [False] * 8 + [True] * 2 + [False] * 20
+    easy = torch.cat([prob[:10], rows(0.3, 1, 1)[0], prob[11:]]), labels
+    assert second_look_cuts(*easy, [1], cut="class") == {1: 0.5}
+    assert second_look(*easy, [1], cut="class").tolist() == second_look(*easy, [1]).tolist()
+    with pytest.raises(ValueError, match="cut must be 'fixed' or 'class'"):
+        second_look(prob, labels, [0], cut="median")
 
 
 def test_the_second_look_flags_nothing_without_a_picked_class_and_refuses_bad_input():

@@ -70,9 +70,11 @@ followed by a short relabel-and-relearn.
    the label-aware rule picked a class, the kept samples of that class to which the clean model
    gives their label a probability below the cut (0.5) are flagged too: the poison the split
    inside the class left there, which the clean model, having never learned the trigger, calls
-   by the class it was drawn from. The enlarged flagged set is then relabelled and relearned as
-   above, for ``recheck_epochs`` (3) unless ``relearn = true`` sets ``relearn_epochs``. No class
-   picked: no second look and, without ``relearn``, no relearning.
+   by the class it was drawn from. ``recheck_cut = "class"`` lowers the cut for a class the
+   clean model fits less well than the others, in proportion to the class's median fit, so a hard
+   class's clean images are not flagged for being hard. The enlarged flagged set is then
+   relabelled and relearned as above, for ``recheck_epochs`` (3) unless ``relearn = true`` sets
+   ``relearn_epochs``. No class picked: no second look and, without ``relearn``, no relearning.
 
 Precision: ``amp`` sets steps 1, 2 and 5 (training and consistency scoring) to bfloat16 autocast
 or float32; ``"auto"`` takes the recipe's ``[train]`` setting. Detection is always float32 and
@@ -335,6 +337,11 @@ class MeCaConfig:
                 "picked class to which the clean model gives their label a probability below this are flagged "
                 "too, and the whole flagged set is relabelled with the clean model's prediction and relearned "
                 "(recheck_epochs; relearn_epochs with relearn = true); 0: no second look"})
+    recheck_cut: str = attrs.field(default="fixed", validator=one_of("fixed", "class"), metadata={
+        "help": "the second look's cut: fixed: recheck_below for every picked class; class: recheck_below scaled "
+                "down for a class the clean model fits less well than the others (times the class's median "
+                "p(label) over the other classes' median, at most 1), so a hard class's clean images are not "
+                "flagged for being hard"})
     relabel: str = attrs.field(default="changed", validator=one_of("all", "changed"), metadata={
         "help": "relabel-and-relearn: changed: only the flagged samples whose label the clean model changes are "
                 "relearned, with its label, the rest left out (a suspect it still calls by its given label may "
@@ -1028,29 +1035,64 @@ def cluster_cores(features, prob, labels, ids, flags, classes, *, seed: int = 0,
     return core
 
 
-def second_look(prob, labels, classes, *, below: float = 0.5):
+def second_look_cuts(prob, labels, classes, *, below: float = 0.5, cut: str = "fixed") -> dict:
+    """The second look's cut for each class of ``classes``: ``{class: cut}`` (see
+    :func:`second_look`, which flags below these)."""
+    import torch
+
+    if cut not in ("fixed", "class"):
+        raise ValueError(f"second_look: cut must be 'fixed' or 'class', not {cut!r}")
+    prob = torch.as_tensor(prob, dtype=torch.float64).cpu()
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
+    if prob.ndim != 2 or len(prob) != len(labels):
+        raise ValueError("second_look needs one row of probabilities per label (a 2-D tensor)")
+    picked = sorted({int(k) for k in classes})
+    cuts = {k: float(below) for k in picked}
+    inside = torch.isin(labels, torch.as_tensor(picked, dtype=torch.int64))
+    if cut == "fixed" or not bool((~inside).any()):
+        return cuts
+    own = prob[torch.arange(len(prob)), labels]
+    rest = float(own[~inside].median())
+    for k in picked:
+        rows = labels == k
+        if bool(rows.any()) and rest > 0:
+            cuts[k] = float(below) * min(1.0, float(own[rows].median()) / rest)
+    return cuts
+
+
+def second_look(prob, labels, classes, *, below: float = 0.5, cut: str = "fixed"):
     """The second look at the kept samples: a bool mask over the rows of ``prob`` (a model's
     ``p(.|x)``, one row per sample) flagging the rows labelled with one of ``classes`` whose
-    label gets a probability below ``below``.
+    label gets a probability below the class's cut.
 
     MeCa's clean model was trained without the flagged group of each picked class and unlearned
     its core, so it has not learned the trigger. The poison the split inside the class left out
     is images drawn from other classes: the clean model calls them by the class they were drawn
     from, while it fits the class's own training images. With ``below = 0.5`` a sample is
-    flagged when the clean model gives its label less than even odds. Rows of other classes are
-    never flagged; the mask does not depend on the order of the rows or on which integers name
-    the classes."""
+    flagged when the clean model gives its label less than even odds.
+
+    ``cut = "fixed"``: the cut is ``below`` for every class. ``cut = "class"``: the cut is
+    ``below`` scaled by how well the model fits the class, ``below * min(1, m_k / m_rest)``,
+    where ``m_k`` is the median probability the rows of class ``k`` get for their label and
+    ``m_rest`` the same median over the rows of the classes not in ``classes``. A class the
+    model fits as well as the others keeps ``below``; in a hard class, whose clean images get
+    lower probabilities, the cut falls in proportion, so an image is not flagged only for
+    belonging to a hard class. With no row outside ``classes`` the cut is ``below``.
+
+    Rows of other classes are never flagged; the mask does not depend on the order of the rows
+    or on which integers name the classes."""
     import torch
 
+    cuts = second_look_cuts(prob, labels, classes, below=below, cut=cut)
     prob = torch.as_tensor(prob, dtype=torch.float64).cpu()
     labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
-    if prob.ndim != 2 or len(prob) != len(labels):
-        raise ValueError("second_look needs one row of probabilities per label (a 2-D tensor)")
-    inside = torch.isin(labels, torch.as_tensor(sorted(int(k) for k in classes), dtype=torch.int64))
+    flags = torch.zeros(len(labels), dtype=torch.bool)
     if not len(labels):
-        return inside
+        return flags
     own = prob[torch.arange(len(prob)), labels]
-    return inside & (own < float(below))
+    for k, c in cuts.items():
+        flags |= (labels == k) & (own < c)
+    return flags
 
 
 def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, threshold: str = "mad", k: float = 3.0,
@@ -1264,11 +1306,12 @@ class MeCa(Defense):
         from bdframe.data import ImageSet
 
         t0 = time.perf_counter()
-        rechecked = data.ids[:0].cpu().clone()
+        rechecked, cuts = data.ids[:0].cpu().clone(), {}
         if recheck_classes:
             kept = data.subset(data.contains(det["kept_ids"]))
-            rechecked = self._second_look(ctx, clean_model, kept, recheck_classes)
+            rechecked, cuts = self._second_look(ctx, clean_model, kept, recheck_classes)
             ctx.log({"stage": "meca-recheck", "classes": list(recheck_classes), "below": self.config.recheck_below,
+                     "cut": self.config.recheck_cut, "cuts": {str(k): v for k, v in cuts.items()},
                      "flagged": len(rechecked)})
         relabel_set = data.subset(data.contains(torch.cat([det["flagged_ids"].cpu(), rechecked])))
         learn_set = data.subset(data.contains(det["kept_ids"]) & ~data.contains(rechecked))
@@ -1290,22 +1333,26 @@ class MeCa(Defense):
         ctx.log({"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
                  "label_changed": changed, **ev})
         return {"model": steps.cpu_state(clean_model), "eval": ev, "relabelled": len(new),
-                "label_changed": changed, "rechecked_ids": rechecked, "seconds": time.perf_counter() - t0}
+                "label_changed": changed, "rechecked_ids": rechecked, "cuts": cuts,
+                "seconds": time.perf_counter() - t0}
 
     def _second_look(self, ctx, clean_model, kept, classes):
         """The ids of the samples of ``kept`` that :func:`second_look` flags, read in the clean
-        model (eval mode, no augmentation)."""
+        model (eval mode, no augmentation), and each class's cut."""
         import torch
 
         from bdframe import scoring
 
         inside = torch.isin(kept.labels.cpu(), torch.as_tensor(sorted(int(k) for k in classes), dtype=torch.int64))
         if not bool(inside.any()):
-            return kept.ids[:0].cpu().clone()
-        part = kept.subset(inside)
+            return kept.ids[:0].cpu().clone(), {}
+        # the class-relative cut compares the picked classes' fit with the other kept samples'
+        part = kept if self.config.recheck_cut == "class" else kept.subset(inside)
         prob = torch.softmax(scoring.logits(clean_model, part, self._score_ctx(ctx, "recheck"),
                                             desc="meca second look").double(), 1).cpu()
-        return part.ids[second_look(prob, part.labels, classes, below=self.config.recheck_below)].cpu().clone()
+        kw = {"below": self.config.recheck_below, "cut": self.config.recheck_cut}
+        flags = second_look(prob, part.labels, classes, **kw)
+        return part.ids[flags].cpu().clone(), second_look_cuts(prob, part.labels, classes, **kw)
 
     def _repair(self, ctx, data, det, prob, model, start: dict):
         """``clean_stage = "repair"``: the warm-up model or ``repair_model`` (``model``, trained on all of D) repaired
@@ -1608,7 +1655,8 @@ class MeCa(Defense):
             seconds["relearn"] = done["seconds"]
             rechecked = done.get("rechecked_ids", data.ids[:0].cpu())
             relearn_metrics = {"relabelled": done["relabelled"], "label_changed": done["label_changed"],
-                               "rechecked": len(rechecked), **done["eval"]}
+                               "rechecked": len(rechecked), "cuts": {str(k): v for k, v in done.get("cuts", {}).items()},
+                               **done["eval"]}
             if len(rechecked):
                 suspected = torch.cat([suspected.cpu(), rechecked.cpu()])
 
@@ -1656,8 +1704,10 @@ class MeCa(Defense):
             if relearn_metrics is not None and relearn_metrics["rechecked"]:
                 names = ", ".join(f"{k} ({data.classes[k]})" if data.classes and k < len(data.classes) else str(k)
                                   for k in picked)
+                cuts = "/".join(f"{v:.2f}" for v in relearn_metrics["cuts"].values())
                 summary.append(f"meca: second look: the clean model flagged {relearn_metrics['rechecked']} more of "
-                               f"class{'es' if len(picked) > 1 else ''} {names}; "
+                               f"class{'es' if len(picked) > 1 else ''} {names}"
+                               + (f", p(label) < {cuts}; " if cuts else "; ")
                                + (f"after relearning the {relearn_metrics['label_changed']} of the "
                                   f"{relearn_metrics['relabelled']} flagged that it relabelled"
                                   if c.relabel == "changed" else
