@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parse_key_values, print_table, write_json  # noqa: E402
 
 KEYS = {"below": "recheck_below", "epochs": "recheck_epochs", "lr": "relearn_lr", "relabel": "relabel",
-        "cut": "recheck_cut"}
+        "cut": "recheck_cut", "moved": "recheck_moved"}
 
 
 def _medians(model, data, det, picked, truth_ids) -> dict:
@@ -121,11 +121,21 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
     return [dict(r, run=str(run_dir), picked=picked) for r in rows]
 
 
+def _flag(val) -> bool:
+    if isinstance(val, bool):
+        return val
+    if str(val).lower() in ("1", "true"):
+        return True
+    if str(val).lower() in ("0", "false"):
+        return False
+    raise SystemExit(f"--variant: moved must be true or false, not {val!r}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished MeCa run directories")
     ap.add_argument("--variant", action="append", default=[],
-                    help='below=X,epochs=N,lr=Y,relabel="changed",cut="class" (any subset; the run\'s own settings otherwise); repeatable')
+                    help='below=X,epochs=N,lr=Y,relabel="changed",cut="class",moved=true (any subset; the run\'s own settings otherwise); repeatable')
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/meca_second_look.json"))
     args = ap.parse_args(argv)
@@ -137,7 +147,8 @@ def main(argv=None) -> int:
         bad = sorted(set(v) - set(KEYS))
         if bad:
             ap.error(f"--variant {text!r}: unknown key {bad[0]!r} (allowed: {', '.join(KEYS)})")
-        variants.append({k: (int(val) if k == "epochs" else str(val) if k in ("relabel", "cut") else float(val))
+        variants.append({k: (int(val) if k == "epochs" else str(val) if k in ("relabel", "cut")
+                             else _flag(val) if k == "moved" else float(val))
                          for k, val in v.items()})
     rows = []
     for d in args.runs:

@@ -876,30 +876,35 @@ def _lower_median(values):
 
 
 @SET
-@given(prob_rows(), st.floats(0.05, 0.95), st.sampled_from(["fixed", "class"]), st.integers(0, 10 ** 6))
-def test_the_second_look_flags_picked_rows_below_the_cut_whatever_the_order_or_class_names(case, below, cut, seed):
+@given(prob_rows(), st.floats(0.05, 0.95), st.sampled_from(["fixed", "class"]), st.booleans(), st.integers(0, 10 ** 6))
+def test_the_second_look_flags_picked_rows_below_the_cut_whatever_the_order_or_class_names(case, below, cut, moved,
+                                                                                           seed):
     """Exactly the rows of the picked classes whose label's probability is below the class's cut
     (``fixed``: ``below``; ``class``: ``below`` times the class's median over the other rows'
-    median, at most 1); the same rows when the samples are shuffled or the classes renamed
-    (columns permuted with them)."""
+    median, at most 1), with ``moved`` only those where another class is more likely than the
+    label; the same rows when the samples are shuffled or the classes renamed (columns permuted
+    with them)."""
     prob, labels, picked = case
     n, k = prob.shape
-    flags = second_look(prob, labels, picked, below=below, cut=cut)
+    flags = second_look(prob, labels, picked, below=below, cut=cut, moved=moved)
     own = prob[torch.arange(n), labels].tolist()
     rest = [own[i] for i in range(n) if int(labels[i]) not in picked]
     cuts = {}
     for c in picked:
         mine = [own[i] for i in range(n) if int(labels[i]) == c]
         cuts[c] = below if cut == "fixed" or not rest or not mine else below * min(1.0, _lower_median(mine) / _lower_median(rest))
-    want = torch.tensor([int(labels[i]) in picked and own[i] < cuts[int(labels[i])] for i in range(n)], dtype=torch.bool)
+    other = [max(float(prob[i, j]) for j in range(k) if j != int(labels[i])) for i in range(n)]
+    want = torch.tensor([int(labels[i]) in picked and own[i] < cuts[int(labels[i])] and (not moved or other[i] > own[i])
+                         for i in range(n)], dtype=torch.bool)
     assert torch.equal(flags, want)
     # the class-relative cut never flags what the fixed one leaves
     assert not (flags & ~second_look(prob, labels, picked, below=below)).any()
     g = torch.Generator().manual_seed(seed)
     perm, rename = torch.randperm(n, generator=g), torch.randperm(k, generator=g)
-    moved = torch.empty_like(prob)
-    moved[:, rename] = prob  # class c is now called rename[c]
-    again = second_look(moved[perm], rename[labels][perm], [int(rename[c]) for c in picked], below=below, cut=cut)
+    renamed = torch.empty_like(prob)
+    renamed[:, rename] = prob  # class c is now called rename[c]
+    again = second_look(renamed[perm], rename[labels][perm], [int(rename[c]) for c in picked], below=below, cut=cut,
+                        moved=moved)
     assert torch.equal(again, flags[perm])
 
 
@@ -919,6 +924,10 @@ def test_the_class_relative_cut_spares_a_hard_class_and_keeps_the_cut_of_an_easy
     easy = torch.cat([prob[:10], rows(0.3, 1, 1)[0], prob[11:]]), labels
     assert second_look_cuts(*easy, [1], cut="class") == {1: 0.5}
     assert second_look(*easy, [1], cut="class").tolist() == second_look(*easy, [1]).tolist()
+    # moved: of two doubted images of class 0 at 0.4, only the one another class is likelier for
+    tie = torch.tensor([[0.4, 0.35, 0.25], [0.4, 0.5, 0.1], [0.8, 0.1, 0.1]], dtype=torch.float64)
+    assert second_look(tie, torch.tensor([0, 0, 1]), [0]).tolist() == [True, True, False]
+    assert second_look(tie, torch.tensor([0, 0, 1]), [0], moved=True).tolist() == [False, True, False]
     with pytest.raises(ValueError, match="cut must be 'fixed' or 'class'"):
         second_look(prob, labels, [0], cut="median")
 

@@ -70,7 +70,9 @@ followed by a short relabel-and-relearn.
    the label-aware rule picked a class, the kept samples of that class to which the clean model
    gives their label a probability below the cut (0.5) are flagged too: the poison the split
    inside the class left there, which the clean model, having never learned the trigger, calls
-   by the class it was drawn from. ``recheck_cut = "class"`` lowers the cut for a class the
+   by the class it was drawn from; with ``recheck_moved = true`` (the default) only those it does
+   call by another class, so a hard image of the class it merely doubts stays a kept sample.
+   ``recheck_cut = "class"`` lowers the cut for a class the
    clean model fits less well than the others, in proportion to the class's median fit, so a hard
    class's clean images are not flagged for being hard. The enlarged flagged set is then
    relabelled and relearned as above, for ``recheck_epochs`` (3) unless ``relearn = true`` sets
@@ -337,6 +339,10 @@ class MeCaConfig:
                 "picked class to which the clean model gives their label a probability below this are flagged "
                 "too, and the whole flagged set is relabelled with the clean model's prediction and relearned "
                 "(recheck_epochs; relearn_epochs with relearn = true); 0: no second look"})
+    recheck_moved: bool = attrs.field(default=True, metadata={
+        "help": "true: the second look flags only the samples below the cut that the clean model calls by another "
+                "class (another class more likely than the label), a doubted image it still calls by its label "
+                "stays a kept sample; false: every sample below the cut"})
     recheck_cut: str = attrs.field(default="fixed", validator=one_of("fixed", "class"), metadata={
         "help": "the second look's cut: fixed: recheck_below for every picked class; class: recheck_below scaled "
                 "down for a class the clean model fits less well than the others (times the class's median "
@@ -1060,7 +1066,7 @@ def second_look_cuts(prob, labels, classes, *, below: float = 0.5, cut: str = "f
     return cuts
 
 
-def second_look(prob, labels, classes, *, below: float = 0.5, cut: str = "fixed"):
+def second_look(prob, labels, classes, *, below: float = 0.5, cut: str = "fixed", moved: bool = False):
     """The second look at the kept samples: a bool mask over the rows of ``prob`` (a model's
     ``p(.|x)``, one row per sample) flagging the rows labelled with one of ``classes`` whose
     label gets a probability below the class's cut.
@@ -1079,6 +1085,10 @@ def second_look(prob, labels, classes, *, below: float = 0.5, cut: str = "fixed"
     lower probabilities, the cut falls in proportion, so an image is not flagged only for
     belonging to a hard class. With no row outside ``classes`` the cut is ``below``.
 
+    ``moved = True``: only the rows below the cut that the model gives another class a higher
+    probability than their label are flagged, the images it calls by another class. A row it
+    doubts but still calls by its label (a hard image of the class) is not.
+
     Rows of other classes are never flagged; the mask does not depend on the order of the rows
     or on which integers name the classes."""
     import torch
@@ -1092,6 +1102,10 @@ def second_look(prob, labels, classes, *, below: float = 0.5, cut: str = "fixed"
     own = prob[torch.arange(len(prob)), labels]
     for k, c in cuts.items():
         flags |= (labels == k) & (own < c)
+    if moved:
+        others = prob.clone()
+        others[torch.arange(len(prob)), labels] = -1.0
+        flags &= others.max(1).values > own
     return flags
 
 
@@ -1312,6 +1326,7 @@ class MeCa(Defense):
             rechecked, cuts = self._second_look(ctx, clean_model, kept, recheck_classes)
             ctx.log({"stage": "meca-recheck", "classes": list(recheck_classes), "below": self.config.recheck_below,
                      "cut": self.config.recheck_cut, "cuts": {str(k): v for k, v in cuts.items()},
+                     "moved": self.config.recheck_moved,
                      "flagged": len(rechecked)})
         relabel_set = data.subset(data.contains(torch.cat([det["flagged_ids"].cpu(), rechecked])))
         learn_set = data.subset(data.contains(det["kept_ids"]) & ~data.contains(rechecked))
@@ -1351,7 +1366,7 @@ class MeCa(Defense):
         prob = torch.softmax(scoring.logits(clean_model, part, self._score_ctx(ctx, "recheck"),
                                             desc="meca second look").double(), 1).cpu()
         kw = {"below": self.config.recheck_below, "cut": self.config.recheck_cut}
-        flags = second_look(prob, part.labels, classes, **kw)
+        flags = second_look(prob, part.labels, classes, moved=self.config.recheck_moved, **kw)
         return part.ids[flags].cpu().clone(), second_look_cuts(prob, part.labels, classes, **kw)
 
     def _repair(self, ctx, data, det, prob, model, start: dict):
