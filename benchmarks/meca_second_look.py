@@ -12,7 +12,9 @@ without training it again:
         --variant below=0.5,epochs=3 --variant below=0.5,epochs=5 --variant below=0.3,epochs=3 \\
         --out benchmarks/results/meca_second_look_tact_50k.json
 
-Each variant starts from the same clean model. The detection read from the run (its flagged
+A variant sets any of ``below``, ``epochs``, ``lr``, ``relabel``, ``cut`` (``recheck_cut``) and
+``moved`` (``recheck_moved``). Each variant starts from the same clean model; the table adds
+the picked class's test accuracy, and the JSON every class's. The detection read from the run (its flagged
 ids, ``meca_scores.pt``, and the picked class, ``history.jsonl``) is the defense's own; the
 poison ids are read only to score the flagged set (recall, precision) and the ASR.
 """
