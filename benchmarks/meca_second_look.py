@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parse_key_values, print_table, write_json  # noqa: E402
+from per_class_accuracy import class_accuracies, test_predictions  # noqa: E402
 
 KEYS = {"below": "recheck_below", "epochs": "recheck_epochs", "lr": "relearn_lr", "relabel": "relabel",
         "cut": "recheck_cut", "moved": "recheck_moved"}
@@ -55,20 +56,6 @@ def _medians(model, data, det, picked, truth_ids) -> dict:
         med[f"{key}_count"] = int(m.sum())
         med[f"{key}_median_p"] = float(own[m].median()) if bool(m.any()) else None
     return med
-
-
-def _class_acc(model, test) -> list:
-    """Test accuracy per class (reporting only), without touching the global random state."""
-    import torch
-
-    from bdframe.interfaces import ScoreContext
-    from bdframe.scoring import logits
-
-    with torch.random.fork_rng():
-        pred = logits(model, test, ScoreContext(progress=False)).argmax(1).cpu()
-    y = test.labels.cpu()
-    return [float((pred[y == k] == k).double().mean()) if bool((y == k).any()) else None
-            for k in range(int(y.max()) + 1)]
 
 
 def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
@@ -101,7 +88,7 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
             if v is None:
                 model = ctx.new_model(state_dict=state)
                 rows.append({"variant": "clean model (no second look)", **ctx.evaluate(model),
-                             "class_acc": _class_acc(model, parts.test),
+                             "class_acc": class_accuracies(test_predictions(model, parts.test, device), parts.test),
                              **detection(flagged, truth_ids, data.ids), **_medians(model, data, det, picked, truth_ids)})
                 continue
             config = attrs.evolve(parts.recipe.defense.config, relearn=False,
@@ -114,7 +101,7 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
                                             picked if config.recheck_below > 0 else [])
             suspected = torch.cat([flagged, done["rechecked_ids"]])
             rows.append({"variant": ",".join(f"{k}={val}" for k, val in v.items()), **done["eval"],
-                         "class_acc": _class_acc(model, parts.test),
+                         "class_acc": class_accuracies(test_predictions(model, parts.test, device), parts.test),
                          "rechecked": len(done["rechecked_ids"]), "relabelled": done["relabelled"],
                          "label_changed": done["label_changed"], "cuts": done["cuts"], "seconds": time.perf_counter() - t,
                          **detection(suspected, truth_ids, data.ids)})

@@ -21,13 +21,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
 
+def test_predictions(model, test, device="cpu"):
+    """``model``'s predicted class for each image of ``test``, read without touching the global
+    random state (a replayed training after it stays the same)."""
+    import torch
+
+    from bdframe.interfaces import ScoreContext
+    from bdframe.scoring import logits
+
+    with torch.random.fork_rng():
+        return logits(model.eval(), test, ScoreContext(device=device, progress=False)).argmax(1).cpu()
+
+
+def class_accuracies(pred, test) -> list:
+    """The accuracy of predictions ``pred`` on each class of ``test`` (None for a class with no
+    test image)."""
+    y = test.labels.cpu()
+    return [float((pred[y == c] == c).double().mean()) if bool((y == c).any()) else None
+            for c in range(test.num_classes)]
+
+
 def per_class(spec: str, device) -> dict:
     import torch
 
     from bdframe.errors import UserError
-    from bdframe.interfaces import ScoreContext
     from bdframe.scan import load_run
-    from bdframe.scoring import logits
 
     run, _, file = spec.partition(":")
     d = Path(run)
@@ -38,11 +56,10 @@ def per_class(spec: str, device) -> dict:
             raise UserError(f"{str(path)!r} does not exist (the run saves its extra models with save_models = true)")
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     test = parts.test
-    pred = logits(model.eval(), test, ScoreContext(device=device, progress=False)).argmax(1).cpu()
+    pred = test_predictions(model, test, device)
     names = test.classes or tuple(str(c) for c in range(test.num_classes))
-    acc = {names[c]: float((pred[test.labels == c] == c).double().mean()) for c in range(len(names))
-           if bool((test.labels == c).any())}
-    return {"run": d.name, "model": file or "model.pt", "acc": float((pred == test.labels).double().mean()),
+    acc = {names[c]: a for c, a in enumerate(class_accuracies(pred, test)) if a is not None}
+    return {"run": d.name, "model": file or "model.pt", "acc": float((pred == test.labels.cpu()).double().mean()),
             "per_class": acc}
 
 

@@ -1091,9 +1091,14 @@ def second_look(prob, labels, classes, *, below: float = 0.5, cut: str = "fixed"
 
     Rows of other classes are never flagged; the mask does not depend on the order of the rows
     or on which integers name the classes."""
+    return _below_cuts(prob, labels, second_look_cuts(prob, labels, classes, below=below, cut=cut), moved=moved)
+
+
+def _below_cuts(prob, labels, cuts: dict, *, moved: bool = False):
+    """The rows of a class in ``cuts`` whose label's probability is below that class's cut (with
+    ``moved``, only those another class is likelier for): :func:`second_look` on given cuts."""
     import torch
 
-    cuts = second_look_cuts(prob, labels, classes, below=below, cut=cut)
     prob = torch.as_tensor(prob, dtype=torch.float64).cpu()
     labels = torch.as_tensor(labels, dtype=torch.int64).flatten().cpu()
     flags = torch.zeros(len(labels), dtype=torch.bool)
@@ -1335,11 +1340,11 @@ class MeCa(Defense):
                                  desc="meca relabel").argmax(1).cpu()
         else:
             new = torch.empty(0, dtype=torch.int64)
-        moved = new != relabel_set.labels.cpu()
-        changed = int(moved.sum())
+        label_changes = new != relabel_set.labels.cpu()
+        changed = int(label_changes.sum())
         relabelled = relabel_set.with_labels(new)
         if self.config.relabel == "changed":
-            relabelled = relabelled.subset(moved)
+            relabelled = relabelled.subset(label_changes)
         merged = ImageSet.concat(learn_set, relabelled)
         st = ctx.stage("meca-relearn", evaluate_each_epoch=self.config.evaluate_each_epoch,
                        lr_setting="[defense] relearn_lr")
@@ -1365,9 +1370,9 @@ class MeCa(Defense):
         part = kept if self.config.recheck_cut == "class" else kept.subset(inside)
         prob = torch.softmax(scoring.logits(clean_model, part, self._score_ctx(ctx, "recheck"),
                                             desc="meca second look").double(), 1).cpu()
-        kw = {"below": self.config.recheck_below, "cut": self.config.recheck_cut}
-        flags = second_look(prob, part.labels, classes, moved=self.config.recheck_moved, **kw)
-        return part.ids[flags].cpu().clone(), second_look_cuts(prob, part.labels, classes, **kw)
+        cuts = second_look_cuts(prob, part.labels, classes, below=self.config.recheck_below, cut=self.config.recheck_cut)
+        flags = _below_cuts(prob, part.labels, cuts, moved=self.config.recheck_moved)
+        return part.ids[flags].cpu().clone(), cuts
 
     def _repair(self, ctx, data, det, prob, model, start: dict):
         """``clean_stage = "repair"``: the warm-up model or ``repair_model`` (``model``, trained on all of D) repaired
