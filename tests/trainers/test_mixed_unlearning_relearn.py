@@ -230,3 +230,58 @@ def test_stages_are_registered_by_their_distributions(bdframe_registry):
         assert e.provider.distribution == f"bdframe-trainer-{name}"
     m = bdframe_registry.create("trainer", "mixed")
     assert m.config.lam == 0.05
+
+
+# -- class balance -----------------------------------------------------------------------------
+
+@SET
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=60), st.integers(6, 9))
+def test_class_weights_make_every_present_class_weigh_the_same(labels, num_classes):
+    """``n_c * w_c`` is ``n / K`` for each of the ``K`` classes present, 0 for an absent one; the
+    mean weight over the samples is 1; a balanced set gets weight 1 everywhere."""
+    from bdframe.training import class_weights
+
+    y = torch.tensor(labels)
+    w = class_weights(y, num_classes).double()
+    counts = torch.bincount(y, minlength=num_classes).double()
+    present = counts > 0
+    k = int(present.sum())
+    assert w.shape == (num_classes,)
+    assert torch.allclose((counts * w)[present], torch.full((k,), len(labels) / k, dtype=torch.float64), rtol=1e-5)
+    assert torch.all(w[~present] == 0)
+    assert float(w[y].mean()) == pytest.approx(1.0, rel=1e-5)
+    balanced = torch.arange(num_classes).repeat(3)
+    assert torch.allclose(class_weights(balanced, num_classes), torch.ones(num_classes))
+
+
+def test_class_weights_refuse_a_label_outside_the_model():
+    from bdframe.training import class_weights
+
+    with pytest.raises(ValueError, match="outside the model's 3 classes"):
+        class_weights(torch.tensor([0, 3]), 3)
+
+
+def test_relearn_class_balance_takes_the_class_weighted_gradient_step():
+    """One full-batch step of ``relearn`` with ``class_balance`` is one SGD step on the
+    cross-entropy with each sample weighted by its class's weight (weighted mean over the batch);
+    without it, the plain mean; the two steps differ on an unbalanced set."""
+    from bdframe.training import class_weights
+
+    data = tiny_imageset(24, num_classes=4, size=8, seed=6)
+    data = data.subset(torch.nonzero(data.labels != 1).flatten().tolist() + [1])  # class 1: a single sample
+    x = data.images.float() / 255
+    kw = dict(PLAIN, epochs=1, batch_size=len(data), lr=0.5)
+    stepped = {}
+    for balance in (False, True):
+        model = tiny_classifier(data, seed=7)
+        ref = tiny_classifier(data, seed=7).train()  # as the stage trains: batch statistics
+        Relearn(RelearnConfig(**kw, class_balance=balance)).fit(model, data, stage("cb"))
+        w = class_weights(data.labels, 4) if balance else None
+        g = grads(ref, F.cross_entropy(ref(x), data.labels, weight=w))
+        with torch.no_grad():
+            for p, gp in zip(ref.parameters(), g):
+                p -= 0.5 * gp
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.allclose(p, q, atol=1e-5)
+        stepped[balance] = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(stepped[False], stepped[True]))

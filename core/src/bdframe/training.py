@@ -439,12 +439,39 @@ def _diverged(ctx: StageContext, s: OptimSettings, what: str, epoch: int, step: 
                          f"lower {setting} (or add warmup_epochs) and run again")
 
 
-def fit_cross_entropy(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings) -> list[dict]:
-    """Plain (label-smoothed) cross-entropy training: the loss of the standard and relearn stages."""
+def class_weights(labels, num_classes: int) -> torch.Tensor:
+    """Per-class loss weights that make every class present in ``labels`` weigh the same:
+    ``n / (K * n_c)``, with ``n`` the number of labels, ``K`` the number of classes present and
+    ``n_c`` the count of class ``c`` (0 for a class absent from ``labels``). On a balanced set
+    every weight is 1; the weighted mean of the per-sample weights is always 1."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.int64).cpu(), minlength=num_classes).double()
+    if len(counts) > num_classes:
+        raise ValueError(f"a label ({len(counts) - 1}) is outside the model's {num_classes} classes")
+    present = counts > 0
+    w = torch.zeros(num_classes, dtype=torch.float64)
+    w[present] = counts.sum() / (int(present.sum()) * counts[present])
+    return w.float()
+
+
+def fit_cross_entropy(model: torch.nn.Module, data: ImageSet, ctx: StageContext, s: OptimSettings, *,
+                      class_balance: bool = False) -> list[dict]:
+    """Plain (label-smoothed) cross-entropy training: the loss of the standard and relearn stages.
+    ``class_balance``: each sample's loss is weighted by :func:`class_weights` over ``data``'s
+    labels (a batch's loss is the weighted mean), so a class with few samples in ``data`` is not
+    learned as a rarer class than the others."""
     import torch.nn.functional as F
+
+    weights: dict = {}
+
+    def class_weight(logits):
+        if not class_balance:
+            return None
+        if logits.device not in weights:
+            weights[logits.device] = class_weights(data.labels, logits.shape[1]).to(logits.device)
+        return weights[logits.device]
 
     def loss_fn(model, b):
         logits = model(b.x)
-        return F.cross_entropy(logits, b.y, label_smoothing=s.label_smoothing), logits
+        return F.cross_entropy(logits, b.y, weight=class_weight(logits), label_smoothing=s.label_smoothing), logits
 
     return run_epochs(model, data, ctx, s, loss_fn)
