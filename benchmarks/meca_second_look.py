@@ -12,9 +12,10 @@ without training it again:
         --variant below=0.5,epochs=3 --variant below=0.5,epochs=5 --variant below=0.3,epochs=3 \\
         --out benchmarks/results/meca_second_look_tact_50k.json
 
-A variant sets any of ``below``, ``epochs``, ``lr``, ``relabel``, ``cut`` (``recheck_cut``) and
-``moved`` (``recheck_moved``). Each variant starts from the same clean model; the table adds
-the picked class's test accuracy, and the JSON every class's. The detection read from the run (its flagged
+A variant sets any of ``below``, ``epochs``, ``lr``, ``relabel``, ``cut`` (``recheck_cut``),
+``moved`` (``recheck_moved``), ``balance`` (``relearn_balance``) and ``settings``
+(``relearn_settings``). Each variant starts from the same clean model; the table adds the
+picked class's test accuracy, and the JSON every class's. The detection read from the run (its flagged
 ids, ``meca_scores.pt``, and the picked class, ``history.jsonl``) is the defense's own; the
 poison ids are read only to score the flagged set (recall, precision) and the ASR.
 """
@@ -33,7 +34,8 @@ from _common import parse_key_values, print_table, write_json  # noqa: E402
 from per_class_accuracy import class_accuracies, test_predictions  # noqa: E402
 
 KEYS = {"below": "recheck_below", "epochs": "recheck_epochs", "lr": "relearn_lr", "relabel": "relabel",
-        "cut": "recheck_cut", "moved": "recheck_moved"}
+        "cut": "recheck_cut", "moved": "recheck_moved", "balance": "relearn_balance",
+        "settings": "relearn_settings"}
 
 
 def _medians(model, data, det, picked, truth_ids) -> dict:
@@ -110,21 +112,21 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
     return [dict(r, run=str(run_dir), picked=picked) for r in rows]
 
 
-def _flag(val) -> bool:
+def _flag(val, key: str) -> bool:
     if isinstance(val, bool):
         return val
     if str(val).lower() in ("1", "true"):
         return True
     if str(val).lower() in ("0", "false"):
         return False
-    raise SystemExit(f"--variant: moved must be true or false, not {val!r}")
+    raise SystemExit(f"--variant: {key} must be true or false, not {val!r}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="finished MeCa run directories")
     ap.add_argument("--variant", action="append", default=[],
-                    help='below=X,epochs=N,lr=Y,relabel="changed",cut="class",moved=true (any subset; the run\'s own settings otherwise); repeatable')
+                    help='below=X,epochs=N,lr=Y,relabel="changed",cut="class",moved=true,balance=true,settings="meca" (any subset; the run\'s own settings otherwise); repeatable')
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/meca_second_look.json"))
     args = ap.parse_args(argv)
@@ -136,8 +138,8 @@ def main(argv=None) -> int:
         bad = sorted(set(v) - set(KEYS))
         if bad:
             ap.error(f"--variant {text!r}: unknown key {bad[0]!r} (allowed: {', '.join(KEYS)})")
-        variants.append({k: (int(val) if k == "epochs" else str(val) if k in ("relabel", "cut")
-                             else _flag(val) if k == "moved" else float(val))
+        variants.append({k: (int(val) if k == "epochs" else str(val) if k in ("relabel", "cut", "settings")
+                             else _flag(val, k) if k in ("moved", "balance") else float(val))
                          for k, val in v.items()})
     rows = []
     for d in args.runs:

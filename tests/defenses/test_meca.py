@@ -175,6 +175,8 @@ def test_defaults_match_the_spec():
                                                                                               128)
     assert (c.epsilon, c.patch_size, c.mask_mode, c.keep_prob, c.grad_loss) == (8 / 255, 2, "grid", 0.5, "ce_label")
     assert (c.relearn, c.relearn_epochs, c.relearn_lr) == (False, 20, 0.01)
+    assert (c.relearn_settings, c.relearn_balance) == ("meca", False)
+    assert (MeCaConfig().relearn_settings, MeCaConfig().relearn_balance) == ("train", True)
 
 
 def test_trend_plot_has_labelled_axes_and_skips_missing_values(tmp_path):
@@ -625,6 +627,36 @@ def test_clean_unlearn_refuses_a_train_stage_setting_the_mixed_stage_lacks(tmp_p
     with pytest.raises(ValueError, match="cutmix_prob"):
         MeCa(recipe.defense.config).run(parts.train, ctx)
     assert not (tmp_path / "state").exists()  # refused before any training
+
+
+def test_the_relearning_fine_tunes_with_the_train_stages_settings_or_mecas_own(tmp_path, bdframe_registry):
+    """``relearn_settings = "train"`` (the default): the relearn stage takes the recipe's ``[train]``
+    batch size, optimiser, momentum, weight decay, label smoothing and augmentation, and its own
+    epochs, ``relearn_lr`` and cosine schedule; ``"meca"``: MeCa's own settings. Both weigh the
+    classes the same with ``relearn_balance``."""
+    import attrs
+
+    from bdframe.build import materialise
+    from bdframe.recipe import loads_dict
+
+    data = tomllib.loads(recipe_text(tmp_path, train_size=120, attack=False, relearn=False))
+    data["train"].update(batch_size=48, momentum=0.8, nesterov=True, weight_decay=1e-3, label_smoothing=0.1,
+                         crop_padding=2, schedule="onecycle", lr=0.3, epochs=9)
+    recipe = loads_dict(data, bdframe_registry)
+    ctx = runner.RunContext.for_parts(materialise(recipe, bdframe_registry), torch.device("cpu"), tmp_path,
+                                      progress=False)
+    assert recipe.defense.config.relearn_settings == "train" and recipe.defense.config.relearn_balance
+    for settings, balance in (("train", True), ("meca", False)):
+        c = attrs.evolve(recipe.defense.config, relearn_settings=settings, relearn_balance=balance, relearn=True,
+                         relearn_epochs=7, relearn_lr=0.003)
+        stage = MeCa(c).relearn_stage(ctx).config
+        assert (stage.epochs, stage.lr, stage.schedule, stage.class_balance) == (7, 0.003, "cosine", balance)
+        got = (stage.batch_size, stage.momentum, stage.nesterov, stage.weight_decay, stage.label_smoothing,
+               stage.crop_padding, stage.flip)
+        if settings == "train":
+            assert got == (48, 0.8, True, 1e-3, 0.1, 2, True)
+        else:
+            assert got == (c.batch_size, c.momentum, False, c.weight_decay, 0.0, 4, True)
 
 
 def test_clean_stage_semi_trains_the_clean_model_on_the_kept_set_with_the_flagged_set_unlabelled(tmp_path,

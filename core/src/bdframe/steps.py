@@ -199,6 +199,21 @@ def unlearning_trainer(ctx, lam: float, below: float, who: str, field: str):
 
     import attrs
 
+    settings, own = train_settings(ctx, who, field)
+    extra = [f.name for f in attrs.fields(type(own)) if f.name not in settings and getattr(own, f.name) != f.default]
+    if extra:
+        raise ValueError(f"{who}: {field} trains with the mixed stage, which has no [train] "
+                         f"{', '.join(extra)}; leave {'it' if len(extra) == 1 else 'them'} at the default "
+                         f"or set {field} = 0")
+    return ctx.component("trainer", "mixed", **settings, lam=lam, normalize="batch", forget_ceiling=-math.log(below))
+
+
+def train_settings(ctx, who: str, field: str) -> tuple[dict, Any]:
+    """The recipe's ``[train]`` stage's shared optimisation settings (every
+    :class:`~bdframe.training.OptimSettings` field, by name) and its whole config. A stage without
+    them is a ``ValueError`` naming the defense ``who`` and its option ``field`` that needs them."""
+    import attrs
+
     from bdframe.training import OptimSettings
 
     trainer = ctx.component("trainer")
@@ -206,14 +221,21 @@ def unlearning_trainer(ctx, lam: float, below: float, who: str, field: str):
     if not isinstance(own, OptimSettings):
         raise ValueError(f"{who}: {field} needs a [train] stage with the standard optimisation settings; "
                          f"the recipe's {trainer.name!r} stage has none")
-    shared = {f.name for f in attrs.fields(OptimSettings)}
-    extra = [f.name for f in attrs.fields(type(own)) if f.name not in shared and getattr(own, f.name) != f.default]
-    if extra:
-        raise ValueError(f"{who}: {field} trains with the mixed stage, which has no [train] "
-                         f"{', '.join(extra)}; leave {'it' if len(extra) == 1 else 'them'} at the default "
-                         f"or set {field} = 0")
-    settings = {name: getattr(own, name) for name in shared}
-    return ctx.component("trainer", "mixed", **settings, lam=lam, normalize="batch", forget_ceiling=-math.log(below))
+    return {f.name: getattr(own, f.name) for f in attrs.fields(OptimSettings)}, own
+
+
+#: what a fine-tuning stage sets itself rather than taking from the [train] stage
+FINE_TUNING_OWN = ("epochs", "lr", "schedule", "milestones", "gamma", "warmup_epochs")
+
+
+def fine_tuning_settings(ctx, who: str, field: str, *, amp: str) -> dict:
+    """The settings under which a fine-tuning stage continues a model the recipe's ``[train]``
+    stage trained: that stage's batch size, optimiser, momentum, weight decay, label smoothing,
+    look-ahead and augmentation (:func:`train_settings`), at precision ``amp``; the epochs,
+    learning rate and schedule (:data:`FINE_TUNING_OWN`) are left to the caller. Settings of
+    the ``[train]`` stage beyond the shared ones (e.g. CutMix) are not carried over."""
+    settings, _ = train_settings(ctx, who, field)
+    return {k: v for k, v in settings.items() if k not in FINE_TUNING_OWN} | {"amp": amp}
 
 
 def clean_data(ctx, defense: str):

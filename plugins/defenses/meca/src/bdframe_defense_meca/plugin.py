@@ -77,6 +77,11 @@ followed by a short relabel-and-relearn.
    class's clean images are not flagged for being hard. The enlarged flagged set is then
    relabelled and relearned as above, for ``recheck_epochs`` (3) unless ``relearn = true`` sets
    ``relearn_epochs``. No class picked: no second look and, without ``relearn``, no relearning.
+   Options (bdframe's, on by default): ``relearn_settings = "train"`` fine-tunes with the
+   recipe's ``[train]`` batch size, optimiser, momentum, weight decay, label smoothing and
+   augmentation, those the clean model was trained with (``"meca"``: MeCa's own stages'
+   settings); ``relearn_balance`` weighs every class the same in the relearning's loss, since
+   detection and the second look leave the picked class with fewer samples than the others.
 
 Precision: ``amp`` sets steps 1, 2 and 5 (training and consistency scoring) to bfloat16 autocast
 or float32; ``"auto"`` takes the recipe's ``[train]`` setting. Detection is always float32 and
@@ -127,7 +132,7 @@ SPLIT_FLOOR_CUT = 0.2
 PAPER_SETTINGS = {"iterations": 10, "detection": "argmax", "class_test": "enhanced", "class_stat": "share",
                   "spread_max_classes": 0, "inside": "otsu", "split_side": "confident", "clean_unlearn": 0.0,
                   "clean_unlearn_core": False, "core_side": "confident", "recheck_below": 0.0,
-                  "relabel": "all"}
+                  "relabel": "all", "relearn_settings": "meca", "relearn_balance": False}
 
 
 @attrs.frozen
@@ -352,6 +357,15 @@ class MeCaConfig:
         "help": "relabel-and-relearn: changed: only the flagged samples whose label the clean model changes are "
                 "relearned, with its label, the rest left out (a suspect it still calls by its given label may "
                 "carry a trigger it has partly learned); all: every flagged sample, relabelled (the paper's)"})
+    relearn_settings: str = attrs.field(default="train", validator=one_of("train", "meca"), metadata={
+        "help": "the relearning's batch size, optimiser, momentum, weight decay, label smoothing, crop and flip: "
+                "train: the recipe's [train] stage's, those the clean model was trained with (the epochs, "
+                "relearn_lr and a cosine schedule stay the relearning's); meca: MeCa's own stages' (batch_size, "
+                "momentum, weight_decay, augment)"})
+    relearn_balance: bool = attrs.field(default=True, metadata={
+        "help": "relabel-and-relearn weighs every class the same (the relearn stage's class_balance): detection "
+                "and the second look leave the picked class with fewer samples than the others, and an "
+                "unweighted relearning teaches the model that class is rarer; false: every sample the same"})
     recheck_epochs: int = attrs.field(default=3, validator=in_range(1, None), metadata={
         "help": "recheck_below > 0 and relearn = false: epochs of the relabel-and-relearn after the second look "
                 "(the relearn stage at relearn_lr)"})
@@ -1306,10 +1320,17 @@ class MeCa(Defense):
 
     def relearn_stage(self, ctx, amp: str | None = None):
         """The ``relearn`` stage of step 5: ``relearn_epochs`` with ``relearn = true``, else
-        ``recheck_epochs``, at ``relearn_lr`` with MeCa's optimisation settings."""
+        ``recheck_epochs``, at ``relearn_lr`` under a cosine schedule, every class weighed the
+        same with ``relearn_balance``. Its other optimisation settings are the recipe's
+        ``[train]`` stage's (``relearn_settings = "train"``: the clean model is fine-tuned as it
+        was trained, with the same batch size, momentum, weight decay, label smoothing and
+        augmentation) or MeCa's own (``"meca"``)."""
         c = self.config
+        amp = self._amp(ctx) if amp is None else amp
+        settings = (self._optim(amp) if c.relearn_settings == "meca"
+                    else steps.fine_tuning_settings(ctx, "meca", "relearn_settings", amp=amp))
         return ctx.component("trainer", "relearn", epochs=c.relearn_epochs if c.relearn else c.recheck_epochs,
-                             lr=c.relearn_lr, **self._optim(self._amp(ctx) if amp is None else amp))
+                             lr=c.relearn_lr, class_balance=c.relearn_balance, **settings)
 
     def relabel_and_relearn(self, ctx, data, det, clean_model, relearner, recheck_classes) -> dict:
         """Step 5 on ``clean_model`` (in place): with ``recheck_classes``, first the second look
