@@ -461,17 +461,13 @@ def fit_cross_entropy(model: torch.nn.Module, data: ImageSet, ctx: StageContext,
     learned as a rarer class than the others."""
     import torch.nn.functional as F
 
-    weights: dict = {}
-
-    def class_weight(logits):
-        if not class_balance:
-            return None
-        if logits.device not in weights:
-            weights[logits.device] = class_weights(data.labels, logits.shape[1]).to(logits.device)
-        return weights[logits.device]
+    weight = None  # the class weights, computed at the first batch (the model's output size and device)
 
     def loss_fn(model, b):
+        nonlocal weight
         logits = model(b.x)
-        return F.cross_entropy(logits, b.y, weight=class_weight(logits), label_smoothing=s.label_smoothing), logits
+        if class_balance and weight is None:
+            weight = class_weights(data.labels, logits.shape[1]).to(logits.device)
+        return F.cross_entropy(logits, b.y, weight=weight, label_smoothing=s.label_smoothing), logits
 
     return run_epochs(model, data, ctx, s, loss_fn)
