@@ -64,7 +64,9 @@ RULES = [("argmax (paper)", {"detection": "argmax"}),
          ("the defaults, spread_k 2", {"spread_k": 2.0}),
          # the defaults before the clean model's second look (recheck_below) was added to them
          ("the defaults before the second look", {"recheck_below": 0.0}),
-         ("the defaults before the second look, spread_k 2", {"spread_k": 2.0, "recheck_below": 0.0})]
+         ("the defaults before the second look, spread_k 2", {"spread_k": 2.0, "recheck_below": 0.0}),
+         # the defaults with two rounds of the second look and relearning
+         ("the defaults, two rounds", {"recheck_rounds": 2})]
 
 # what a rule does not set is the paper's pipeline (the defense's defaults are bdframe's), except
 # for the rules named "the defaults...", which lay their settings over the defaults

@@ -13,8 +13,8 @@ without training it again:
         --out benchmarks/results/meca_second_look_tact_50k.json
 
 A variant sets any of ``below``, ``epochs``, ``lr``, ``relabel``, ``cut`` (``recheck_cut``),
-``moved`` (``recheck_moved``), ``balance`` (``relearn_balance``) and ``settings``
-(``relearn_settings``). Each variant starts from the same clean model; the table adds the
+``moved`` (``recheck_moved``), ``balance`` (``relearn_balance``), ``settings``
+(``relearn_settings``) and ``rounds`` (``recheck_rounds``). Each variant starts from the same clean model; the table adds the
 picked class's test accuracy, and the JSON every class's. The detection read from the run (its flagged
 ids, ``meca_scores.pt``, and the picked class, ``history.jsonl``) is the defense's own; the
 poison ids are read only to score the flagged set (recall, precision) and the ASR.
@@ -35,7 +35,7 @@ from per_class_accuracy import class_accuracies, test_predictions  # noqa: E402
 
 KEYS = {"below": "recheck_below", "epochs": "recheck_epochs", "lr": "relearn_lr", "relabel": "relabel",
         "cut": "recheck_cut", "moved": "recheck_moved", "balance": "relearn_balance",
-        "settings": "relearn_settings"}
+        "settings": "relearn_settings", "rounds": "recheck_rounds"}
 
 
 def _medians(model, data, det, picked, truth_ids) -> dict:
@@ -105,7 +105,7 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
             rows.append({"variant": ",".join(f"{k}={val}" for k, val in v.items()), **done["eval"],
                          "class_acc": class_accuracies(test_predictions(model, parts.test, device), parts.test),
                          "rechecked": len(done["rechecked_ids"]), "relabelled": done["relabelled"],
-                         "label_changed": done["label_changed"], "cuts": done["cuts"], "seconds": time.perf_counter() - t,
+                         "label_changed": done["label_changed"], "cuts": done["cuts"], "rounds": done.get("rounds"), "seconds": time.perf_counter() - t,
                          **detection(suspected, truth_ids, data.ids)})
             print(f"{rows[-1]['variant']}: ACC {100 * rows[-1]['clean_acc']:.2f}%, ASR "
                   f"{100 * rows[-1].get('asr', float('nan')):.2f}%", file=sys.stderr, flush=True)
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         bad = sorted(set(v) - set(KEYS))
         if bad:
             ap.error(f"--variant {text!r}: unknown key {bad[0]!r} (allowed: {', '.join(KEYS)})")
-        variants.append({k: (int(val) if k == "epochs" else str(val) if k in ("relabel", "cut", "settings")
+        variants.append({k: (int(val) if k in ("epochs", "rounds") else str(val) if k in ("relabel", "cut", "settings")
                              else _flag(val, k) if k in ("moved", "balance") else float(val))
                          for k, val in v.items()})
     rows = []

@@ -177,6 +177,8 @@ def test_defaults_match_the_spec():
     assert (c.relearn, c.relearn_epochs, c.relearn_lr) == (False, 20, 0.01)
     assert (c.relearn_settings, c.relearn_balance) == ("meca", False)
     assert (MeCaConfig().relearn_settings, MeCaConfig().relearn_balance) == ("train", True)
+    # the second look, off in the paper's pipeline, looks once by default
+    assert (c.recheck_below, MeCaConfig().recheck_below, MeCaConfig().recheck_rounds) == (0.0, 0.5, 1)
 
 
 def test_trend_plot_has_labelled_axes_and_skips_missing_values(tmp_path):
@@ -1253,3 +1255,44 @@ def test_the_second_look_flags_what_the_clean_model_doubts_in_the_picked_class_a
     assert rechecked == set(part.ids[doubted].tolist())
     assert any(line.startswith(f"meca: second look: the clean model flagged {len(rechecked)} more of class 1")
                for line in m["defense_summary"])
+
+
+@pytest.mark.slow
+def test_more_rounds_of_the_second_look_keep_the_first_and_look_again_at_what_is_still_kept(tmp_path):
+    """``recheck_rounds = 2``: the first round is the one-round run's, to the last digit (the same
+    stage, the same seed); the second looks only at the picked class's samples still kept, adds
+    what it flags to the suspects and relearns everything flagged so far for ``recheck_epochs``
+    under its own stage."""
+    def run(tag, rounds):
+        out = _quickstart(tmp_path, tag, defense={"name": "meca", "recheck_below": 0.95, "recheck_epochs": 1,
+                                                  "recheck_moved": False, "recheck_rounds": rounds})
+        history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+        return out, history, json.loads((out / "metrics.json").read_text())
+
+    one, h1, m1 = run("one", 1)
+    two, h2, m2 = run("two", 2)
+    looks = [r for r in h2 if r.get("stage") == "meca-recheck"]
+    assert [r["round"] for r in looks] == [1, 2]
+    first = next(r for r in h1 if r.get("stage") == "meca-recheck")
+    assert looks[0]["flagged"] == first["flagged"] > 0
+    done = [r for r in h2 if r.get("stage") in ("meca-relearn", "meca-relearn-2") and "train_size" in r]
+    assert [r["stage"] for r in done] == ["meca-relearn", "meca-relearn-2"]
+    once = next(r for r in h1 if r.get("stage") == "meca-relearn" and "train_size" in r)
+    assert done[0] == once  # round 1 unchanged by the later rounds
+    assert len([r for r in h2 if r.get("stage") == "meca-relearn-2" and "epoch" in r]) == 1
+    rounds = m2["defense_metrics"]["relearn"]["rounds"]
+    assert [r["rechecked"] for r in rounds] == [looks[0]["flagged"], looks[0]["flagged"] + looks[1]["flagged"]]
+    assert m2["defense_metrics"]["relearn"]["rechecked"] == rounds[-1]["rechecked"]
+    assert done[1]["relabelled"] == m2["detection"]["flagged"] == m1["detection"]["flagged"] + looks[1]["flagged"]
+    assert (m2["clean_acc"], m2["asr"]) == (done[1]["clean_acc"], done[1]["asr"])
+    assert "rounds" not in m1["defense_metrics"]["relearn"]
+    s1 = set(json.loads((one / "suspected.json").read_text())["suspected_ids"])
+    s2 = set(json.loads((two / "suspected.json").read_text())["suspected_ids"])
+    assert s1 <= s2 and len(s2 - s1) == looks[1]["flagged"]
+    # what the second round adds lies in the picked class
+    from bdframe.scan import rebuild_parts
+
+    data = rebuild_parts(two).poisoned
+    extra = data.labels[data.contains(sorted(s2 - s1))]
+    assert bool((extra == looks[1]["classes"][0]).all())
+    assert any(" in 2 rounds" in line for line in m2["defense_summary"])

@@ -76,7 +76,12 @@ followed by a short relabel-and-relearn.
    clean model fits less well than the others, in proportion to the class's median fit, so a hard
    class's clean images are not flagged for being hard. The enlarged flagged set is then
    relabelled and relearned as above, for ``recheck_epochs`` (3) unless ``relearn = true`` sets
-   ``relearn_epochs``. No class picked: no second look and, without ``relearn``, no relearning.
+   ``relearn_epochs``. With ``recheck_rounds`` above 1 the look and the relearning repeat: each
+   later round looks at the picked class's samples still kept with the model the round before
+   relearned (it has relearned the flagged poison under its own classes, so more of the poison
+   left in the class now looks like the class it was drawn from), relabels everything flagged
+   so far with that model and fine-tunes it again.
+   No class picked: no second look and, without ``relearn``, no relearning.
    Options (bdframe's, on by default): ``relearn_settings = "train"`` fine-tunes with the
    recipe's ``[train]`` batch size, optimiser, momentum, weight decay, label smoothing and
    augmentation, those the clean model was trained with (``"meca"``: MeCa's own stages'
@@ -369,6 +374,10 @@ class MeCaConfig:
     recheck_epochs: int = attrs.field(default=3, validator=in_range(1, None), metadata={
         "help": "recheck_below > 0 and relearn = false: epochs of the relabel-and-relearn after the second look "
                 "(the relearn stage at relearn_lr)"})
+    recheck_rounds: int = attrs.field(default=1, validator=in_range(1, None), metadata={
+        "help": "recheck_below > 0: rounds of the second look and relabel-and-relearn; each round after the "
+                "first looks at the picked class's samples still kept with the model the round before "
+                "relearned, relabels everything flagged so far with it and fine-tunes it again"})
     # -- reporting ---------------------------------------------------------------------------
     evaluate_iterations: bool = attrs.field(default=True, metadata={
         "help": "evaluate clean ACC and ASR after every enhancement iteration (the trend); false: only the "
@@ -1337,27 +1346,47 @@ class MeCa(Defense):
         (:meth:`_second_look`) at the kept samples of those classes; then every flagged sample
         (detection's and the second look's) gets the clean model's argmax as its label, and the
         model is fine-tuned by ``relearner`` on the kept samples the second look left alone and
-        the relabelled ones (the paper's relabel-and-relearn on the enlarged flagged set). Returns
-        the step's record: the model's state, its evaluation, the counts, the rechecked ids and
-        the seconds."""
+        the relabelled ones (the paper's relabel-and-relearn on the enlarged flagged set). With
+        ``recheck_rounds`` above 1 (and ``recheck_classes``) the look, the relabelling and the
+        fine-tuning repeat, each round with the model the round before relearned, at the samples
+        still kept. Returns the step's record: the model's state, its evaluation, the counts
+        (those of the last round; ``rounds``: each round's), the rechecked ids and the seconds."""
+        import torch
+
+        t0 = time.perf_counter()
+        rechecked, cuts, rounds = data.ids[:0].cpu().clone(), {}, []
+        for r in range(self.config.recheck_rounds if recheck_classes else 1):
+            if recheck_classes:
+                kept = data.subset(data.contains(det["kept_ids"]) & ~data.contains(rechecked))
+                more, cuts = self._second_look(ctx, clean_model, kept, recheck_classes)
+                rechecked = torch.cat([rechecked, more])
+                ctx.log({"stage": "meca-recheck", "round": r + 1, "classes": list(recheck_classes),
+                         "below": self.config.recheck_below, "cut": self.config.recheck_cut,
+                         "cuts": {str(k): v for k, v in cuts.items()}, "moved": self.config.recheck_moved,
+                         "flagged": len(more)})
+            # the first round keeps the stage name it had before rounds existed (same seed, same run)
+            counts = self._relabel_and_fit(ctx, data, det, clean_model, relearner, rechecked,
+                                           "meca-relearn" if r == 0 else f"meca-relearn-{r + 1}")
+            rounds.append({"round": r + 1, "rechecked": len(rechecked), **counts})
+        last = rounds[-1]
+        return {"model": steps.cpu_state(clean_model), "eval": last["eval"], "relabelled": last["relabelled"],
+                "label_changed": last["label_changed"], "rechecked_ids": rechecked, "cuts": cuts,
+                "rounds": rounds, "seconds": time.perf_counter() - t0}
+
+    def _relabel_and_fit(self, ctx, data, det, model, relearner, rechecked, stage: str) -> dict:
+        """One relabel-and-relearn: detection's flagged samples and ``rechecked`` get ``model``'s
+        argmax as their label (with ``relabel = "changed"`` only those whose label it changes are
+        kept), and ``model`` is fine-tuned in place on them and the kept samples not in
+        ``rechecked``. Returns the counts and the evaluation."""
         import torch
 
         from bdframe import scoring
         from bdframe.data import ImageSet
 
-        t0 = time.perf_counter()
-        rechecked, cuts = data.ids[:0].cpu().clone(), {}
-        if recheck_classes:
-            kept = data.subset(data.contains(det["kept_ids"]))
-            rechecked, cuts = self._second_look(ctx, clean_model, kept, recheck_classes)
-            ctx.log({"stage": "meca-recheck", "classes": list(recheck_classes), "below": self.config.recheck_below,
-                     "cut": self.config.recheck_cut, "cuts": {str(k): v for k, v in cuts.items()},
-                     "moved": self.config.recheck_moved,
-                     "flagged": len(rechecked)})
         relabel_set = data.subset(data.contains(torch.cat([det["flagged_ids"].cpu(), rechecked])))
         learn_set = data.subset(data.contains(det["kept_ids"]) & ~data.contains(rechecked))
         if len(relabel_set):
-            new = scoring.logits(clean_model, relabel_set, self._score_ctx(ctx, "relabel"),
+            new = scoring.logits(model, relabel_set, self._score_ctx(ctx, "relabel"),
                                  desc="meca relabel").argmax(1).cpu()
         else:
             new = torch.empty(0, dtype=torch.int64)
@@ -1367,15 +1396,11 @@ class MeCa(Defense):
         if self.config.relabel == "changed":
             relabelled = relabelled.subset(label_changes)
         merged = ImageSet.concat(learn_set, relabelled)
-        st = ctx.stage("meca-relearn", evaluate_each_epoch=self.config.evaluate_each_epoch,
-                       lr_setting="[defense] relearn_lr")
-        relearner.fit(clean_model, merged, st)
-        ev = ctx.evaluate(clean_model)
-        ctx.log({"stage": "meca-relearn", "train_size": len(merged), "relabelled": len(new),
-                 "label_changed": changed, **ev})
-        return {"model": steps.cpu_state(clean_model), "eval": ev, "relabelled": len(new),
-                "label_changed": changed, "rechecked_ids": rechecked, "cuts": cuts,
-                "seconds": time.perf_counter() - t0}
+        st = ctx.stage(stage, evaluate_each_epoch=self.config.evaluate_each_epoch, lr_setting="[defense] relearn_lr")
+        relearner.fit(model, merged, st)
+        ev = ctx.evaluate(model)
+        ctx.log({"stage": stage, "train_size": len(merged), "relabelled": len(new), "label_changed": changed, **ev})
+        return {"eval": ev, "relabelled": len(new), "label_changed": changed, "train_size": len(merged)}
 
     def _second_look(self, ctx, clean_model, kept, classes):
         """The ids of the samples of ``kept`` that :func:`second_look` flags, read in the clean
@@ -1698,6 +1723,8 @@ class MeCa(Defense):
             relearn_metrics = {"relabelled": done["relabelled"], "label_changed": done["label_changed"],
                                "rechecked": len(rechecked), "cuts": {str(k): v for k, v in done.get("cuts", {}).items()},
                                **done["eval"]}
+            if len(done.get("rounds", [])) > 1:
+                relearn_metrics["rounds"] = done["rounds"]
             if len(rechecked):
                 suspected = torch.cat([suspected.cpu(), rechecked.cpu()])
 
@@ -1746,8 +1773,10 @@ class MeCa(Defense):
                 names = ", ".join(f"{k} ({data.classes[k]})" if data.classes and k < len(data.classes) else str(k)
                                   for k in picked)
                 cuts = "/".join(f"{v:.2f}" for v in relearn_metrics["cuts"].values())
+                n_rounds = len(relearn_metrics.get("rounds", [])) or 1
                 summary.append(f"meca: second look: the clean model flagged {relearn_metrics['rechecked']} more of "
                                f"class{'es' if len(picked) > 1 else ''} {names}"
+                               + (f" in {n_rounds} rounds" if n_rounds > 1 else "")
                                + (f", p(label) < {cuts}; " if cuts else "; ")
                                + (f"after relearning the {relearn_metrics['label_changed']} of the "
                                   f"{relearn_metrics['relabelled']} flagged that it relabelled"
