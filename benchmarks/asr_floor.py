@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
-from per_class_accuracy import test_predictions  # noqa: E402
+from per_class_accuracy import load_model_spec, test_predictions  # noqa: E402
 
 
 def _refuse(message: str):
@@ -43,45 +43,24 @@ def _refuse(message: str):
     raise SystemExit(2)
 
 
-def _model_spec(text: str) -> tuple[Path, str]:
-    """``DIR`` or ``DIR:FILE`` (the model file inside the run directory; default ``model.pt``)."""
-    path, sep, name = text.rpartition(":")
-    if sep and name.endswith(".pt") and path:
-        return Path(path), name
-    return Path(text), "model.pt"
-
-
-def load_clean_model(run_dir: Path, name: str, device):
-    """A run's model and its rebuilt parts; refused unless the run trained on data without an
-    attack."""
-    import torch
-
+def load_clean_model(spec: str, device):
+    """``RUN_DIR[:FILE]``'s parts, model and label (:func:`per_class_accuracy.load_model_spec`);
+    refused unless the run trained on data without an attack."""
     from bdframe.errors import UserError
-    from bdframe.scan import rebuild_parts
 
-    if not (run_dir / name).is_file():
-        _refuse(f"--model {str(run_dir)!r}: {name} is missing (a finished run that saved its model is needed)")
     try:
-        parts = rebuild_parts(run_dir)
+        parts, model, d, name = load_model_spec(spec, device)
     except UserError as e:
-        _refuse(f"--model {str(run_dir)!r}: {e}")
+        _refuse(f"--model {spec!r}: {e}")
     if parts.recipe.attack is not None:
-        _refuse(f"--model {str(run_dir)!r}: the run trained on data poisoned by {parts.recipe.attack.name!r}; "
+        _refuse(f"--model {str(d)!r}: the run trained on data poisoned by {parts.recipe.attack.name!r}; "
                 f"the floor needs a model trained on data without an attack")
-    model = parts.build_model()
-    try:
-        model.load_state_dict(torch.load(run_dir / name, map_location="cpu", weights_only=True))
-    except Exception as e:  # a file of another model
-        _refuse(f"--model {str(run_dir / name)!r} does not load into the recipe's model "
-                f"{parts.recipe.model.name!r}: {type(e).__name__}")
-    return parts, model.to(device).eval()
+    return parts, model.eval(), (d.name if name == "model.pt" else f"{d.name}:{name}")
 
 
 def floor_row(model, test, asr_set, device) -> dict:
     """The clean model's share of ``asr_set`` (the triggered images, labelled with the target)
     called by the target, and of the same test images without the trigger."""
-    import torch
-
     targets = asr_set.labels.cpu().unique()
     if len(targets) != 1:
         raise ValueError(f"the ASR set is labelled with {len(targets)} classes; the floor is defined for one target")
@@ -120,9 +99,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     models = []
     for text in args.model:
-        d, name = _model_spec(text)
-        parts, model = load_clean_model(d, name, device)
-        models.append((f"{d.name}:{name}" if name != "model.pt" else d.name, parts, model))
+        parts, model, label = load_clean_model(text, device)
+        models.append((label, parts, model))
     rows = []
     for text in args.attack:
         d = Path(text)

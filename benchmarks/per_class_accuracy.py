@@ -41,7 +41,10 @@ def class_accuracies(pred, test) -> list:
             for c in range(test.num_classes)]
 
 
-def per_class(spec: str, device) -> dict:
+def load_model_spec(spec: str, device):
+    """``RUN_DIR`` or ``RUN_DIR:FILE``: the run's rebuilt parts, its model with ``model.pt`` (or
+    the other model file ``FILE`` the run saved) loaded, the run directory and the file's name.
+    A missing run file or model file is a ``UserError``."""
     import torch
 
     from bdframe.errors import UserError
@@ -55,11 +58,16 @@ def per_class(spec: str, device) -> dict:
         if not path.is_file():
             raise UserError(f"{str(path)!r} does not exist (the run saves its extra models with save_models = true)")
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return parts, model, d, file or "model.pt"
+
+
+def per_class(spec: str, device) -> dict:
+    parts, model, d, file = load_model_spec(spec, device)
     test = parts.test
     pred = test_predictions(model, test, device)
     names = test.classes or tuple(str(c) for c in range(test.num_classes))
     acc = {names[c]: a for c, a in enumerate(class_accuracies(pred, test)) if a is not None}
-    return {"run": d.name, "model": file or "model.pt", "acc": float((pred == test.labels.cpu()).double().mean()),
+    return {"run": d.name, "model": file, "acc": float((pred == test.labels.cpu()).double().mean()),
             "per_class": acc}
 
 
