@@ -13,6 +13,11 @@ groups. Which one is the side rule:
 - ``auto`` (MeCa's ``split_side = "auto"``): runner-up where the two groups' entropies differ
   by more than ``--cut`` nats, else confident.
 
+Beside each group's confidence and runner-up entropy, the share of it the model calls by a class
+other than the label (argmax): a clean group of a class is mostly called by its label, while
+relabelled images the model has not learned the trigger for are called by the class they were
+drawn from.
+
 Beside the sides, how much of the poison the group ``auto`` flags holds (recall and precision
 against all poisoned samples), and the same after one kNN step: each unflagged sample of the
 class whose ``--knn`` nearest samples of the class (in the PCA-reduced features the split was
@@ -76,10 +81,13 @@ def read_run(d: Path, cut: float, knn: int) -> dict | None:
     signal = confidence_scores(prob[rows, target])
     conf = _cluster_means(signal, assign)
     ent = [runner_up_entropy(prob[rows][assign == k], target) for k in (0, 1)]
+    moved = prob[rows].argmax(1) != target  # what the model calls by another class than the label
+    moved_share = [float(moved[assign == k].double().mean()) for k in (0, 1)]
     poison = [int(truth[rows][assign == k].sum()) for k in (0, 1)]
     size = [int((assign == k).sum()) for k in (0, 1)]
     p = 0 if poison[0] / size[0] > poison[1] / size[1] else 1  # the group holding the larger poison share
-    row["groups"] = [{"size": size[k], "poisoned": poison[k], "mean_logit_conf": conf[k], "runner_up_entropy": ent[k]}
+    row["groups"] = [{"size": size[k], "poisoned": poison[k], "mean_logit_conf": conf[k], "runner_up_entropy": ent[k],
+                      "moved_share": moved_share[k]}
                      for k in (0, 1)]
     row["poison_group"] = {"size": size[p], "poison_share": poison[p] / size[p], "recall": poison[p] / int(truth.sum())}
     row["confident_right"] = (0 if conf[0] > conf[1] else 1) == p
@@ -95,6 +103,7 @@ def read_run(d: Path, cut: float, knn: int) -> dict | None:
             row[key] = {"size": int(f.sum()), "recall": hit / int(truth.sum()), "precision": hit / max(1, int(f.sum()))}
     row["poison_group_conf"], row["other_group_conf"] = conf[p], conf[1 - p]
     row["poison_group_entropy"], row["other_group_entropy"] = ent[p], ent[1 - p]
+    row["poison_group_moved"], row["other_group_moved"] = moved_share[p], moved_share[1 - p]
     return row
 
 
@@ -136,7 +145,9 @@ def main(argv=None) -> int:
                        ("other_group_entropy", "other's", "{:.3f}"), ("runner_up_s", "runner-up right", "{}"),
                        ("auto_s", f"auto (cut {args.cut:g}) right", "{}"),
                        ("auto_group_s", "auto's group (recall / precision %)", "{}"),
-                       ("auto_knn_s", f"with the {args.knn}-NN step", "{}")])
+                       ("auto_knn_s", f"with the {args.knn}-NN step", "{}"),
+                       ("poison_group_moved", "its share called another class", "{:.3f}"),
+                       ("other_group_moved", "other's", "{:.3f}")])
     if args.out:
         write_json(Path(args.out), {"rows": [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]})
     return 0

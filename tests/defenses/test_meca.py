@@ -164,7 +164,7 @@ def test_defaults_match_the_spec():
     c = MeCaConfig()
     assert (c.iterations, c.detection, c.class_test, c.class_stat, c.spread_max_classes, c.inside, c.split_side,
             c.clean_unlearn, c.clean_unlearn_core, c.core_side) == (0, "label-aware", "warmup", "gap-separation-floor",
-                                                                    1, "clusters", "auto-floor", 2.0, True, "far")
+                                                                    1, "clusters", "auto-moved", 2.0, True, "far")
     assert c.spread_k == 3.0
     c = MeCaConfig(**PAPER_SETTINGS)
     assert (c.iterations, c.detection, c.clean_unlearn, c.relearn) == (10, "argmax", 0.0, False)

@@ -810,6 +810,49 @@ def test_auto_floor_flags_the_group_whose_runner_ups_cover_every_class():
                        cluster_split(f1, s1, i1, ("t", 0), side="auto", **kw1))
 
 
+def test_auto_moved_flags_the_group_the_model_mostly_calls_by_another_class():
+    """Poison from one source class whose trigger the model has not learned: 60 rows it calls
+    class 0 (0.6 against 0.3 for the label), fitted less confidently than the class's 100 own
+    rows, which it calls by their label. Every other rule flags the own rows (the runner-ups
+    come from one class each, so the confidence decides); auto-moved flags the poison. Where
+    neither group, or both, is mostly called something else, auto-moved is auto-floor."""
+    f = two_groups(60, 100)
+    group = torch.arange(160) < 60
+    prob = runner_up_probs([0] * 60 + [9] * 100, label=1)
+    g = torch.Generator().manual_seed(1)
+    moved = torch.rand(60, 10, generator=g, dtype=torch.float64) * 0.01
+    moved[:, 0], moved[:, 1] = 0.6, 0.3
+    prob[:60] = moved / moved.sum(1, keepdim=True)
+    signal = torch.log(prob[:, 1] / (1 - prob[:, 1]))
+    ids, kw = torch.arange(160) * 3 + 5, {"class_prob": prob, "label": 1}
+    for side in ("confident", "auto", "auto-floor"):
+        assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side=side, **kw), ~group)
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="auto-moved", **kw), group)
+    # both groups mostly called something else (a model that has learned little): auto-floor decides
+    both = prob.clone()
+    both[60:, 9], both[60:, 1] = 0.7, 0.2
+    assert torch.equal(cluster_split(f, signal, ids, ("t", 0), side="auto-moved", class_prob=both, label=1),
+                       cluster_split(f, signal, ids, ("t", 0), side="auto-floor", class_prob=both, label=1))
+    # neither: a learned trigger (the poisoned_class rows are all called by their label)
+    f1, s1, p1, g1, i1 = poisoned_class(poison_confident=True, poison_sources=1)
+    kw1 = {"class_prob": p1, "label": 1}
+    assert torch.equal(cluster_split(f1, s1, i1, ("t", 0), side="auto-moved", **kw1),
+                       cluster_split(f1, s1, i1, ("t", 0), side="auto-floor", **kw1))
+
+
+def test_a_tie_with_the_label_is_not_called_by_another_class():
+    """One group exactly tied between the label (2) and a class with a smaller index (1), the
+    other called by the label: argmax would call the tied group class 1, but a tie is not being
+    called something else, so auto-moved falls through to the next rule, which (every runner-up
+    signal equal) flags the group with the higher signal, the other one."""
+    assign = (torch.arange(100) < 50).long()
+    prob = torch.full((100, 4), 0.1, dtype=torch.float64)
+    prob[:, 2] = 0.7
+    prob[:50, 1], prob[:50, 2] = 0.4, 0.4
+    assert split_side(assign, torch.arange(100.0), prob, 2, side="auto-floor") == 0
+    assert split_side(assign, torch.arange(100.0), prob, 2, side="auto-moved") == 0
+
+
 def test_equal_runner_up_entropies_flag_nothing_and_the_inputs_are_checked():
     f = two_groups(50, 50)
     assign = (torch.arange(100) < 50).long()
@@ -829,7 +872,7 @@ def test_equal_runner_up_entropies_flag_nothing_and_the_inputs_are_checked():
 
 
 @SET
-@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from(["runner-up", "auto", "auto-floor"]))
+@given(st.integers(0, 2 ** 16), st.randoms(), st.sampled_from(["runner-up", "auto", "auto-floor", "auto-moved"]))
 def test_the_side_rules_are_order_invariant_and_ignore_class_names(seed, rnd, side):
     g = torch.Generator().manual_seed(seed)
     n, k = 240, 4

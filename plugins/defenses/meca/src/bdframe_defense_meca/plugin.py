@@ -5,7 +5,7 @@ Pipeline, every piece taken from the registry through the defense context. The p
 is every step below with ``PAPER_SETTINGS``; bdframe's defaults differ where CIFAR-10 measurements
 showed the paper's choices cost accuracy (docs/meca.md): no enhancement (``iterations = 0``),
 label-aware detection on the warm-up model (``class_stat = "gap-separation-floor"``, one class,
-its feature clusters, ``split_side = "auto-floor"``), a clean training that unlearns the
+its feature clusters, ``split_side = "auto-moved"``), a clean training that unlearns the
 far core of the flagged group (``clean_unlearn = 2``, ``clean_unlearn_core``, ``core_side =
 "far"``), and the clean model's second look at the picked class (``recheck_below = 0.5``)
 followed by a short relabel-and-relearn.
@@ -124,12 +124,15 @@ from bdframe.config import in_range, one_of
 from bdframe.interfaces import Defense, DefenseResult
 
 # which of a picked class's two feature groups is flagged (split_side), and auto's cut in nats
-SPLIT_SIDES = ("confident", "runner-up", "auto", "auto-floor")
+SPLIT_SIDES = ("confident", "runner-up", "auto", "auto-floor", "auto-moved")
 CLASS_STATS = ("share", "spread", "gap", "gap-separation", "gap-separation-floor")
 SPLIT_SIDE_CUT = 0.8
 # split_side = "auto-floor": the difference of the two groups' runner-up floors (shares of the
 # group) above which the group with the higher floor is flagged
 SPLIT_FLOOR_CUT = 0.2
+# split_side = "auto-moved": a group more than this share of which the model calls by another
+# class than the label (the other group at most this share) is flagged before auto-floor decides
+SPLIT_MOVED_SHARE = 0.5
 
 
 # The paper's pipeline as options of this defense: where bdframe's defaults differ from it, the
@@ -261,16 +264,19 @@ class MeCaConfig:
                 "reference_quantile of the samples of the classes that do not stand out) or clusters (2-means "
                 "on the warm-up model's penultimate features of the class, PCA-reduced to cluster_components "
                 "dimensions; the default: which of the two clusters is flagged is split_side's choice)"})
-    split_side: str = attrs.field(default="auto-floor", validator=one_of(*SPLIT_SIDES), metadata={
+    split_side: str = attrs.field(default="auto-moved", validator=one_of(*SPLIT_SIDES), metadata={
         "help": "label-aware, inside = clusters: which of a picked class's two feature groups is flagged: "
                 "confident (the one the enhanced model fits more confidently: a trigger learned more easily than "
                 "the class), runner-up (the one whose most likely other classes vary more: relabelled images "
                 "come from many classes), auto (runner-up where the two groups' runner-up entropies differ by "
                 "more than split_side_cut nats, else confident) or auto-floor (the group with the higher "
                 "runner-up floor, the share of it whose most likely other classes are spread over every other "
-                "class, where the two groups' floors differ by more than 0.2; else as auto; the default)"})
+                "class, where the two groups' floors differ by more than 0.2; else as auto) or auto-moved (the "
+                "group more than half of which the model calls by another class, where the other group's share "
+                "is at most half: relabelled images whose trigger is not learned; else as auto-floor; the "
+                "default)"})
     split_side_cut: float = attrs.field(default=SPLIT_SIDE_CUT, validator=in_range(0, None), metadata={
-        "help": "split_side = auto or auto-floor: the difference of runner-up entropies (nats) above which the runner-up "
+        "help": "split_side = auto, auto-floor or auto-moved: the difference of runner-up entropies (nats) above which the runner-up "
                 "rule decides"})
     cluster_components: int = attrs.field(default=10, validator=in_range(1, None), metadata={
         "help": "label-aware, inside = clusters or class_stat = gap, gap-separation or gap-separation-floor: principal components of the class's "
@@ -945,7 +951,14 @@ def split_side(assign, signal, class_prob, label: int, *, side: str = "confident
       floors differ by more than :data:`SPLIT_FLOOR_CUT`, else ``auto``: a group whose
       runner-ups cover every other class is the many-sources signature even where the other
       group's runner-ups vary too (a class that resembles many others), which the entropies
-      cannot tell apart.
+      cannot tell apart;
+    - ``"auto-moved"``: the group of which the model calls more than :data:`SPLIT_MOVED_SHARE`
+      by a class other than ``label`` (another class strictly more likely), where the other group's share
+      is at most that; else ``auto-floor``. A group of the class that the model mostly calls
+      something else is mislabelled images: relabelled poison whose trigger the model has not
+      learned (yet), which it still calls by the class the images were drawn from and fits
+      less confidently than the class's own images, so the confidence points at the class's
+      own group and, where the poison comes from one class, neither runner-up rule tells.
     """
     import torch
 
@@ -953,6 +966,14 @@ def split_side(assign, signal, class_prob, label: int, *, side: str = "confident
         raise ValueError(f"side must be one of {', '.join(SPLIT_SIDES)}, got {side!r}")
     if side != "confident":
         class_prob = torch.as_tensor(class_prob, dtype=torch.float64).cpu()
+    if side == "auto-moved":
+        other = torch.cat([class_prob[:, :label], class_prob[:, label + 1:]], 1)
+        moved = other.max(1).values > class_prob[:, label]  # strictly: a tie with the label is not moved
+        share = [float(moved[assign == k].double().mean()) if bool((assign == k).any()) else 0.0 for k in (0, 1)]
+        above = [v > SPLIT_MOVED_SHARE for v in share]
+        if above[0] != above[1]:
+            return 0 if above[0] else 1
+        side = "auto-floor"
     if side == "auto-floor":
         floor = [_floor(_runner_up_counts(class_prob[assign == k], label), label) for k in (0, 1)]
         if abs(floor[0] - floor[1]) > SPLIT_FLOOR_CUT:
@@ -1165,7 +1186,7 @@ def flag_label_aware(prob, labels, *, high: float = 0.99, alpha: float = 0.05, t
     - ``"clusters"``: :func:`cluster_split` of the class's ``features`` (one row per sample, e.g.
       the warm-up model's penultimate features; ``ids`` key the 2-means with ``seed``), the
       cluster with the higher mean ``logit(p_e)`` flagged, or with ``side`` ``"runner-up"``,
-      ``"auto"`` or ``"auto-floor"`` the one :func:`split_side` chooses (``side_cut``: its cut; ``class_prob``: every
+      ``"auto"``, ``"auto-floor"`` or ``"auto-moved"`` the one :func:`split_side` chooses (``side_cut``: its cut; ``class_prob``: every
       sample's ``p_e(.|x)`` over all classes, one row per sample, columns the class labels).
     """
     import torch
@@ -1231,7 +1252,7 @@ class MeCa(Defense):
                                            'clean_unlearn > 0: set it to false to unlearn the whole flagged set, '
                                            'or clean_unlearn = 0 for the paper\'s clean training')]
         if not config.split_side.startswith("auto") and config.split_side_cut != SPLIT_SIDE_CUT:
-            return [("split_side_cut", 'is used only with split_side = "auto" or "auto-floor"')]
+            return [("split_side_cut", 'is used only with split_side = "auto", "auto-floor" or "auto-moved"')]
         if config.repair_model and config.clean_stage != "repair":
             return [("repair_model", 'is used only with clean_stage = "repair"')]
         if config.clean_stage == "repair":
