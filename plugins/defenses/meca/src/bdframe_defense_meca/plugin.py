@@ -269,7 +269,7 @@ class MeCaConfig:
                 "confident (the one the enhanced model fits more confidently: a trigger learned more easily than "
                 "the class), runner-up (the one whose most likely other classes vary more: relabelled images "
                 "come from many classes), auto (runner-up where the two groups' runner-up entropies differ by "
-                "more than split_side_cut nats, else confident) or auto-floor (the group with the higher "
+                "more than split_side_cut nats, else confident), auto-floor (the group with the higher "
                 "runner-up floor, the share of it whose most likely other classes are spread over every other "
                 "class, where the two groups' floors differ by more than 0.2; else as auto) or auto-moved (the "
                 "group more than half of which the model calls by another class, where the other group's share "
