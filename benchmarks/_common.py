@@ -59,6 +59,16 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def meca_detect_record(run_dir: Path) -> dict | None:
+    """The ``meca-detect`` record of a MeCa run's ``history.jsonl`` (the class test's pick and
+    z-scores), or None when the run has none."""
+    for line in (Path(run_dir) / "history.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("stage") == "meca-detect":
+            return rec
+    return None
+
+
 def read_json(path: Path, default):
     """A results file's content, or ``default`` when it does not exist yet."""
     return json.loads(path.read_text()) if path.exists() else default

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
+from _common import meca_detect_record, print_table, write_json  # noqa: E402
 
 LEARNED = 0.5  # a warm-up ASR at least this: the backdoor was learned, so the ASR and detection targets apply
 
@@ -48,11 +48,8 @@ def _column(run_dir: Path) -> str:
 
 
 def _picked(run_dir: Path) -> list[int] | None:
-    for line in (run_dir / "history.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("stage") == "meca-detect":
-            return list(rec.get("suspicious_classes") or [])
-    return None
+    rec = meca_detect_record(run_dir)
+    return None if rec is None else list(rec.get("suspicious_classes") or [])
 
 
 def _row_base(run_dir: Path) -> dict:

@@ -32,12 +32,11 @@ by 2-means, the half with the higher mean ``logit(p_e)``). Runs without enhancem
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
+from _common import meca_detect_record, print_table, write_json  # noqa: E402
 
 RECALL = 0.95
 
@@ -75,11 +74,8 @@ def read_run(d: Path) -> dict:
     pos = parts.poisoned.positions(ids)
     labels = parts.poisoned.labels[pos]
     truth = torch.isin(ids, torch.as_tensor(parts.poison_ids, dtype=torch.int64))
-    picked = None
-    for line in (d / "history.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("stage") == "meca-detect":
-            picked = rec.get("suspicious_classes") or []
+    rec = meca_detect_record(d)
+    picked = None if rec is None else rec.get("suspicious_classes") or []
     if not bool(truth.any()):
         raise SystemExit(f"{d}: the run has no poisoned samples: nothing to separate")
     cls = picked[0] if picked else int(torch.mode(labels[truth]).values)

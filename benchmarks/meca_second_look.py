@@ -23,14 +23,13 @@ poison ids are read only to score the flagged set (recall, precision) and the AS
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parse_key_values, print_table, write_json  # noqa: E402
+from _common import meca_detect_record, parse_key_values, print_table, write_json  # noqa: E402
 from per_class_accuracy import class_accuracies, test_predictions  # noqa: E402
 
 KEYS = {"below": "recheck_below", "epochs": "recheck_epochs", "lr": "relearn_lr", "relabel": "relabel",
@@ -79,8 +78,7 @@ def replay(run_dir: Path, variants: list[dict], device) -> list[dict]:
     saved = torch.load(run_dir / "meca_scores.pt", weights_only=False)
     flagged = saved["ids"][saved["detected_poison"]].cpu()
     det = {"flagged_ids": flagged, "kept_ids": data.ids[~data.contains(flagged)].cpu()}
-    records = map(json.loads, (run_dir / "history.jsonl").read_text().splitlines())
-    picked = next(r for r in records if r.get("stage") == "meca-detect")["suspicious_classes"]
+    picked = meca_detect_record(run_dir)["suspicious_classes"]
     state = torch.load(run_dir / "meca_clean_model.pt", map_location="cpu", weights_only=True)
     rows = []
     for i, v in enumerate([None, *variants]):

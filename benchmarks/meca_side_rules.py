@@ -14,7 +14,7 @@ groups. Which one is the side rule:
   by more than ``--cut`` nats, else confident.
 
 Beside each group's confidence and runner-up entropy, the share of it the model calls by a class
-other than the label (argmax): a clean group of a class is mostly called by its label, while
+other than the label (another class strictly more likely): a clean group of a class is mostly called by its label, while
 relabelled images the model has not learned the trigger for are called by the class they were
 drawn from.
 
@@ -53,8 +53,8 @@ def read_run(d: Path, cut: float, knn: int) -> dict | None:
     from bdframe.runs import read_json
     from bdframe.scan import load_run
     from bdframe.scoring import features, logits
-    from bdframe_defense_meca.plugin import (_cluster_means, _neighbours_inside, _two_clusters, confidence_scores,
-                                             runner_up_entropy, split_side)
+    from bdframe_defense_meca.plugin import (_cluster_means, _neighbours_inside, _two_clusters,
+                                             called_by_another_class, confidence_scores, runner_up_entropy, split_side)
 
     model_file = "meca_warmup_model.pt" if (d / "meca_warmup_model.pt").is_file() else "model.pt"
     parts, _ = load_run(d, device="cpu")
@@ -81,7 +81,7 @@ def read_run(d: Path, cut: float, knn: int) -> dict | None:
     signal = confidence_scores(prob[rows, target])
     conf = _cluster_means(signal, assign)
     ent = [runner_up_entropy(prob[rows][assign == k], target) for k in (0, 1)]
-    moved = prob[rows].argmax(1) != target  # what the model calls by another class than the label
+    moved = called_by_another_class(prob[rows], target)  # what split_side = "auto-moved" reads
     moved_share = [float(moved[assign == k].double().mean()) for k in (0, 1)]
     poison = [int(truth[rows][assign == k].sum()) for k in (0, 1)]
     size = [int((assign == k).sum()) for k in (0, 1)]

@@ -929,6 +929,17 @@ def floor_z(prob, labels, *, min_scale: float = FLOOR_SCALE):
     return classes, robust_class_z(floor, floor=min_scale)
 
 
+def called_by_another_class(class_prob, label: int):
+    """Per row of ``class_prob``, whether some class other than ``label`` is strictly more likely
+    than ``label`` (a tie with the label is not). Independent of the rows' order and of which
+    integers name the other classes."""
+    import torch
+
+    class_prob = torch.as_tensor(class_prob, dtype=torch.float64)
+    other = torch.cat([class_prob[:, :label], class_prob[:, label + 1:]], 1)
+    return other.max(1).values > class_prob[:, label]
+
+
 def split_side(assign, signal, class_prob, label: int, *, side: str = "confident", cut: float = SPLIT_SIDE_CUT):
     """Which of a class's two feature groups (``assign`` 0/1 over its rows) is the poison:
     0, 1, or None when the rule cannot tell (equal values).
@@ -967,8 +978,7 @@ def split_side(assign, signal, class_prob, label: int, *, side: str = "confident
     if side != "confident":
         class_prob = torch.as_tensor(class_prob, dtype=torch.float64).cpu()
     if side == "auto-moved":
-        other = torch.cat([class_prob[:, :label], class_prob[:, label + 1:]], 1)
-        moved = other.max(1).values > class_prob[:, label]  # strictly: a tie with the label is not moved
+        moved = called_by_another_class(class_prob, label)
         share = [float(moved[assign == k].double().mean()) if bool((assign == k).any()) else 0.0 for k in (0, 1)]
         above = [v > SPLIT_MOVED_SHARE for v in share]
         if above[0] != above[1]:
