@@ -12,7 +12,8 @@ among three statistics of the warm-up model stands out (above ``spread_k``, at m
 
 Inside the picked class, the two groups' runner-up entropies and floors, and which group
 ``split_side = "auto"`` and ``"auto-floor"`` flag, with recall and precision against the run's
-poison.
+poison; the poisoned class's two groups also where the class test does not pick it (whether the
+split would have found the poison there).
 
 The class test reads only MeCa's warm-up model (with ``class_test = "warmup"`` and
 ``iterations = 0``), so this script needs no finished run: for each run of the sweep file
@@ -125,18 +126,29 @@ def read_row(run, paths: tuple[Path, Path], k: float) -> dict:
         others = [(x, c) for c, x in zc.items() if c != target]
         row[f"top_other_{name}_z"] = max(others)[0] if others else None
         row[f"top_other_{name}_class"] = names[max(others)[1]] if others else None
+    def two_groups(c: int):
+        """The class's 2-means groups (as MeCa's split draws them) with their poison counts."""
+        rows = torch.nonzero(labels == c).flatten()
+        assign = _two_clusters(feats[rows], ids[rows], key, 10)
+        if assign is None:
+            return rows, None, None
+        groups = []
+        for g in (0, 1):
+            in_g = rows[assign == g]
+            groups.append({"size": len(in_g), "poisoned": int(truth[in_g].sum()),
+                           "runner_up_entropy": runner_up_entropy(prob[in_g], c),
+                           "floor": float(runner_up_floor(prob[in_g], labels[in_g])[1][0])})
+        return rows, assign, groups
+
+    if target is not None:
+        # read whether or not the class test picks it: where it does not, this tells whether the
+        # split would have found the poison had the class been picked
+        row["target_groups"] = two_groups(target)[2]
     picked = classes_above(present, z_all, k=k, limit=1)
     if picked:
         c = picked[0]
-        rows = torch.nonzero(labels == c).flatten()
-        assign = _two_clusters(feats[rows], ids[rows], key, 10)
+        rows, assign, groups = two_groups(c)
         if assign is not None:
-            groups = []
-            for g in (0, 1):
-                in_g = rows[assign == g]
-                groups.append({"size": len(in_g), "poisoned": int(truth[in_g].sum()),
-                               "runner_up_entropy": runner_up_entropy(prob[in_g], c),
-                               "floor": float(runner_up_floor(prob[in_g], labels[in_g])[1][0])})
             row["groups"] = groups
             signal = confidence_scores(prob[rows, c])  # the signal MeCa's split reads
             n = max(1, int(truth.sum()))
@@ -198,9 +210,10 @@ def main(argv=None) -> int:
             r[side + "_s"] = "-" if m is None else (
                 f"{m['size']} ({'-' if m['recall'] is None else format(100 * m['recall'], '.1f')} / "
                 f"{100 * m['precision']:.1f})")
-        g = r.get("groups")
-        r["groups_s"] = "-" if g is None else " | ".join(
-            f"{x['size']} ({x['poisoned']} p.) H {x['runner_up_entropy']:.2f} floor {x['floor']:.2f}" for x in g)
+        for k_in, k_out in (("groups", "groups_s"), ("target_groups", "target_groups_s")):
+            g = r.get(k_in)
+            r[k_out] = "-" if g is None else " | ".join(
+                f"{x['size']} ({x['poisoned']} p.) H {x['runner_up_entropy']:.2f} floor {x['floor']:.2f}" for x in g)
         r["target_floor"] = None if r["target"] is None else r["floor"][r["target"]]
     print_table(rows, [("run", "run", "{}"), ("target", "poisoned class", "{}"),
                        ("gap_separation_pick_s", "gap-separation picks", "{}"),
@@ -209,6 +222,7 @@ def main(argv=None) -> int:
                        ("top_other_floor_class", "(class)", "{}"),
                        ("pick_s", "gap-separation-floor picks", "{}"),
                        ("groups_s", "the picked class's two groups", "{}"),
+                       ("target_groups_s", "the poisoned class's two groups", "{}"),
                        ("auto_s", "auto flags (recall / precision %)", "{}"),
                        ("auto-floor_s", "auto-floor flags", "{}")])
     if args.out:

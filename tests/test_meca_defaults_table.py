@@ -72,3 +72,16 @@ def test_a_run_without_its_no_defense_sibling_is_refused_with_exit_2(tmp_path, c
         meca_defaults_table.main(["--runs", str(d)])
     assert e.value.code == 2
     assert "attack=badnet,defense=none is missing" in capsys.readouterr().err
+
+
+def test_a_learned_backdoor_whose_class_is_not_picked_misses_the_asr_and_detection_targets(tmp_path):
+    runs = tmp_path / "sweep" / "runs"
+    _run(runs, "blend", "none", acc=0.86, asr=0.99, meca=False)
+    # no class picked: none of the poison flagged, so recall 0 and precision undefined (None)
+    missed = _run(runs, "blend", "meca-defaults", acc=0.858, asr=0.99, warm_asr=0.99, recall=0.0, precision=None,
+                  flagged=3)
+    out = tmp_path / "t.json"
+    assert meca_defaults_table.main(["--runs", str(missed), "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["picked"] == [] and row["acc_met"] is True
+    assert row["asr_met"] is False and row["detection_met"] is False
