@@ -31,6 +31,7 @@ same warm-up. The poison ids are read only to label the target and score the gro
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import time
@@ -126,6 +127,7 @@ def read_row(run, paths: tuple[Path, Path], k: float) -> dict:
         others = [(x, c) for c, x in zc.items() if c != target]
         row[f"top_other_{name}_z"] = max(others)[0] if others else None
         row[f"top_other_{name}_class"] = names[max(others)[1]] if others else None
+    @functools.cache  # the picked class is usually the poisoned one: draw its split once
     def two_groups(c: int):
         """The class's 2-means groups (as MeCa's split draws them) with their poison counts."""
         rows = torch.nonzero(labels == c).flatten()
